@@ -1,0 +1,5 @@
+import sys
+
+from tbt.cli import main
+
+sys.exit(main())

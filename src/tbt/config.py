@@ -1,0 +1,181 @@
+"""Frozen, validated, JSON-round-trippable configuration for quantizing a model.
+
+The paper writes a setting as "E-W-A": bits of the token **E**mbedding, of the **W**eights of every
+linear layer, and of the **A**ctivations that enter those linears (and the attention matmuls).
+``1`` means binary, ``2`` ternary, ``3..8`` n-bit, and ``fp`` (or ``32``/``16``) full precision.
+
+>>> cfg = QuantConfig(bits="2-2-8")
+>>> (cfg.embed_bits, cfg.weight_bits, cfg.act_bits)
+(2, 2, 8)
+>>> QuantConfig.from_json(cfg.to_json()) == cfg
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FP_SPELLINGS = ("fp", "32", "16", "none", "")
+
+VARIANTS = ("paper", "released")
+GRANULARITIES = ("row", "tensor")
+ACT_METHODS = ("auto", "elastic", "minmax")
+
+CONFIG_VERSION = 1
+
+
+def _parse_bits_token(tok: str, what: str, full: str) -> int | None:
+    t = tok.strip().lower()
+    if t in FP_SPELLINGS:
+        return None
+    try:
+        b = int(t)
+    except ValueError:
+        raise ValueError(
+            f"bits={full!r}: the {what} part {tok!r} is not a number; write E-W-A with each part "
+            f"in 1..8 or 'fp', e.g. '2-2-8', '1-1-1', '2-2-fp'"
+        ) from None
+    if b in (16, 32):
+        return None
+    if not 1 <= b <= 8:
+        raise ValueError(
+            f"bits={full!r}: {what} bits must be 1..8 or fp (32), got {b}; e.g. '2-2-8', '1-1-1'"
+        )
+    return b
+
+
+def parse_bits(bits: str | int) -> tuple[int | None, int | None, int | None]:
+    """Parse the paper's E-W-A notation into (embed_bits, weight_bits, act_bits); None = float."""
+    s = str(bits).strip()
+    if s.lower() in FP_SPELLINGS:
+        return (None, None, None)
+    parts = s.split("-")
+    if len(parts) != 3:
+        raise ValueError(
+            f"bits={bits!r} is not in E-W-A form (embedding-weight-activation bits); "
+            f"write e.g. '2-2-8' (ternary weights, 8-bit activations), '1-1-1' or 'fp'"
+        )
+    names = ("embedding", "weight", "activation")
+    return tuple(_parse_bits_token(p, n, s) for p, n in zip(parts, names))  # type: ignore[return-value]
+
+
+def _fmt(b: int | None) -> str:
+    return "fp" if b is None else str(b)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a model (see ``docs/numerics.md`` for every formula).
+
+    Args:
+        bits: E-W-A setting, e.g. ``"2-2-8"``; normalised on construction (``32`` -> ``fp``).
+        method: weight quantizer for embeddings and linears (``tbt``, ``twn``, ``bwn``,
+            ``absmean``, ``uniform``; see :func:`tbt.quant.quantize_weight`).
+        variant: ``"paper"`` (Eq. 8-14: centred weights, clipped STE, zero-mean signed
+            activations) or ``"released"`` (the authors' code, METHOD.md §0).
+        granularity: ``"row"`` (one scale per output channel, TBT) or ``"tensor"``; ``None``
+            uses the method's own (row for tbt/twn/bwn/uniform, tensor for absmean).
+        weight_clip: clip of the TWN baseline's inputs (METHOD.md §1c), in weight units.
+        act_method: ``"elastic"`` (learned α, TBT/LSQ), ``"minmax"`` (dynamic 8-bit, DQ-BART),
+            or ``"auto"``: minmax for 8-bit activations, elastic below (the released recipe).
+        act_clip: clip of the min/max activation quantizer, in activation units.
+        quantize_attention: also quantize Q, K, V and the attention probabilities.
+        skip_modules: fnmatch patterns of module names left in full precision.
+        unsigned_inputs: fnmatch patterns of linears whose input is non-negative (after a
+            GELU/ReLU); ``None`` picks the architecture's default (``fc2`` for BART ...).
+    """
+
+    bits: str = "2-2-8"
+    method: str = "tbt"
+    variant: str = "paper"
+    granularity: str | None = None
+    weight_clip: float = 2.5
+    act_method: str = "auto"
+    act_clip: float = 2.5
+    quantize_attention: bool = True
+    skip_modules: tuple[str, ...] = ("lm_head",)
+    unsigned_inputs: tuple[str, ...] | None = None
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        e, w, a = parse_bits(self.bits)
+        object.__setattr__(self, "bits", f"{_fmt(e)}-{_fmt(w)}-{_fmt(a)}")
+        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+        if self.unsigned_inputs is not None:
+            object.__setattr__(self, "unsigned_inputs", tuple(self.unsigned_inputs))
+        _check_choice("variant", self.variant, VARIANTS)
+        if self.granularity is not None:
+            _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("act_method", self.act_method, ACT_METHODS)
+        from tbt.quant.weight import check_weight_method
+
+        for what, b in (("embedding", e), ("weight", w)):
+            if b is not None:
+                check_weight_method(self.method, b, what=f"{what} bits of bits={self.bits!r}")
+        if self.act_method == "minmax" and a is not None and a != 8:
+            raise ValueError(
+                f"act_method='minmax' is the fixed 8-bit quantizer; bits={self.bits!r} asks for "
+                f"{a}-bit activations: use act_method='elastic' or 'auto'"
+            )
+        if self.weight_clip <= 0 or self.act_clip <= 0:
+            raise ValueError("weight_clip and act_clip must be positive")
+        if self.version > CONFIG_VERSION:
+            raise ValueError(
+                f"QuantConfig version {self.version} is newer than this tbt understands "
+                f"({CONFIG_VERSION}); upgrade tbt"
+            )
+
+    # ---- derived views -------------------------------------------------------------------
+    @property
+    def embed_bits(self) -> int | None:
+        return parse_bits(self.bits)[0]
+
+    @property
+    def weight_bits(self) -> int | None:
+        return parse_bits(self.bits)[1]
+
+    @property
+    def act_bits(self) -> int | None:
+        return parse_bits(self.bits)[2]
+
+    @property
+    def resolved_act_method(self) -> str:
+        if self.act_method != "auto":
+            return self.act_method
+        return "minmax" if self.act_bits == 8 else "elastic"
+
+    @classmethod
+    def released(cls, bits: str = "2-2-8", **kw: Any) -> QuantConfig:
+        """The authors' released code (METHOD.md §0): no centring, identity STE, min shift."""
+        return cls(bits=bits, method="tbt", variant="released", **kw)
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["skip_modules"] = list(self.skip_modules)
+        if self.unsigned_inputs is not None:
+            d["unsigned_inputs"] = list(self.unsigned_inputs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names - {"quant_method"})
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> QuantConfig:
+        return cls.from_dict(json.loads(s))
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
