@@ -1,0 +1,372 @@
+"""Weight quantizers: binary, ternary and n-bit codes with one float32 scale per row or tensor.
+
+How it works
+------------
+Every quantizer here maps a 2-D latent float weight ``W`` -- ``(out, in)`` for a linear layer,
+``(vocab, d)`` for an embedding -- to integer **codes** (int8, same shape) and a float32
+**scale** (``(out, 1)`` per row, ``(1, 1)`` per tensor). The quantized weight is
+``codes * scale``. :func:`weight_codes` returns the pair (exactly what the exporter packs),
+:func:`dequantize` multiplies it back, and :func:`quantize_weight` is the training-time
+"fake-quantized" weight: the same value, made differentiable with the method's
+straight-through estimator (STE). The value of :func:`quantize_weight` is computed as
+``dequantize(*weight_codes(W))`` and the gradient is attached by a ``torch.autograd.Function``
+whose backward returns ``grad`` or ``grad * mask``. The common ``W + (Q - W).detach()`` trick is
+avoided on purpose: it differs from ``Q`` by up to 1 ulp, which would break the contract that
+a trained model and its packed export compute the same numbers.
+
+Statistics (means, scales, ratios) are computed in float32 whatever the input dtype; the
+result is cast back to ``W.dtype``. No scale receives a gradient (all are statistics of the
+detached weight, as in every reference implementation). Scales are never clamped away from 0:
+an all-zero row has scale 0 and codes 0, and the *divisor* is guarded instead, so it quantizes
+to zeros instead of NaN (the authors' released code divides 0 by 0 and gets NaN).
+
+Methods (``method=``; registered in :data:`WEIGHT_METHODS` by :func:`register_weight_method`)
+-----------------------------------------------------------------------------------------------
+``tbt`` (bits 1, 2; per row by default), the TBT "statistics-based" quantizer, in two variants:
+
+* ``variant="paper"`` (Liu et al. 2023, §2.2, Eq. 8-10): centre first, ``μ = mean(W)``;
+  ternary ``α = 4/3·mean|W−μ|``, codes ``round(clip((W−μ)/α, −1, 1))``; binary
+  ``α = mean|W−μ|``, codes ``sign(W−μ)``. ``μ`` is **not** added back. The STE is Eq. 10,
+  ``∂Q/∂W ≈ 1[|(W−μ)/α| < 1]``, used for ternary as well as binary. The paper does not say over
+  what ``μ`` is taken; here ``μ`` has the granularity of ``α`` (per row with ``granularity="row"``,
+  per tensor with ``"tensor"``), so a row's quantization depends on that row alone (which lets an
+  embedding quantize only the rows it looks up) and ``μ`` is the mean of exactly the weights that
+  ``α`` summarises.
+* ``variant="released"`` (facebookresearch/Ternary_Binary_Transformer, ``QuantizeLinear``): no
+  centring; ternary ``α = 4/3·mean|W|``, codes ``round(clip(W/α, −1, 1))``; binary
+  ``α = mean|W|``, codes ``sign(W)``; identity STE (no clipping window).
+
+The 4/3 places the ternary threshold at ``α/2 = 2/3·mean|W|``: Gaussian weights split about
+30/40/30 % into −/0/+ (maximum entropy). ``torch.round`` rounds half to even, so a ratio of
+exactly ±0.5 gives code 0.
+
+``twn`` (bits 2; per row) -- Ternary Weight Networks as in TernaryBERT's ``TwnQuantizer``:
+clip ``W`` to ``[−clip, clip]``, threshold ``Δ = 0.7·mean|W|``, codes ``sign(W)·1[|W| > Δ]``,
+``α`` = mean of ``|W|`` over the survivors ``|W| > Δ`` (0 when none survive). STE: identity
+except zero gradient where ``W ≥ clip`` or ``W ≤ −clip``.
+
+``bwn`` (bits 1; per row) -- BWN as in BiT's ``BwnQuantizer``: codes ``sign(W − mean(W))`` with
+the mean **always over the whole tensor**, scale ``mean|W|`` (not centred) per row or per
+tensor; identity STE. Because of that mean, ``bwn`` is never row-local.
+
+``absmean`` (bits 2; per tensor) -- BitNet b1.58: ``γ = mean|W|``, codes
+``round(clip(W/(γ+ε), −1, 1))`` with ``ε = 1e-5``, scale ``γ``; identity STE. The ε makes
+weights much smaller than 1e-5 quantize to 0 (as in BitNet's code, which clamps ``γ ≥ 1e-5``).
+
+``uniform`` (bits 3..8; per row) -- symmetric n-bit: ``Qp = 2^(b−1) − 1``,
+``scale = max|W|/Qp``, codes ``clip(round(W/scale), −Qp, Qp)``; identity STE.
+
+Binary and the exact zero
+-------------------------
+``sign(0) = 0`` has no 1-bit code. ``tbt``/``released`` keeps ``torch.sign`` (an exact 0 gets
+code 0, value 0) to match the reference code bit for bit; a packer must then decide what to do
+with it. Every other binary path (``tbt``/``paper``, ``bwn``) maps an exact 0 of the centred
+weight to **+1**, so binary codes are always ±1 and pack into one bit.
+
+``variant`` only changes ``tbt``; the other methods have a single definition and ignore it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GRANULARITIES",
+    "VARIANTS",
+    "QuantizedWeight",
+    "WEIGHT_METHODS",
+    "WeightMethod",
+    "check_weight_method",
+    "dequantize",
+    "quantize_weight",
+    "register_weight_method",
+    "weight_codes",
+]
+
+VARIANTS = ("paper", "released")
+GRANULARITIES = ("row", "tensor")
+ABSMEAN_EPS = 1e-5  # BitNet b1.58: W / (γ + ε)  (RELATED.md §1a)
+TWN_THRESHOLD = 0.7  # Δ = 0.7·mean|W|  (Li & Liu 2016)
+
+
+class QuantizedWeight(NamedTuple):
+    """What a registered method returns.
+
+    codes: int8 ``(out, in)``; scale: float32 ``(out, 1)`` or ``(1, 1)``;
+    ste_mask: bool ``(out, in)`` where the gradient passes, or ``None`` for the identity STE
+    (also ``None`` whenever ``want_mask`` was False).
+    """
+
+    codes: Tensor
+    scale: Tensor
+    ste_mask: Tensor | None
+
+
+# fn(w, bits, *, per_row, variant, clip, want_mask) -> QuantizedWeight;
+# w is a detached float32 2-D tensor; the arguments are already validated.
+QuantFn = Callable[..., QuantizedWeight]
+
+
+@dataclass(frozen=True)
+class WeightMethod:
+    """A registry entry: the quantizer ``fn`` and the bits and default granularity it offers."""
+
+    name: str
+    bits: tuple[int, ...]
+    default_granularity: str
+    fn: QuantFn
+
+
+WEIGHT_METHODS: dict[str, WeightMethod] = {}
+_BIT_NAMES = {1: "binary", 2: "ternary"}
+
+
+def register_weight_method(
+    name: str, bits: tuple[int, ...], default_granularity: str
+) -> Callable[[QuantFn], QuantFn]:
+    """Decorator: register ``fn`` as weight method ``name`` for ``bits`` (each in 1..8).
+
+    ``fn(w, bits, *, per_row, variant, clip, want_mask) -> QuantizedWeight`` receives a detached
+    float32 ``(out, in)`` tensor and validated arguments; it must not sync with the host.
+    """
+    bits = tuple(bits)
+    if name in WEIGHT_METHODS:
+        raise ValueError(f"weight method {name!r} is already registered; pick another name")
+    if not bits or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8
+                       for b in bits):
+        raise ValueError(f"bits must be a non-empty tuple of ints in 1..8 (int8 codes); got {bits}")
+    if default_granularity not in GRANULARITIES:
+        raise ValueError(f"default_granularity={default_granularity!r}; choose one of "
+                         f"{list(GRANULARITIES)}")
+
+    def deco(fn: QuantFn) -> QuantFn:
+        WEIGHT_METHODS[name] = WeightMethod(name, bits, default_granularity, fn)
+        return fn
+
+    return deco
+
+
+def check_weight_method(method: str, bits: int, what: str = "bits") -> None:
+    """Raise ``ValueError`` (naming the valid choices) unless ``method`` supports ``bits``.
+
+    ``what`` names the bits in the message, e.g. ``"weight bits of bits='2-3-8'"``.
+    """
+    spec = WEIGHT_METHODS.get(method)
+    if spec is None:
+        raise ValueError(f"method={method!r} is unknown; choose one of {sorted(WEIGHT_METHODS)}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in spec.bits:
+        legend = ", ".join(f"{b} = {_BIT_NAMES[b]}" for b in spec.bits if b in _BIT_NAMES)
+        others = sorted(n for n, m in WEIGHT_METHODS.items() if bits in m.bits)
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            hint = "bits must be an int"
+        elif not others:
+            hint = "weight bits must be 1 (binary), 2 (ternary) or 3..8"
+        elif others == ["uniform"]:
+            hint = "use method='uniform' for 3..8 bits"
+        else:
+            hint = f"for {bits}-bit weights use one of {others}"
+        raise ValueError(f"method={method!r} supports {what} in {spec.bits}"
+                         f"{f' ({legend})' if legend else ''}; got {bits!r}; {hint}")
+
+
+# ---- the public functions --------------------------------------------------------------------
+
+def weight_codes(
+    w: Tensor,
+    bits: int,
+    method: str = "tbt",
+    variant: str = "paper",
+    granularity: str | None = None,
+    clip: float = 2.5,
+) -> tuple[Tensor, Tensor]:
+    """Integer codes and scale of a weight matrix: exactly what the exporter packs.
+
+    Args:
+        w: ``(out, in)`` linear weight or ``(vocab, d)`` embedding, any float dtype.
+        bits: 1 (binary), 2 (ternary) or 3..8 (``uniform``); see :func:`check_weight_method`.
+        method: ``tbt`` | ``twn`` | ``bwn`` | ``absmean`` | ``uniform`` (module docstring).
+        variant: ``"paper"`` (Eq. 8-10, centred) or ``"released"`` (authors' code); ``tbt`` only.
+        granularity: ``"row"`` | ``"tensor"`` | ``None`` (the method's default: ``tensor`` for
+            ``absmean``, ``row`` otherwise).
+        clip: TWN's input clip in weight units (``twn`` only).
+
+    Returns:
+        ``codes``: int8 ``(out, in)``; ``scale``: float32 ``(out, 1)`` per row, ``(1, 1)`` per
+        tensor. ``dequantize(codes, scale, dtype)`` is the quantized weight.
+    """
+    q = _run(w, bits, method, variant, granularity, clip, want_mask=False)
+    return q.codes, q.scale
+
+
+def dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(codes.float32 * scale).to(dtype)``: codes ``(out, in)`` int8, scale ``(out|1, 1)``."""
+    return (codes.to(torch.float32) * scale).to(dtype)
+
+
+def quantize_weight(
+    w: Tensor,
+    bits: int,
+    method: str = "tbt",
+    variant: str = "paper",
+    granularity: str | None = None,
+    clip: float = 2.5,
+) -> Tensor:
+    """Fake-quantized weight for training: same shape and dtype as ``w``, differentiable.
+
+    The value equals ``dequantize(*weight_codes(w, ...), w.dtype)`` bit for bit, with or
+    without autograd. Backward is the method's STE: identity, ``1[|(W−μ)/α| < 1]`` for
+    ``tbt``/``paper`` (Eq. 10), ``1[−clip < W < clip]`` for ``twn``. Arguments as in
+    :func:`weight_codes`.
+    """
+    _validate(w, bits, method, variant, granularity, clip)
+    if not (w.requires_grad and torch.is_grad_enabled()):  # eval / no_grad: no STE, no mask
+        q = _quantize(w, bits, method, variant, granularity, clip, want_mask=False)
+        return dequantize(q.codes, q.scale, w.dtype)
+    return _FakeQuantize.apply(w, bits, method, variant, granularity, clip)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, bits, method, variant, granularity, clip):  # type: ignore[override]
+        q = _quantize(w, bits, method, variant, granularity, clip,
+                      want_mask=ctx.needs_input_grad[0])
+        ctx.identity = q.ste_mask is None
+        if not ctx.identity:
+            ctx.save_for_backward(q.ste_mask)
+        return dequantize(q.codes, q.scale, w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        if not ctx.identity:
+            (mask,) = ctx.saved_tensors
+            grad = grad * mask
+        return grad, None, None, None, None, None
+
+
+# ---- validation and dispatch -----------------------------------------------------------------
+
+def _validate(w, bits, method, variant, granularity, clip) -> None:
+    check_weight_method(method, bits)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is unknown; choose one of {list(VARIANTS)}")
+    if granularity is not None and granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is unknown; choose one of "
+                         f"{list(GRANULARITIES)} or None (the method's default)")
+    if not isinstance(w, Tensor) or not w.is_floating_point():
+        raise ValueError(f"w must be a floating-point torch.Tensor; got "
+                         f"{getattr(w, 'dtype', type(w).__name__)}")
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D, (out, in) or (vocab, d); got shape {tuple(w.shape)}: "
+                         f"reshape it to 2-D (e.g. w.flatten(1)) before quantizing")
+    if not clip > 0:
+        raise ValueError(f"clip must be positive (weight units); got {clip!r}")
+
+
+def _run(w, bits, method, variant, granularity, clip, *, want_mask) -> QuantizedWeight:
+    _validate(w, bits, method, variant, granularity, clip)
+    return _quantize(w, bits, method, variant, granularity, clip, want_mask=want_mask)
+
+
+def _quantize(w, bits, method, variant, granularity, clip, *, want_mask) -> QuantizedWeight:
+    spec = WEIGHT_METHODS[method]
+    per_row = (granularity or spec.default_granularity) == "row"
+    w32 = w.detach().to(torch.float32)  # statistics in float32 (no copy if already float32)
+    return spec.fn(w32, bits, per_row=per_row, variant=variant, clip=clip, want_mask=want_mask)
+
+
+# ---- shared pieces (no host syncs, no Python loops over rows) --------------------------------
+
+def _mean(x: Tensor, per_row: bool) -> Tensor:
+    """Mean over each row ``(out, 1)`` or over the tensor ``(1, 1)``."""
+    return x.mean(dim=1, keepdim=True) if per_row else x.mean().reshape(1, 1)
+
+
+def _divisor(scale: Tensor) -> Tensor:
+    # A zero scale means every weight it covers is 0 (or exactly μ), so any finite divisor gives
+    # ratio 0; 1 avoids 0/0 = NaN. NaN scales stay NaN.
+    return scale.masked_fill(scale == 0, 1.0)
+
+
+def _round_clip(r: Tensor, qp: int) -> Tensor:
+    """int8 ``round(clip(r, −qp, qp))``, half to even; ``r`` is a scratch tensor (in place)."""
+    return r.clamp_(-qp, qp).round_().to(torch.int8)
+
+
+def _sign_pm1(x: Tensor) -> Tensor:
+    """int8 ±1 sign with ``sign(0) = +1`` (always packable in one bit)."""
+    return torch.ones_like(x, dtype=torch.int8).masked_fill_(x < 0, -1)
+
+
+# ---- the methods -----------------------------------------------------------------------------
+
+@register_weight_method("tbt", bits=(1, 2), default_granularity="row")
+def _tbt(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
+         want_mask: bool) -> QuantizedWeight:
+    """TBT statistics-based quantizer (paper Eq. 8-10, or the released code; module docs)."""
+    if variant == "released":  # no centring, identity STE (METHOD.md §1a)
+        mean_abs = _mean(w.abs(), per_row)
+        if bits == 1:  # α·sign(W): sign(0) = 0 kept, as in the reference
+            return QuantizedWeight(torch.sign(w).to(torch.int8), mean_abs, None)
+        alpha = (4.0 / 3.0) * mean_abs
+        return QuantizedWeight(_round_clip(w / _divisor(alpha), 1), alpha, None)
+    # paper, Eq. 8 (ternary) / Eq. 9 (binary): μ with the granularity of α, not added back
+    centred = w - _mean(w, per_row)  # W − μ; scratch, divided in place below
+    alpha = _mean(centred.abs(), per_row)
+    if bits == 1:  # Eq. 9: sign(W − μ), exact 0 -> +1; the ratio is needed only for Eq. 10
+        codes = _sign_pm1(centred)
+        mask = centred.div_(_divisor(alpha)).abs() < 1 if want_mask else None
+        return QuantizedWeight(codes, alpha, mask)
+    alpha = (4.0 / 3.0) * alpha  # Eq. 8
+    r = centred.div_(_divisor(alpha))  # (W − μ)/α
+    mask = r.abs() < 1 if want_mask else None  # Eq. 10, before r is clipped in place
+    return QuantizedWeight(_round_clip(r, 1), alpha, mask)
+
+
+@register_weight_method("twn", bits=(2,), default_granularity="row")
+def _twn(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
+         want_mask: bool) -> QuantizedWeight:
+    """TWN (TernaryBERT ``TwnQuantizer``): Δ = 0.7·mean|W_c|, α = mean(|W_c| : |W_c| > Δ)."""
+    wc = w.clamp(-clip, clip)
+    a = wc.abs()
+    keep = a > TWN_THRESHOLD * _mean(a, per_row)
+    kept = a * keep
+    if per_row:
+        total, count = kept.sum(dim=1, keepdim=True), keep.sum(dim=1, keepdim=True)
+    else:
+        total, count = kept.sum().reshape(1, 1), keep.sum().reshape(1, 1)
+    alpha = total / count.clamp_min(1)  # no survivor -> α = 0, not 0/0
+    codes = (torch.sign(wc) * keep).to(torch.int8)
+    mask = (w.abs() < clip) if want_mask else None  # zero grad where W ≥ clip or W ≤ −clip
+    return QuantizedWeight(codes, alpha, mask)
+
+
+@register_weight_method("bwn", bits=(1,), default_granularity="row")
+def _bwn(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
+         want_mask: bool) -> QuantizedWeight:
+    """BWN (BiT ``BwnQuantizer``): sign(W − mean(W)) with a per-tensor mean; scale mean|W|."""
+    codes = _sign_pm1(w - w.mean())
+    return QuantizedWeight(codes, _mean(w.abs(), per_row), None)
+
+
+@register_weight_method("absmean", bits=(2,), default_granularity="tensor")
+def _absmean(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
+             want_mask: bool) -> QuantizedWeight:
+    """BitNet b1.58: γ·round(clip(W/(γ+ε), −1, 1)), γ = mean|W|."""
+    gamma = _mean(w.abs(), per_row)
+    return QuantizedWeight(_round_clip(w / (gamma + ABSMEAN_EPS), 1), gamma, None)
+
+
+@register_weight_method("uniform", bits=(3, 4, 5, 6, 7, 8), default_granularity="row")
+def _uniform(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
+             want_mask: bool) -> QuantizedWeight:
+    """Symmetric n-bit: scale = max|W|/Qp, codes = clip(round(W/scale), −Qp, Qp)."""
+    qp = 2 ** (bits - 1) - 1
+    a = w.abs()
+    amax = a.amax(dim=1, keepdim=True) if per_row else a.amax().reshape(1, 1)
+    scale = amax / qp
+    return QuantizedWeight(_round_clip(w / _divisor(scale), qp), scale, None)
