@@ -124,54 +124,74 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
 
 
-def _elastic_value(
+def _elastic_codes(
     x: Tensor, alpha: Tensor, spec: ElasticSpec
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(y in the compute dtype, α_c, offset) -- the forward of every case in one place."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(x̃ in the compute dtype, code = clamp(round(x̃/α_c), Qn, Qp) or sign(x̃), α_c, offset)."""
     xc = x.to(_compute_dtype(x.dtype))
     a = torch.where(alpha > ALPHA_EPS, alpha, ALPHA_EPS).to(xc.dtype)  # α_c
     offset = xc.min() if spec.shift_min else xc.mean() if spec.center else None  # 0-dim, no sync
     xs = xc if offset is None else xc - offset
     code = torch.sign(xs) if spec.use_sign else torch.round(xs / a).clamp_(spec.qn, spec.qp)
+    return xs, code, a, offset
+
+
+def _elastic_output(code: Tensor, a: Tensor, offset: Tensor | None, spec: ElasticSpec) -> Tensor:
     y = code * a
     if spec.shift_min:
         y = y + offset  # released: the min is added back; the paper's mean is not
-    return y, a, offset
+    return y
+
+
+def _elastic_value(
+    x: Tensor, alpha: Tensor, spec: ElasticSpec
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(y in the compute dtype, α_c, offset) -- the forward of every case in one place."""
+    _, code, a, offset = _elastic_codes(x, alpha, spec)
+    return _elastic_output(code, a, offset, spec), a, offset
 
 
 class _ElasticQuantize(torch.autograd.Function):
-    """LSQ-style fake quantization with the α gradient of the chosen variant (module docstring)."""
+    """LSQ-style fake quantization with the α gradient of the chosen variant (module docstring).
+
+    The backward needs no ratio ``r``: with ``inside = 1[Qn ≤ r ≤ Qp]`` and ``code`` the clamped
+    rounded ratio, the LSQ step is ``code − r·inside`` (``round(r) − r`` inside, ``Qn``/``Qp``
+    outside), so ``Σ G·step = Σ G·code − Σ (G·inside)·x̃ / α_c``. The forward saves ``code``
+    (int8) and ``inside`` (bool) next to ``x``, and the backward is one masked copy plus three
+    reductions instead of recomputing the ratio and two nested ``where``.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, spec: ElasticSpec):  # type: ignore[override]
-        y, a, offset = _elastic_value(x, alpha, spec)
-        ctx.spec, ctx.alpha_dtype = spec, alpha.dtype
-        ctx.save_for_backward(x, a, offset)  # x in its own dtype; r is recomputed in backward
+        xs, code, a, offset = _elastic_codes(x, alpha, spec)
+        y = _elastic_output(code, a, offset, spec)
+        ctx.spec, ctx.alpha_dtype, ctx.x_dtype, ctx.numel = spec, alpha.dtype, x.dtype, x.numel()
+        r = xs / a
+        inside = (r >= spec.qn) & (r <= spec.qp)  # inclusive STE window
+        code_dtype = torch.int8 if spec.qp <= 127 else torch.int16
+        ctx.save_for_backward(code.to(code_dtype), inside, x, a, offset)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, a, offset = ctx.saved_tensors
+        code, inside, x, a, offset = ctx.saved_tensors
         spec: ElasticSpec = ctx.spec
-        xs = x.to(a.dtype)
-        if offset is not None:
-            xs = xs - offset
-        r = xs / a  # same ratio as the forward
         g = grad.to(a.dtype)
-        grad_x = grad_alpha = None
-        if ctx.needs_input_grad[0]:
-            inside = (r >= spec.qn) & (r <= spec.qp)  # inclusive STE window
-            grad_x = torch.where(inside, g, 0.0).to(x.dtype)
+        gx = torch.where(inside, g, 0.0)  # ∂L/∂x̃ = G·1[Qn ≤ r ≤ Qp]
+        grad_alpha = None
         if ctx.needs_input_grad[1]:
-            if spec.use_sign:  # signed binary: no range mask
-                step = torch.sign(xs)
-            else:  # LSQ: Qn below, Qp above, round(r) − r inside
-                step = torch.where(r < spec.qn, float(spec.qn),
-                                   torch.where(r > spec.qp, float(spec.qp), torch.round(r) - r))
-            grad_alpha = (step * g).sum()
+            g_flat = g.reshape(-1)
+            grad_alpha = torch.dot(g_flat, code.reshape(-1).to(g.dtype))  # Σ G·code
+            if not spec.use_sign:  # signed binary: Σ G·sign(x̃), no range term
+                gx_flat = gx.reshape(-1)
+                gx_xs = torch.dot(gx_flat, x.reshape(-1).to(g.dtype))  # Σ G·inside·x
+                if offset is not None:  # x̃ = x − offset
+                    gx_xs = gx_xs - offset * gx_flat.sum()
+                grad_alpha = grad_alpha - gx_xs / a
             if spec.grad_scale:
-                grad_alpha = grad_alpha * (1.0 / math.sqrt(x.numel() * spec.qp))
+                grad_alpha = grad_alpha * (1.0 / math.sqrt(ctx.numel * spec.qp))
             grad_alpha = grad_alpha.to(ctx.alpha_dtype)
+        grad_x = gx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_alpha, None
 
 
