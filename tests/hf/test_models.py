@@ -137,3 +137,21 @@ def test_skip_patterns_and_errors():
     assert isinstance(model.model.encoder.layers[0].fc2, QuantLinear)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(model, QuantConfig(bits="2-2-8"))
+
+
+@pytest.mark.parametrize("family", ["bart", "llama"])
+def test_bf16_model_and_autocast(family):
+    model = make_tiny(family)
+    quantize_model(model, QuantConfig(bits="2-2-2"))
+    b = batch_for(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**b).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    half = make_tiny(family).to(torch.bfloat16)
+    quantize_model(half, QuantConfig(bits="1-1-8"))
+    out = half(**b)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert all(p.grad is None or p.grad.dtype == torch.bfloat16 for p in half.parameters()
+               if p.dtype == torch.bfloat16)
