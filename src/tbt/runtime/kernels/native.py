@@ -1,0 +1,348 @@
+"""ctypes binding of the native C kernels (``tbt/runtime/csrc``), with their load-time layouts.
+
+How it works
+------------
+The package build compiles ``csrc/*.c`` into ``tbt/runtime/_tbt_kernels<suffix>`` (a plain C
+library, see ``setup.py``); :func:`load_library` finds it (or the file named by
+``$TBT_NATIVE_LIB``) and declares the C signatures. When it is missing, :func:`available` is
+False, :func:`unavailable_reason` says why, and ``tbt.runtime.kernels`` falls back to the numpy
+reference.
+
+Weights are re-tiled once, at load, from the normative packed bytes into the kernel layouts of
+``csrc/tbt_kernels.h``: K padded to a multiple of 256 with zero codes; ternary for int8
+activations interleaved so that byte ``i`` of each 64-byte block holds weights
+``i, i+64, i+128, i+192`` (one shift and mask gives 64 consecutive codes); ternary for
+ternary activations as two bit-planes (non-zero, negative); binary unchanged (LSB-first bits),
+only padded. Activations are laid out per call by the C ``tbt_prepare_*`` helpers.
+
+ISA: ``"native"`` lets the library pick the best path for this CPU (AVX-512 VNNI/VPOPCNTDQ,
+AVX2, scalar); ``"scalar"``, ``"avx2"`` and ``"avx512"`` force one (tests run each path the CPU
+supports).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tbt.export.format import Packing
+from tbt.runtime.kernels.ref import (PreparedWeight, QuantizedActivation, _packing_for,
+                                     aligned_empty, prepare_codes)
+
+__all__ = ["KBLOCK", "ISAS", "available", "unavailable_reason", "load_library", "isa_available",
+           "resolve_isa", "cpu_features", "threading_model", "set_num_threads",
+           "get_num_threads", "set_parallel_threshold", "NativeKernel", "PreparedAct",
+           "padded_k", "aligned_empty", "repack_t2_interleaved", "repack_t2_planes", "repack_b1"]
+
+KBLOCK = 256  # TBT_KBLOCK
+ISAS = {"native": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+_ISA_NAMES = {v: k for k, v in ISAS.items()}
+_FORMAT_IDS = {"t2a8": 0, "b1a8": 1, "t2a2": 2, "b1a1": 3}
+_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vpopcntdq",
+             "popcnt", "fma")
+_ABI_VERSION = 1
+_ERRORS = {-1: "invalid arguments (shapes, strides or padding)",
+           -2: "instruction set not supported by this CPU or build"}
+
+_lib: ctypes.CDLL | None = None
+_reason = ""
+_loaded = False
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+def _candidates() -> list[Path]:
+    env = os.environ.get("TBT_NATIVE_LIB")
+    if env:
+        return [Path(env)]
+    here = Path(__file__).resolve().parent.parent  # tbt/runtime
+    return [here / f"_tbt_kernels{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The loaded C library (cached), or None when it is not built or cannot load."""
+    global _lib, _reason, _loaded
+    if _loaded:
+        return _lib
+    _loaded = True
+    paths = [p for p in _candidates() if p.is_file()]
+    if not paths:
+        env = os.environ.get("TBT_NATIVE_LIB")
+        _reason = (f"TBT_NATIVE_LIB={env} does not exist" if env else
+                   "native kernels are not built (no tbt/runtime/_tbt_kernels*.so); reinstall "
+                   "with a C compiler: pip install -e . --no-build-isolation")
+        return None
+    try:
+        lib = ctypes.CDLL(str(paths[0]))
+    except OSError as e:
+        _reason = f"cannot load {paths[0]}: {e}"
+        return None
+    _declare(lib)
+    if lib.tbt_abi_version() != _ABI_VERSION:
+        _reason = f"{paths[0]} has ABI {lib.tbt_abi_version()}, expected {_ABI_VERSION}: rebuild"
+        return None
+    _lib = lib
+    threads = os.environ.get("TBT_NUM_THREADS")
+    if threads:
+        lib.tbt_set_num_threads(int(threads))
+    threshold = os.environ.get("TBT_PAR_THRESHOLD")
+    if threshold:
+        lib.tbt_set_parallel_threshold(int(threshold))
+    return _lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    c_int = ctypes.c_int
+    for name, res, args in (
+        ("tbt_abi_version", c_int, []),
+        ("tbt_cpu_features", ctypes.c_uint, []),
+        ("tbt_isa_available", c_int, [c_int]),
+        ("tbt_resolve_isa", c_int, [c_int, c_int]),
+        ("tbt_threading", c_int, []),
+        ("tbt_set_num_threads", None, [c_int]),
+        ("tbt_get_num_threads", c_int, []),
+        ("tbt_set_parallel_threshold", None, [_I64]),
+        ("tbt_gemm", c_int, [c_int, c_int, _P, _I64, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64,
+                             _I64, _I64, _P, _P]),
+        ("tbt_prepare_a8", c_int, [_P, _I64, _I64, _I64, _P]),
+        ("tbt_prepare_a2", c_int, [_P, _I64, _I64, _I64, _P]),
+        ("tbt_prepare_a1", c_int, [_P, _I64, _I64, _I64, _P]),
+    ):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+
+
+def available() -> bool:
+    return load_library() is not None
+
+
+def unavailable_reason() -> str:
+    load_library()
+    return _reason
+
+
+def _require() -> ctypes.CDLL:
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(_reason)
+    return lib
+
+
+def cpu_features() -> dict[str, bool]:
+    """CPU features the library detected (``__builtin_cpu_supports``)."""
+    bits = _require().tbt_cpu_features()
+    return {name: bool(bits >> i & 1) for i, name in enumerate(_FEATURES)}
+
+
+def isa_available(isa: str) -> bool:
+    """True if ``isa`` (``native|scalar|avx2|avx512``) is compiled in and runs on this CPU."""
+    lib = load_library()
+    return lib is not None and isa in ISAS and bool(lib.tbt_isa_available(ISAS[isa]))
+
+
+def resolve_isa(kernel: str, isa: str = "native") -> str:
+    """The ISA that actually runs ``kernel`` (e.g. ``"t2a8"``) when ``isa`` is requested."""
+    got = _require().tbt_resolve_isa(_FORMAT_IDS[kernel], ISAS[isa])
+    if got < 0:
+        raise RuntimeError(f"{kernel} on {isa}: {_ERRORS.get(got, got)}")
+    return _ISA_NAMES[got]
+
+
+def threading_model() -> str:
+    return {0: "none", 1: "openmp", 2: "pthreads"}[_require().tbt_threading()]
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the native kernels split output rows across (``n <= 0``: the default)."""
+    _require().tbt_set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return int(_require().tbt_get_num_threads())
+
+
+def set_parallel_threshold(macs: int) -> None:
+    """Calls below ``M·N·Kpad`` multiply-accumulates run on one thread (default 2^20)."""
+    _require().tbt_set_parallel_threshold(int(macs))
+
+
+# ---- load-time layouts -------------------------------------------------------------------------
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def padded_k(k: int) -> int:
+    return -(-int(k) // KBLOCK) * KBLOCK
+
+
+def _pad(q: np.ndarray, kpad: int, fill: int) -> np.ndarray:
+    out = np.full((q.shape[0], kpad), fill, dtype=np.int8)
+    out[:, :q.shape[1]] = q
+    return out
+
+
+def repack_t2_interleaved(q: np.ndarray) -> np.ndarray:
+    """Ternary codes ``(N, K)`` → ``uint8 (N, Kpad/4)``: byte ``i`` of 64-byte block ``b``
+    holds ``q + 1`` of weights ``256b + 64s + i`` at bits ``2s`` (s = 0..3)."""
+    kp = padded_k(q.shape[1])
+    c = (_pad(q, kp, 0) + 1).astype(np.uint8).reshape(q.shape[0], kp // 256, 4, 64)
+    out = c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)
+    return np.ascontiguousarray(out.reshape(q.shape[0], kp // 4))
+
+
+def repack_t2_planes(q: np.ndarray) -> np.ndarray:
+    """Ternary codes ``(N, K)`` → ``uint8 (N, Kpad/4)`` = [non-zero plane | negative plane]."""
+    qp = _pad(q, padded_k(q.shape[1]), 0)
+    return np.concatenate([np.packbits(qp != 0, axis=1, bitorder="little"),
+                           np.packbits(qp < 0, axis=1, bitorder="little")], axis=1)
+
+
+def repack_b1(q: np.ndarray) -> np.ndarray:
+    """Binary codes ``(N, K)`` → ``uint8 (N, Kpad/8)``, bit = (q > 0), zero-padded."""
+    return np.packbits(_pad(q, padded_k(q.shape[1]), -1) > 0, axis=1, bitorder="little")
+
+
+_REPACK = {"t2a8": repack_t2_interleaved, "b1a8": repack_b1, "t2a2": repack_t2_planes,
+           "b1a1": repack_b1}
+_ACT_BYTES = {"a8": lambda kp: kp, "a2": lambda kp: kp // 4, "a1": lambda kp: kp // 8}
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedAct:
+    """Activations in the kernel layout (``data`` rows of ``stride`` bytes) + scale/offset."""
+
+    fmt: str
+    m: int
+    k: int
+    kpad: int
+    data: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray | None
+    ptrs: tuple[int, int, int | None] = (0, 0, None)  # data, scale, offset (cached)
+
+    def __post_init__(self) -> None:
+        for name, v in (("scale", self.scale), ("offset", self.offset)):
+            if v is not None and (v.dtype != np.float32 or v.shape != (self.m,)
+                                  or not v.flags.c_contiguous):
+                raise ValueError(f"{name} must be contiguous float32 ({self.m},)")
+        if self.data.shape[0] != self.m or not self.data.flags.c_contiguous:
+            raise ValueError(f"data must be contiguous with {self.m} rows")
+        object.__setattr__(self, "ptrs", (_ptr(self.data), _ptr(self.scale), _ptr(self.offset)))
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.__array_interface__["data"][0]
+
+
+class NativeKernel:
+    """One (weight, activation) format pair on the C kernels; ``isa`` as in :data:`ISAS`."""
+
+    def __init__(self, weight_format: str, act_format: str, isa: str = "native") -> None:
+        self.weight_format, self.act_format = weight_format, act_format
+        self.name = weight_format + act_format
+        if isa not in ISAS:
+            raise ValueError(f"isa={isa!r}; choose one of {list(ISAS)}")
+        self._lib = _require()
+        if not self._lib.tbt_isa_available(ISAS[isa]):
+            raise RuntimeError(f"ISA {isa!r} is not available on this CPU/build")
+        self.isa, self.backend = isa, isa
+        self._fmt_id, self._isa_id = _FORMAT_IDS[self.name], ISAS[isa]
+
+    def __repr__(self) -> str:
+        return (f"NativeKernel({self.name!r}, isa={self.isa!r} -> "
+                f"{resolve_isa(self.name, self.isa)!r})")
+
+    def prepare_weight(self, packed: np.ndarray, k: int, scale: np.ndarray,
+                       packing: Packing | str | None = None) -> PreparedWeight:
+        """Normative packed bytes ``(N, row_bytes)`` + scale ``(N,)`` → kernel layout."""
+        _packing_for(self.weight_format, packing)
+        q, scale, wsum = prepare_codes(self.weight_format, packed, k, scale, packing)
+        data = _aligned(_REPACK[self.name](q))
+        return PreparedWeight(self.name, "native", q.shape[0], int(k), padded_k(k), data,
+                              _aligned(scale), _aligned(wsum))  # one layout for every ISA
+
+    def prepare_act(self, act: QuantizedActivation | PreparedAct) -> PreparedAct:
+        """Lay quantized activations out for the kernel (zero-padded rows / bit-planes)."""
+        if isinstance(act, PreparedAct):
+            if act.fmt != self.act_format:
+                raise ValueError(f"kernel {self.name} takes {self.act_format}, got {act.fmt}")
+            return act
+        if not isinstance(act, QuantizedActivation):
+            raise TypeError(f"expected a QuantizedActivation, got {type(act)}")
+        if act.fmt != self.act_format:
+            raise ValueError(f"kernel {self.name} takes {self.act_format} activations, "
+                             f"got {act.fmt}")
+        m, k = act.codes.shape
+        kp = padded_k(k)
+        codes = np.ascontiguousarray(act.codes)
+        out = aligned_empty((m, _ACT_BYTES[act.fmt](kp)), np.int8 if act.fmt == "a8"
+                            else np.uint8)
+        fn = getattr(self._lib, f"tbt_prepare_{act.fmt}")
+        if fn(_ptr(codes), m, k, kp, _ptr(out)) != 0:
+            raise ValueError(f"{act.fmt} codes out of range for the format")
+        return PreparedAct(act.fmt, m, k, kp, out, np.ascontiguousarray(act.scale),
+                           None if act.offset is None else np.ascontiguousarray(act.offset))
+
+    def _call(self, w: PreparedWeight, a: PreparedAct, bias, y, acc) -> None:
+        if w.kernel != self.name or w.backend != "native":
+            raise ValueError(f"weight prepared for {w.kernel} ({w.backend}), used with "
+                             f"{self.name} (native): prepare it with this kernel")
+        ptrs = w.extra.get("ptrs")
+        if ptrs is None:  # checked and cached once: a prepared weight's arrays never change
+            self._check_weight(w)
+            ptrs = w.extra["ptrs"] = (_ptr(w.data), _ptr(w.wsum), _ptr(w.scale))
+        if w.k != a.k or a.data.shape != (a.m, _ACT_BYTES[a.fmt](w.kpad)):
+            raise ValueError(f"in_features mismatch: weight K={w.k}, activations K={a.k}")
+        if bias is not None:
+            bias = np.ascontiguousarray(bias, dtype=np.float32)
+            if bias.shape != (w.n,):
+                raise ValueError(f"bias must be ({w.n},), got {bias.shape}")
+        wp, wsum_p, scale_p = ptrs
+        ap, ascale_p, aoff_p = a.ptrs
+        rc = self._lib.tbt_gemm(self._fmt_id, self._isa_id, wp, w.data.shape[1], wsum_p, scale_p,
+                                ap, a.data.shape[1], ascale_p, aoff_p, _ptr(bias), a.m, w.n,
+                                w.k, w.kpad, _ptr(y), _ptr(acc))
+        if rc != 0:
+            raise RuntimeError(f"tbt_gemm({self.name}, {self.isa}): {_ERRORS.get(rc, rc)}")
+
+    def _check_weight(self, w: PreparedWeight) -> None:
+        """The C code trusts these sizes: check them before the first call (no out-of-bounds)."""
+        row = w.kpad // 8 if self.weight_format == "b1" else w.kpad // 4
+        ok = (w.kpad == padded_k(w.k) and w.data.dtype == np.uint8
+              and w.data.shape == (w.n, row) and w.data.flags.c_contiguous
+              and w.scale.dtype == np.float32 and w.scale.shape == (w.n,)
+              and w.wsum.dtype == np.int32 and w.wsum.shape == (w.n,)
+              and w.scale.flags.c_contiguous and w.wsum.flags.c_contiguous)
+        if not ok:
+            raise ValueError(f"inconsistent prepared weight for {self.name}: data "
+                             f"{w.data.dtype}{w.data.shape}, expected uint8({w.n}, {row})")
+
+    def run(self, w: PreparedWeight, act: QuantizedActivation | PreparedAct,
+            bias: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """``y = x·Wᵀ + bias``: float32 ``(M, N)`` (written into ``out`` if given)."""
+        a = self.prepare_act(act)
+        if out is None:
+            out = np.empty((a.m, w.n), dtype=np.float32)
+        elif out.shape != (a.m, w.n) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous float32 ({a.m}, {w.n})")
+        self._call(w, a, bias, out, None)
+        return out
+
+    __call__ = run
+
+    def accumulate(self, w: PreparedWeight, act: QuantizedActivation | PreparedAct) -> np.ndarray:
+        """The exact int32 accumulator ``(M, N)`` (tests hold it equal to the reference)."""
+        a = self.prepare_act(act)
+        y = np.empty((a.m, w.n), dtype=np.float32)
+        acc = np.empty((a.m, w.n), dtype=np.int32)
+        self._call(w, a, None, y, acc)
+        return acc
