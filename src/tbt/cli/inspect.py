@@ -1,0 +1,91 @@
+"""``tbt inspect DIR``: the header, per-layer formats and sizes of a packed checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="show the format header, per-layer packings and sizes of a packed model",
+        description="Read a directory written by tbt.export.save_packed and print its format "
+                    "header, each packed layer (name, shape, packing, bits, bytes), the sizes "
+                    "of the packed and full-precision parts and the bits per parameter.")
+    p.add_argument("directory", metavar="DIR", help="packed checkpoint directory")
+    p.set_defaults(func=run)
+
+
+_DTYPE_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4,
+                "F64": 8, "I64": 8}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes} B"
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from tbt.export.io import read_packed_metadata
+
+    meta = read_packed_metadata(args.directory)
+    tensors = meta["tensors"]
+    nbytes = {k: _numel(shape) * _DTYPE_BYTES.get(dtype, 4) for k, (dtype, shape) in tensors.items()}
+
+    print(f"{meta['path']}")
+    print("format header:")
+    for k, v in asdict(meta["header"]).items():
+        print(f"  {k:18s} {v}")
+    print(f"model class: {meta['model_class']}")
+    qc = json.loads(meta["quant_config"])
+    print(f"quant config: bits={qc.get('bits')} method={qc.get('method')} "
+          f"variant={qc.get('variant')}")
+
+    print("packed layers:")
+    print(f"  {'name':56s} {'shape':>12s} {'packing':14s} {'bits':>4s} {'bytes':>10s}")
+    q_params = q_bits = 0
+    counted: set[str] = set()
+    for name, info in sorted(meta["layers"].items()):
+        n, k = info["shape"]
+        size = 0
+        for key in (info["packed"], info["scale"]):
+            if key not in counted:  # shared tensors (tied embeddings) count once
+                counted.add(key)
+                size += nbytes[key]
+        if size:
+            q_params += n * k
+            q_bits += size * 8
+        shape = f"{n}x{k}"
+        shared = "" if size else " (shared)"
+        print(f"  {name:56s} {shape:>12s} {info['packing']:14s} {info['bits']:>4d} "
+              f"{size:>10d}{shared}")
+
+    aliases = meta["aliases"]
+    fp_keys = [k for k in tensors if k not in counted]
+    fp_params = sum(_numel(tensors[k][1]) for k in fp_keys)
+    fp_bytes = sum(nbytes[k] for k in fp_keys)
+    total_params = q_params + fp_params
+    total_bits = q_bits + fp_bytes * 8
+    print(f"packed weights: {q_params} parameters, {_human(q_bits / 8)}")
+    print(f"full-precision tensors: {len(fp_keys)} tensors, {fp_params} values, "
+          f"{_human(fp_bytes)}")
+    if aliases:
+        print(f"shared tensors stored once: {len(aliases)} aliases")
+    print(f"file size: {_human(meta['path'].stat().st_size)}")
+    if q_params:
+        print(f"bits per parameter (quantized weights, scales included): {q_bits / q_params:.3f}")
+    if total_params:
+        print(f"bits per parameter (overall, incl. FP parts): {total_bits / total_params:.3f}")
+    return 0
