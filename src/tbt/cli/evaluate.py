@@ -1,0 +1,134 @@
+"""``tbt evaluate``: generate on a test set and score it (ROUGE, BLEU/chrF or perplexity)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tbt.cli import CliError
+
+_GEN_FLAGS = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="generate on a test set and score it",
+        description="Load a model directory (full precision or tbt), generate one output per "
+                    "test source, score it and write DIR/metrics.json and DIR/predictions.jsonl.")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="model directory written by `tbt train` / save_pretrained (or a hub "
+                        "name when online)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer directory, if the model directory has none")
+    p.add_argument("--output-dir", required=True, metavar="DIR",
+                   help="where metrics.json and predictions.jsonl are written")
+    data = p.add_argument_group("data")
+    data.add_argument("--test-file", default=None, metavar="F",
+                      help="local test file (.jsonl/.json/.csv/.parquet/.txt)")
+    data.add_argument("--dataset", default=None, metavar="NAME",
+                      help="hub dataset (xsum, cnn_dailymail, wmt16) instead of --test-file")
+    data.add_argument("--dataset-config", default=None, metavar="C",
+                      help="hub dataset configuration, e.g. 3.0.0 or ro-en")
+    data.add_argument("--split", choices=("test", "validation"), default="test",
+                      help="hub split to evaluate on (default: test)")
+    data.add_argument("--source-column", default="document", metavar="C",
+                      help="column holding the model input (default: document)")
+    data.add_argument("--target-column", default="summary", metavar="C",
+                      help="column holding the reference output (default: summary)")
+    data.add_argument("--text-column", default="text", metavar="C",
+                      help="text column for causal-LM perplexity (default: text)")
+    data.add_argument("--source-lang", default=None, metavar="L",
+                      help="translation rows: source language key, e.g. en")
+    data.add_argument("--target-lang", default=None, metavar="L",
+                      help="translation rows: target language key, e.g. ro")
+    data.add_argument("--source-prefix", default="", metavar="S",
+                      help='text put before every source, e.g. "summarize: " for T5')
+    data.add_argument("--max-samples", type=int, default=None, metavar="N",
+                      help="evaluate only the first N rows")
+    data.add_argument("--max-source-length", type=int, default=None, metavar="N",
+                      help="truncate sources to N tokens (default: the model's limit)")
+    gen = p.add_argument_group("generation (a preset, then these overrides)")
+    gen.add_argument("--preset", default=None,
+                     choices=("xsum", "cnn_dailymail", "wmt16", "default"),
+                     help="generation settings of a paper dataset (default: the --dataset's "
+                          "preset if it has one, else 'default': 4 beams, max length 128)")
+    gen.add_argument("--num-beams", type=int, default=None, metavar="N", help="beam width")
+    gen.add_argument("--max-length", type=int, default=None, metavar="N",
+                     help="maximum output length in tokens (decoder-only: new tokens)")
+    gen.add_argument("--min-length", type=int, default=None, metavar="N",
+                     help="minimum output length in tokens (decoder-only: new tokens)")
+    gen.add_argument("--length-penalty", type=float, default=None, metavar="X",
+                     help="beam-search length penalty (>1 favours longer outputs)")
+    gen.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                     help="forbid repeating any N-gram (default: the model's setting)")
+    run = p.add_argument_group("scoring and device")
+    run.add_argument("--metrics", nargs="+", default=None,
+                     choices=("rouge", "bleu", "perplexity"),
+                     help="what to compute (default: bleu for translation data, else rouge)")
+    run.add_argument("--batch-size", type=int, default=16, metavar="N",
+                     help="sources generated per batch (default: 16)")
+    run.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                     help="default: cuda when available, else cpu")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run_evaluate)
+
+
+def _gen_kwargs(args: argparse.Namespace) -> dict:
+    from tbt.eval.evaluate import GENERATION_PRESETS, resolve_preset
+
+    name = args.preset
+    if name is None and args.dataset:
+        key = args.dataset.split("/")[-1]
+        name = key if key in GENERATION_PRESETS else None
+    kw = resolve_preset(name)
+    for flag in _GEN_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            kw[flag] = value
+    return kw
+
+
+def _load_model(args: argparse.Namespace):
+    from tbt.hf import load_pretrained
+
+    model, tok = load_pretrained(args.model)
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    if tok is None:
+        raise CliError(f"{args.model} has no tokenizer: pass --tokenizer DIR")
+    return model, tok
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from tbt.eval.evaluate import evaluate
+    from tbt.train.data import DataConfig, load_raw_splits
+
+    if not args.test_file and not args.dataset:
+        raise CliError("nothing to evaluate on: pass --test-file F or --dataset NAME")
+    metrics = args.metrics or (["bleu"] if args.source_lang else ["rouge"])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda, but no CUDA device is available: use --device cpu")
+    model, tok = _load_model(args)
+    causal = not getattr(model.config, "is_encoder_decoder", False)
+    task = "causal-lm" if causal and metrics == ["perplexity"] else "seq2seq"
+    cfg = DataConfig(task=task, dataset=args.dataset, dataset_config=args.dataset_config,
+                     test_file=args.test_file if args.split == "test" else None,
+                     validation_file=args.test_file if args.split == "validation" else None,
+                     source_column=args.source_column, target_column=args.target_column,
+                     text_column=args.text_column, source_lang=args.source_lang,
+                     target_lang=args.target_lang, source_prefix=args.source_prefix,
+                     max_eval_samples=args.max_samples)
+    rows = load_raw_splits(cfg, splits=(args.split,))[args.split]
+    gen_kwargs = _gen_kwargs(args)
+    print(f"evaluating {args.model} on {len(rows)} rows; metrics {metrics}; "
+          f"generation {json.dumps(gen_kwargs)}; device {device}")
+    evaluate(model, tok, rows, metrics=metrics, gen_kwargs=gen_kwargs,
+             batch_size=args.batch_size, device=device, output_dir=args.output_dir,
+             task="causal-lm" if causal else "seq2seq",
+             max_source_length=args.max_source_length, progress=not args.no_progress)
+    return 0
