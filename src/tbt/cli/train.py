@@ -1,0 +1,151 @@
+"""``tbt train``: distil a full-precision model into a ternary/binary student (or train FP).
+
+Settings come from three layers, later ones winning: ``--recipe NAME`` (the paper's runs,
+:mod:`tbt.train.presets`), ``--config FILE`` (TOML or JSON, flat names like the flags, or the
+nested ``train_config.json`` a run saves), and the flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tbt.cli import CliError
+
+
+def _float_pair(s: str) -> tuple[float, float]:
+    parts = s.replace(",", " ").split()
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers like '0.9,0.999', got {s!r}")
+    return float(parts[0]), float(parts[1])
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="distil a model into a ternary/binary student (or train full precision)",
+        argument_default=argparse.SUPPRESS,
+        description="Train a quantized student by distillation from a full-precision teacher "
+                    "(TBT, Liu et al. 2023), or a full-precision model with --bits fp. "
+                    "Precedence: flags > --config file > --recipe > defaults.")
+    src = p.add_argument_group("models and settings")
+    src.add_argument("--model", metavar="M",
+                     help="student start: hub name, local checkpoint, or preset for training "
+                          "from scratch (bart-tiny, bart-small, gpt2-tiny); default: a copy of "
+                          "--teacher")
+    src.add_argument("--teacher", metavar="DIR",
+                     help="full-precision teacher (default with quantized --bits: a copy of "
+                          "--model, the TBT recipe; with --bits fp: none, labels only)")
+    src.add_argument("--tokenizer", metavar="DIR",
+                     help="tokenizer directory (default: the teacher's, else the model's)")
+    src.add_argument("--recipe", metavar="NAME",
+                     help="a paper run, e.g. xsum-2-2-8, cnn-1-1-1, wmt16-2-2-2 (see "
+                          "tbt.train.presets.RECIPES)")
+    src.add_argument("--config", metavar="FILE",
+                     help="TOML/JSON file of settings (flag names with _ or -); flags override it")
+    src.add_argument("--output-dir", metavar="DIR",
+                     help="where the model, log.jsonl and checkpoints/ are written (required)")
+    src.add_argument("--resume", action="store_true",
+                     help="continue from the last checkpoint in --output-dir")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--bits", metavar="E-W-A",
+                   help="embedding-weight-activation bits, e.g. 2-2-8, 1-1-1, or fp (default)")
+    q.add_argument("--method", metavar="NAME",
+                   help="weight quantizer: tbt (default), twn, bwn, absmean, uniform")
+    q.add_argument("--variant", choices=("paper", "released"),
+                   help="paper equations (default) or the authors' released code")
+    q.add_argument("--granularity", choices=("row", "tensor"),
+                   help="weight scale per output row or per tensor (default: the method's)")
+    q.add_argument("--act-method", choices=("auto", "elastic", "minmax"),
+                   help="activation quantizer (default auto: minmax for 8 bits, else elastic)")
+    d = p.add_argument_group("data")
+    d.add_argument("--train-file", metavar="F", help="training data (.jsonl/.json/.csv/.parquet)")
+    d.add_argument("--validation-file", metavar="F", help="validation data (loss is logged)")
+    d.add_argument("--dataset", metavar="NAME", help="hub dataset instead of local files")
+    d.add_argument("--dataset-config", metavar="C", help="hub dataset configuration")
+    d.add_argument("--source-column", metavar="C", help="input column (default: document)")
+    d.add_argument("--target-column", metavar="C", help="output column (default: summary)")
+    d.add_argument("--text-column", metavar="C", help="causal-LM text column (default: text)")
+    d.add_argument("--source-lang", metavar="L", help="translation source language, e.g. en")
+    d.add_argument("--target-lang", metavar="L", help="translation target language, e.g. ro")
+    d.add_argument("--source-prefix", metavar="S", help='prefix for every source ("summarize: ")')
+    d.add_argument("--max-source-length", type=int, metavar="N", help="source tokens (512)")
+    d.add_argument("--max-target-length", type=int, metavar="N", help="target tokens (128)")
+    d.add_argument("--max-length", type=int, metavar="N", help="causal-LM tokens (512)")
+    d.add_argument("--max-train-samples", type=int, metavar="N", help="use the first N rows")
+    d.add_argument("--max-eval-samples", type=int, metavar="N",
+                   help="validate on the first N rows")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
+    o.add_argument("--epochs", type=float, metavar="N", help="passes over the training set")
+    o.add_argument("--lr", type=float, metavar="X", help="peak learning rate (2.5e-4)")
+    o.add_argument("--weight-decay", type=float, metavar="X", help="AdamW weight decay (0)")
+    o.add_argument("--warmup-ratio", type=float, metavar="X", help="linear warmup share (0.05)")
+    o.add_argument("--adam-betas", type=_float_pair, metavar="B1,B2", help="(0.9,0.999)")
+    o.add_argument("--adam-eps", type=float, metavar="X", help="AdamW epsilon (1e-6)")
+    o.add_argument("--batch-size", type=int, metavar="N", help="examples per process (8)")
+    o.add_argument("--grad-accum", type=int, metavar="N",
+                   help="micro-batches per optimizer step (1)")
+    o.add_argument("--max-grad-norm", type=float, metavar="X", help="clip (1.0; 0 = off)")
+    o.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    o.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
+    o.add_argument("--seed", type=int, metavar="N", help="random seed (28, as the paper)")
+    o.add_argument("--save-every", type=int, metavar="N",
+                   help="checkpoint every N steps (0 = none; the last step is always saved "
+                        "when N > 0)")
+    o.add_argument("--keep-checkpoints", type=int, metavar="N", help="most recent kept (2)")
+    o.add_argument("--eval-every", type=int, metavar="N",
+                   help="validation loss every N steps (0 = at the end only)")
+    o.add_argument("--log-every", type=int, metavar="N", help="progress-bar update period (1)")
+    o.add_argument("--generation", metavar="PRESET",
+                   help="generation preset stored with the model (xsum, cnn_dailymail, wmt16)")
+    o.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="hide progress bars")
+    loss = p.add_argument_group("distillation loss")
+    loss.add_argument("--w-ce", type=float, metavar="W", help="label cross-entropy weight (1)")
+    loss.add_argument("--w-logits", type=float, metavar="W", help="logit KD weight (1)")
+    loss.add_argument("--w-hidden", type=float, metavar="W", help="hidden-state MSE weight (1)")
+    loss.add_argument("--w-attn", type=float, metavar="W", help="attention MSE weight (1)")
+    loss.add_argument("--temperature", type=float, metavar="T", help="logit KD temperature (1)")
+    loss.add_argument("--no-mask-padding", dest="mask_padding", action="store_false",
+                      help="average losses over padding too (the released code)")
+    loss.add_argument("--mask-padding", dest="mask_padding", action="store_true",
+                      help="average losses over real tokens only (default)")
+    loss.add_argument("--last-encoder-twice", dest="last_encoder_twice", action="store_true",
+                      help="add the released code's extra last-encoder-state term")
+    loss.add_argument("--no-last-encoder-twice", dest="last_encoder_twice",
+                      action="store_false", help="do not (default)")
+    loss.add_argument("--layer-map", metavar="I,J,...",
+                      help="teacher layer of each student decoder layer (default: identity)")
+    loss.add_argument("--encoder-layer-map", metavar="I,J,...",
+                      help="teacher layer of each student encoder layer (default: identity)")
+    p.set_defaults(func=run_train)
+
+
+_NOT_SETTINGS = {"func", "command", "verbose", "config", "recipe"}
+
+
+def resolve_settings(args: argparse.Namespace) -> dict:
+    """Flat settings: recipe < config file < flags (only flags actually given are present)."""
+    from tbt.train.config import load_config_file, merge_settings
+    from tbt.train.presets import resolve_recipe
+
+    given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    file_settings = load_config_file(args.config) if getattr(args, "config", None) else {}
+    recipe = getattr(args, "recipe", None) or file_settings.get("recipe")
+    return merge_settings(resolve_recipe(recipe) if recipe else {}, file_settings, given)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from tbt.train.config import TrainConfig
+    from tbt.train.loop import NonFiniteLossError, train
+
+    cfg = TrainConfig.from_flat(resolve_settings(args))
+    try:
+        result = train(cfg)
+    except NonFiniteLossError as e:
+        raise CliError(str(e)) from None
+    val = result["validation"].get("loss")
+    print(f"done: {result['steps']} steps in {result['train_time_s']:.1f}s; final train loss "
+          f"{result['train'].get('loss', float('nan')):.4f}"
+          + (f", validation loss {val:.4f}" if val is not None else "")
+          + f" -> {result['output_dir']}")
+    return 0

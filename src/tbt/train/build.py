@@ -1,0 +1,132 @@
+"""Setting up a training run: tokenizer, teacher and student models, data, final save.
+
+Used by :func:`tbt.train.loop.train`; each function does one thing and can be called alone
+(the demo and the tests do).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+from dataclasses import replace
+from typing import Any
+
+from tbt.train.checkpoint import save_model_dir
+from tbt.train.config import TrainConfig
+from tbt.train.presets import build_from_scratch, is_architecture
+
+logger = logging.getLogger(__name__)
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer or cfg.teacher or (None if is_architecture(cfg.model) else cfg.model)
+    if src is None:
+        raise ValueError(f"--model {cfg.model} is built from scratch: pass --tokenizer DIR "
+                         "(train one with `tbt tokenizer train`)")
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load a tokenizer from {src!r}: {e}. Pass --tokenizer DIR"
+                         ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_model(name: str):
+    """A transformers model from a local directory (tbt-quantized or not) or a hub name."""
+    import transformers
+
+    from tbt.hf import load_pretrained, register
+
+    if os.path.isdir(name):
+        return load_pretrained(name, with_tokenizer=False)[0]
+    register()
+    try:
+        config = transformers.AutoConfig.from_pretrained(name)
+        auto = (transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder
+                else transformers.AutoModelForCausalLM)
+        return auto.from_pretrained(name)
+    except OSError as e:
+        raise ValueError(f"could not load model {name!r}: not a local directory, and the hub "
+                         f"failed ({e}). Pass a directory or a preset (bart-tiny, bart-small, "
+                         "gpt2-tiny)") from None
+
+
+def _quant_of(model) -> Any:
+    qc = getattr(model.config, "quantization_config", None)
+    return None if qc is None else qc.to_quant_config()
+
+
+def build_models(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
+    """(teacher or None, student): the student quantized with ``cfg.quant`` if given."""
+    from tbt.quant.surgery import quantize_model
+
+    src = cfg.model or cfg.teacher
+    if is_architecture(src):
+        student = build_from_scratch(src, len(tokenizer), tokenizer.pad_token_id,
+                                     tokenizer.bos_token_id, tokenizer.eos_token_id)
+    else:
+        student = _load_model(src)
+    teacher = None
+    t_src = cfg.teacher or (None if cfg.quant is None or is_architecture(cfg.model) else cfg.model)
+    if cfg.distill.needs_teacher and t_src is not None:
+        teacher = copy.deepcopy(student) if t_src == src else _load_model(t_src)
+        if _quant_of(teacher) is not None:
+            raise ValueError(f"the teacher {t_src} is quantized; pass a full-precision --teacher")
+        teacher.set_attn_implementation("eager")  # returns attention probabilities
+        teacher.eval().requires_grad_(False)
+    elif cfg.quant is not None:
+        logger.warning("no teacher: training the quantized student on labels only (--w-ce)")
+    have = _quant_of(student)
+    if cfg.quant is not None and have is None:
+        quantize_model(student, cfg.quant)
+    elif have is not None and have != cfg.quant:
+        raise ValueError(f"--model {src} is already quantized ({have.bits}, {have.method}); "
+                         f"it cannot be trained as bits={cfg.bits}. Start from the FP model")
+    elif cfg.quant is None and teacher is not None and cfg.distill.w_attn > 0:
+        student.set_attn_implementation("eager")
+    if len(tokenizer) > student.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
+                         f"{student.config.vocab_size} embeddings: use the model's tokenizer")
+    if cfg.generation is not None:
+        from tbt.eval.evaluate import GENERATION_PRESETS
+
+        for k, v in GENERATION_PRESETS[cfg.generation].items():
+            setattr(student.generation_config, k, v)
+    return teacher, student
+
+
+def load_data(cfg: TrainConfig, tokenizer, model) -> tuple[dict[str, list[dict]], Any]:
+    """Tokenized ``train`` (and ``validation``) rows and the collate function."""
+    from tbt.train.data import load_raw_splits, make_collator, tokenize_rows
+
+    limit = getattr(model.config, "max_position_embeddings", None) or 10**9
+    dc = cfg.data
+    dc = replace(dc, max_source_length=min(dc.max_source_length, limit),
+                 max_target_length=min(dc.max_target_length, limit),
+                 max_length=min(dc.max_length, limit))
+    causal = not model.config.is_encoder_decoder
+    if not causal and dc.task == "causal-lm":
+        raise ValueError("--model is a seq2seq model but the data task is causal-lm")
+    raw = load_raw_splits(dc, ("train", "validation"))
+    if causal:  # a decoder-only model reads "source target" as one text
+        raw = {s: [r if "text" in r else {"text": f"{r['source']}\n{r['target']}"}
+                   for r in rows] for s, rows in raw.items()}
+        dc = replace(dc, task="causal-lm")
+    splits = {s: tokenize_rows(rows, tokenizer, dc) for s, rows in raw.items()}
+    return splits, make_collator(tokenizer, dc)
+
+
+def save_final(cfg: TrainConfig, model, tokenizer, quant_json: str | None) -> None:
+    """The trained model into ``cfg.output_dir``: written to a temp dir, moved file by file."""
+    tmp = os.path.join(cfg.output_dir, ".tmp-final")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_dir(tmp, model, quant_json, cfg.to_json(), tokenizer)
+    for name in sorted(os.listdir(tmp)):
+        os.replace(os.path.join(tmp, name), os.path.join(cfg.output_dir, name))
+    os.rmdir(tmp)
+    print(f"saved the trained model to {cfg.output_dir}", flush=True)

@@ -1,0 +1,360 @@
+"""Training configuration: frozen, validated dataclasses with a JSON round trip.
+
+A training run is described by one :class:`TrainConfig`, which nests the
+:class:`~tbt.config.QuantConfig` of the student (``None`` = full-precision training), the
+:class:`~tbt.train.data.DataConfig` of the text and the :class:`DistillConfig` of the loss.
+
+Configs come from three layers, later ones winning: a named recipe
+(:data:`tbt.train.presets.RECIPES`), a config file (``--config run.toml`` or ``.json``), and
+command-line flags. All three speak the same *flat* vocabulary -- the field names, which are
+unique across the nested configs (``bits``, ``train_file``, ``w_attn``, ``lr`` ...) -- and
+:meth:`TrainConfig.from_flat` routes each key to its owner. A config file may also use the
+nested form that :meth:`TrainConfig.to_dict` writes (``[quant]``, ``[data]``, ``[distill]``
+tables), so the ``train_config.json`` saved with every checkpoint is itself a valid ``--config``.
+
+>>> cfg = TrainConfig.from_flat({"model": "bart-tiny", "bits": "2-2-8", "train_file": "t.jsonl",
+...                              "output_dir": "out", "max_steps": 10, "tokenizer": "tok"})
+>>> TrainConfig.from_json(cfg.to_json()) == cfg
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tbt.config import QuantConfig, parse_bits
+from tbt.train.data import DataConfig
+
+TRAIN_CONFIG_VERSION = 1
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The distillation loss: ``Σ_k w_k · term_k`` (METHOD.md §4).
+
+    Args:
+        w_ce: label cross-entropy (the model's own LM loss; ``-100`` labels ignored).
+        w_logits: soft cross-entropy between teacher and student token distributions.
+        w_hidden: hidden-state MSE, summed over the embedding output and every layer of each
+            stack (encoder and decoder; the one stack of a causal LM).
+        w_attn: post-softmax attention-probability MSE, summed over layers of encoder self,
+            decoder self and cross attention (causal LM: self attention).
+        temperature: softmax temperature of the logit term (reference: 1, no T² factor).
+        mask_padding: average every term over real tokens only. ``False`` reproduces the
+            released code, which averages over padded positions too (METHOD.md §4).
+        last_encoder_twice: add the released code's extra term
+            ``Σ_b MSE(s_last[b], t_last[b])`` on the last encoder state (a sum over examples, so
+            it counts that state again, ×B; STYLE.md rule 11). Seq2seq only.
+        layer_map: for each student layer of the decoder (causal LM: the only stack), the index
+            of its teacher layer; ``None`` = identity (student and teacher same depth).
+        encoder_layer_map: the same for the encoder; ``None`` = identity.
+    """
+
+    w_ce: float = 1.0
+    w_logits: float = 1.0
+    w_hidden: float = 1.0
+    w_attn: float = 1.0
+    temperature: float = 1.0
+    mask_padding: bool = True
+    last_encoder_twice: bool = False
+    layer_map: tuple[int, ...] | None = None
+    encoder_layer_map: tuple[int, ...] | None = None
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("w_ce", "w_logits", "w_hidden", "w_attn"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{name}={v!r}: loss weights must be numbers >= 0")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r} must be > 0")
+        for name in ("layer_map", "encoder_layer_map"):
+            v = getattr(self, name)
+            if v is not None:
+                v = _int_tuple(v, name)
+                if any(i < 0 for i in v):
+                    raise ValueError(f"{name}={list(v)}: teacher layer indices must be >= 0")
+                object.__setattr__(self, name, v)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(getattr(self, f"w_{k}") > 0 for k in ("logits", "hidden", "attn"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs (:func:`tbt.train.loop.train`).
+
+    Args:
+        output_dir: final model, ``log.jsonl``, ``train_config.json`` and ``checkpoints/``.
+        model: the student's starting point: a hub name, a local checkpoint, or an architecture
+            preset (``bart-tiny``, ``bart-small``, ``gpt2-tiny``) trained from scratch. ``None``
+            with ``teacher`` set: the student is a copy of the teacher.
+        teacher: full-precision teacher (hub name or directory). ``None`` with quantized
+            ``bits``: the teacher is a full-precision copy of ``model`` (the TBT recipe: both
+            start from one fine-tuned checkpoint). ``None`` with ``quant=None``: plain CE training.
+        tokenizer: tokenizer directory; default: the teacher's, else the model's.
+        quant: the student's quantization; ``None`` = full precision (``--bits fp``).
+        data, distill: see :class:`~tbt.train.data.DataConfig`, :class:`DistillConfig`.
+        max_steps / epochs: optimizer steps, or passes over the training set (exactly one).
+        lr, weight_decay, warmup_ratio, adam_betas, adam_eps: AdamW with a linear warmup then
+            linear decay to 0 (reference: eps 1e-6, no weight decay, warmup 5 %).
+        batch_size: examples per process per micro-batch; ``grad_accum`` micro-batches per
+            optimizer step, so the effective batch is ``batch_size · grad_accum · processes``.
+        max_grad_norm: gradient clipping (``0`` = off).
+        bf16: bfloat16 autocast (CPU, or a CUDA device that supports it).
+        device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+        seed: seeds initialisation, data order and dropout.
+        save_every: checkpoint every N optimizer steps (``0`` = only at the end);
+            ``keep_checkpoints`` most recent are kept.
+        eval_every: validation loss every N steps (``0`` = only at the end; needs a
+            validation file).
+        log_every: steps between progress-bar updates of the loss.
+        resume: continue from the last checkpoint in ``output_dir/checkpoints``.
+        recipe: the recipe this config was built from (informational).
+        generation: a :data:`tbt.eval.evaluate.GENERATION_PRESETS` name written into the saved
+            model's generation config (``None`` = leave the model's own).
+        progress: show tqdm progress bars.
+    """
+
+    output_dir: str
+    model: str | None = None
+    teacher: str | None = None
+    tokenizer: str | None = None
+    quant: QuantConfig | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    max_steps: int | None = None
+    epochs: float | None = None
+    lr: float = 2.5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-6
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    device: str = "auto"
+    seed: int = 28
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    log_every: int = 1
+    resume: bool = False
+    recipe: str | None = None
+    generation: str | None = None
+    progress: bool = True
+    version: int = TRAIN_CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
+        if not self.output_dir:
+            raise ValueError("output_dir is required: pass --output-dir DIR")
+        if self.model is None and self.teacher is None:
+            raise ValueError("no model: pass --model (hub name, checkpoint or preset such as "
+                             "bart-tiny) and/or --teacher DIR")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of --max-steps N and --epochs N")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps} must be >= 1")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs={self.epochs} must be > 0")
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = off)")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("weight_decay and max_grad_norm must be >= 0")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas={self.adam_betas} must be two numbers in [0, 1)")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}: choose one of {list(DEVICES)}")
+        if self.generation is not None:
+            from tbt.eval.evaluate import GENERATION_PRESETS
+
+            if self.generation not in GENERATION_PRESETS:
+                raise ValueError(f"generation={self.generation!r}: choose one of "
+                                 f"{list(GENERATION_PRESETS)}")
+        if self.version > TRAIN_CONFIG_VERSION:
+            raise ValueError(f"TrainConfig version {self.version} is newer than this tbt "
+                             f"understands ({TRAIN_CONFIG_VERSION}); upgrade tbt")
+
+    @property
+    def bits(self) -> str:
+        return "fp" if self.quant is None else self.quant.bits
+
+    # ---- nested JSON -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["quant"] = None if self.quant is None else self.quant.to_dict()
+        d["data"] = self.data.to_dict()
+        d["distill"] = _lists(dataclasses.asdict(self.distill))
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        d = dict(d)
+        _check_keys(cls, d, "TrainConfig")
+        if d.get("quant") is not None and not isinstance(d["quant"], QuantConfig):
+            d["quant"] = QuantConfig.from_dict(d["quant"])
+        if isinstance(d.get("data"), Mapping):
+            _check_keys(DataConfig, d["data"], "DataConfig")
+            d["data"] = DataConfig(**d["data"])
+        if isinstance(d.get("distill"), Mapping):
+            _check_keys(DistillConfig, d["distill"], "DistillConfig")
+            d["distill"] = DistillConfig(**d["distill"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> TrainConfig:
+        return cls.from_dict(json.loads(s))
+
+    # ---- flat vocabulary (recipes, config files, flags) -------------------------------------
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> TrainConfig:
+        """Build from flat ``name: value`` pairs (``bits`` = ``"fp"`` or E-W-A, plus any field
+        of TrainConfig, DataConfig, DistillConfig or QuantConfig, ``version`` excepted)."""
+        owners = _flat_owners()
+        parts: dict[str, dict[str, Any]] = {"train": {}, "quant": {}, "data": {}, "distill": {}}
+        for key, value in flat.items():
+            key = key.replace("-", "_")
+            if key not in owners:
+                raise ValueError(f"unknown setting {key!r}; valid settings: "
+                                 f"{', '.join(sorted(owners))}")
+            parts[owners[key]][key] = value
+        quant = parts["quant"]
+        bits = str(quant.pop("bits", "fp"))
+        if all(b is None for b in parse_bits(bits)):
+            if quant:
+                raise ValueError(f"{sorted(quant)} only apply to quantized students; "
+                                 f"--bits is fp")
+            q = None
+        else:
+            q = QuantConfig(bits=bits, **quant)
+        parts["train"].setdefault("output_dir", "")  # -> "output_dir is required"
+        return cls(quant=q, data=DataConfig(**parts["data"]),
+                   distill=DistillConfig(**parts["distill"]), **parts["train"])
+
+    def to_flat(self) -> dict[str, Any]:
+        """The inverse of :meth:`from_flat` (defaults included)."""
+        d = self.to_dict()
+        flat = {k: v for k, v in d.items() if k not in ("quant", "data", "distill", "version")}
+        flat["bits"] = self.bits
+        if self.quant is not None:
+            flat.update({k: v for k, v in d["quant"].items() if k not in ("bits", "version")})
+        for part in ("data", "distill"):
+            flat.update({k: v for k, v in d[part].items() if k != "version"})
+        return flat
+
+
+# Settings that exclude each other: a layer that sets one member of a group drops the others
+# from the layers below it (``--max-steps`` over a recipe's ``epochs``, local files over a
+# recipe's hub dataset).
+EXCLUSIVE = (
+    ({"max_steps"}, {"epochs"}),
+    ({"dataset", "dataset_config"}, {"train_file", "validation_file", "test_file"}),
+)
+
+
+def merge_settings(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge flat settings, later layers winning (recipe, config file, flags)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        layer = {k.replace("-", "_"): v for k, v in layer.items()}
+        for group in EXCLUSIVE:
+            for side, other in (group, group[::-1]):
+                if side & layer.keys():
+                    for k in other - layer.keys():
+                        merged.pop(k, None)
+        merged.update(layer)
+    return merged
+
+
+def _flat_owners() -> dict[str, str]:
+    owners: dict[str, str] = {}
+    for owner, klass in (("train", TrainConfig), ("quant", QuantConfig), ("data", DataConfig),
+                         ("distill", DistillConfig)):
+        for f in dataclasses.fields(klass):
+            if f.name in ("version", "quant", "data", "distill"):
+                continue
+            assert f.name not in owners, f"setting {f.name!r} is ambiguous"
+            owners[f.name] = owner
+    return owners
+
+
+def flatten_config(d: Mapping[str, Any]) -> dict[str, Any]:
+    """A config-file mapping in flat or nested form (``quant``/``data``/``distill`` tables,
+    as :meth:`TrainConfig.to_dict` writes) -> flat settings."""
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        key = key.replace("-", "_")
+        if key in ("quant", "data", "distill") and isinstance(value, Mapping):
+            flat.update({k.replace("-", "_"): v for k, v in value.items() if k != "version"})
+        elif key == "quant" and value is None:
+            flat["bits"] = "fp"
+        elif key != "version":
+            flat[key] = value
+    return flat
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``.toml`` or ``.json`` config file into flat settings (see module docstring)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if ext == ".toml":
+            import tomllib
+
+            data = tomllib.loads(raw.decode("utf-8"))
+        elif ext == ".json":
+            data = json.loads(raw)
+        else:
+            raise ValueError(f"config file {path!r}: use a .toml or .json file")
+    except (ValueError, UnicodeDecodeError) as e:
+        if "use a .toml" in str(e):
+            raise
+        raise ValueError(f"config file {path!r} does not parse: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a table/object of settings")
+    return flatten_config(data)
+
+
+def _check_keys(klass: type, d: Mapping[str, Any], what: str) -> None:
+    names = {f.name for f in dataclasses.fields(klass)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {unknown}; valid fields: {sorted(names)}")
+
+
+def _int_tuple(v: Any, name: str) -> tuple[int, ...]:
+    if isinstance(v, str):
+        v = [x for x in v.replace(",", " ").split()]
+    try:
+        return tuple(int(x) for x in v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={v!r}: give teacher layer indices, e.g. '0,2,4'") from None
+
+
+def _lists(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

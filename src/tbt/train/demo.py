@@ -1,0 +1,230 @@
+"""``tbt demo``: the whole TBT pipeline, offline, on a CPU, in minutes.
+
+1. build a real summarisation corpus offline: Python standard-library docstrings, the first
+   sentence as the summary (:func:`tbt.train.corpus.build_docstring_corpus`);
+2. train a byte-level BPE tokenizer on it;
+3. train a small full-precision BART teacher from scratch (``--bits fp``): a short
+   autoencoding warm-up (the target is the document), then the summaries;
+4. distil four students from it: TBT at 2-2-8, 1-1-8 and 2-2-2, and the TWN 2-2-8 baseline
+   (same loss and steps; only the weight quantizer differs);
+5. evaluate all five on the test split (ROUGE-1/2/L/Lsum, generated length);
+6. print and save a table (``results.md``, ``results.json``) with the size each model would
+   have packed (weights at their bits plus per-row scales, the rest in float32; see
+   :func:`packed_size_bytes`) and the training time; save the figures (training curves;
+   weight and activation histograms of one layer, FP vs quantized).
+
+Everything lands in ``--output-dir`` (default ``tbt-demo``). ``--quick`` shrinks every stage
+for a smoke test (about 2 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+STUDENTS = (  # (name, E-W-A, weight quantizer)
+    ("TBT 2-2-8", "2-2-8", "tbt"),
+    ("TBT 1-1-8", "1-1-8", "tbt"),
+    ("TBT 2-2-2", "2-2-2", "tbt"),
+    ("TWN 2-2-8", "2-2-8", "twn"),
+)
+HIST_LAYER = "model.encoder.layers.0.fc1"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo; :meth:`full` (default) and :meth:`quick` are the two presets."""
+
+    output_dir: str = "tbt-demo"
+    max_examples: int | None = None  # corpus size (None = every qualifying docstring)
+    vocab_size: int = 2000
+    architecture: str = "bart-tiny"
+    max_source_length: int = 96
+    max_target_length: int = 32
+    batch_size: int = 16
+    warmup_steps: int = 300  # teacher autoencoding warm-up (labels = the document)
+    teacher_steps: int = 500
+    teacher_lr: float = 2e-3
+    student_steps: int = 300
+    student_lr: float = 1e-3
+    variant: str = "paper"
+    eval_samples: int = 200
+    num_beams: int = 2
+    bf16: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    @classmethod
+    def full(cls, **kw: Any) -> DemoConfig:
+        return cls(**kw)
+
+    @classmethod
+    def quick(cls, **kw: Any) -> DemoConfig:
+        small = dict(max_examples=800, vocab_size=600, max_source_length=64,
+                     max_target_length=24, batch_size=16, warmup_steps=30, teacher_steps=30,
+                     student_steps=12,
+                     eval_samples=24, num_beams=1)
+        return cls(**{**small, **kw})
+
+
+def packed_size_bytes(model: torch.nn.Module) -> int:
+    """Bytes of ``model`` stored packed: every quantized weight at its bits plus one float32
+    scale per row (or per tensor), every other parameter and buffer in float32.
+
+    Each Parameter is counted once: a tied LM head shares the embedding matrix and is counted
+    at the embedding's bits, the paper's accounting (its Table 1 sizes). A runtime that keeps
+    the released code's full-precision output projection needs that matrix in float32 too.
+    """
+    from tbt.quant.modules import QuantEmbedding, QuantLinear
+    from tbt.quant.weight import WEIGHT_METHODS
+
+    seen: set[int] = set()
+    bits = 0
+    for mod in model.modules():
+        spec = getattr(mod, "weight_spec", None)
+        if isinstance(mod, (QuantLinear, QuantEmbedding)) and spec is not None:
+            w = mod.weight
+            if id(w) in seen:
+                continue
+            seen.add(id(w))
+            rows = mod.out_features if isinstance(mod, QuantLinear) else mod.num_embeddings
+            gran = spec.granularity or WEIGHT_METHODS[spec.method].default_granularity
+            bits += w.numel() * spec.bits + 32 * (rows if gran == "row" else 1)
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen and t.is_floating_point():
+            seen.add(id(t))
+            bits += 32 * t.numel()
+    return (bits + 7) // 8
+
+
+def _train_cfg(dc: DemoConfig, paths: dict[str, str], out: str, **kw: Any):
+    from tbt.train.config import TrainConfig
+
+    flat = dict(train_file=paths["train"], validation_file=paths["validation"],
+                source_column="document", target_column="summary", output_dir=out,
+                batch_size=dc.batch_size, max_source_length=dc.max_source_length,
+                max_target_length=dc.max_target_length, max_eval_samples=64, bf16=dc.bf16,
+                device="cpu", seed=dc.seed, progress=dc.progress, warmup_ratio=0.05)
+    flat.update(kw)
+    flat["eval_every"] = max(1, flat["max_steps"] // 6)  # six points on the validation curve
+    return TrainConfig.from_flat(flat)
+
+
+def _evaluate(model, tok, rows, dc: DemoConfig, out: str) -> dict[str, Any]:
+    from tbt.eval.evaluate import evaluate
+
+    gen = dict(num_beams=dc.num_beams, max_length=dc.max_target_length, min_length=5,
+               no_repeat_ngram_size=3)
+    return evaluate(model, tok, rows, metrics=("rouge",), gen_kwargs=gen, batch_size=32,
+                    device="cpu", output_dir=out, max_source_length=dc.max_source_length,
+                    progress=dc.progress)
+
+
+def format_results(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of the demo's results."""
+    head = ("| model | E-W-A | R-1 | R-2 | R-L | R-Lsum | gen len | size MB (packed) "
+            "| train s |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['bits']} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | "
+                     f"{r['rougeL']:.2f} | {r['rougeLsum']:.2f} | {r['gen_len']:.1f} | "
+                     f"{r['size_mb']:.3f} | {r['train_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def run_demo(dc: DemoConfig) -> dict[str, Any]:
+    """Run every stage; returns ``{"results": [row per model], "plots": [...], ...}``."""
+    from tbt.train.corpus import build_docstring_corpus
+    from tbt.train.data import DataConfig, load_raw_splits
+    from tbt.train.loop import train
+    from tbt.train.plots import layer_tensors, save_all
+    from tbt.train.tokenizer import train_tokenizer
+
+    t0 = time.time()
+
+    def stage(msg: str) -> None:
+        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+
+    out = dc.output_dir
+    os.makedirs(out, exist_ok=True)
+    stage(f"[1/6] corpus: Python docstrings -> first sentence ({out}/data)")
+    paths = build_docstring_corpus(os.path.join(out, "data"), dc.max_examples, dc.seed)
+    stage(f"[2/6] tokenizer: byte-level BPE, {dc.vocab_size} tokens")
+    tok_dir = os.path.join(out, "tokenizer")
+    tok = train_tokenizer([paths["train"]], ["document", "summary"], dc.vocab_size, tok_dir)
+
+    stage(f"[3/6] teacher: full-precision {dc.architecture} from scratch, {dc.warmup_steps} "
+          f"steps of autoencoding warm-up, then {dc.teacher_steps} steps on the summaries")
+    # The warm-up (target = the document itself) teaches the encoder-decoder to copy through
+    # cross attention; without it a tiny model first learns the summaries' language model
+    # and ignores its input for a long time (tbt.train.corpus documents the measurement).
+    warm_dir, teacher_dir = os.path.join(out, "teacher-warmup"), os.path.join(out, "teacher")
+    warm = train(_train_cfg(dc, paths, warm_dir, model=dc.architecture, tokenizer=tok_dir,
+                            bits="fp", max_steps=dc.warmup_steps, lr=dc.teacher_lr,
+                            target_column="document"))
+    teacher = train(_train_cfg(dc, paths, teacher_dir, model=warm_dir, bits="fp",
+                               max_steps=dc.teacher_steps, lr=dc.teacher_lr))
+    teacher["train_time_s"] += warm["train_time_s"]
+    teacher_logs = {"warm-up": warm["log"], "summaries": teacher["log"]}
+    runs: dict[str, dict[str, Any]] = {"FP teacher": dict(bits="fp", dir=teacher_dir,
+                                                          result=teacher)}
+    for i, (name, bits, method) in enumerate(STUDENTS, 1):
+        stage(f"[4/6] student {i}/{len(STUDENTS)}: {name} ({method}), {dc.student_steps} "
+              "steps of distillation")
+        sdir = os.path.join(out, name.lower().replace(" ", "-"))
+        runs[name] = dict(bits=bits, dir=sdir, result=train(_train_cfg(
+            dc, paths, sdir, teacher=teacher_dir, bits=bits, method=method,
+            variant=dc.variant, max_steps=dc.student_steps, lr=dc.student_lr)))
+
+    stage(f"[5/6] evaluation: {dc.eval_samples} test documents, ROUGE")
+    test = load_raw_splits(DataConfig(test_file=paths["test"],
+                                      max_eval_samples=dc.eval_samples), ("test",))["test"]
+    results = []
+    for name, run in runs.items():
+        model = run["result"]["model"]
+        m = _evaluate(model, tok, test, dc, os.path.join(run["dir"], "eval"))
+        results.append({"model": name, "bits": run["bits"], **{k: m[k] for k in (
+            "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len")},
+            "size_mb": packed_size_bytes(model) / 1e6,
+            "train_s": run["result"]["train_time_s"]})
+
+    stage("[6/6] table and plots")
+    batch = _plot_batch(tok, test, dc)
+    tensors = {name: layer_tensors(run["result"]["model"], HIST_LAYER, batch)
+               for name, run in runs.items() if name != "FP teacher"}
+    student_logs = {n: r["result"]["log"] for n, r in runs.items() if n != "FP teacher"}
+    plots = save_all(out, teacher_logs, student_logs, tensors, HIST_LAYER)
+    table = format_results(results)
+    total = time.time() - t0
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(f"# tbt demo results\n\n{table}\n\nTotal time {total:.0f} s. Settings: "
+                f"`{json.dumps(asdict(dc))}`\n")
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"results": results, "total_s": total, "config": asdict(dc)}, f, indent=2)
+    print(f"\n{table}\n\ntotal {total:.0f} s; plots: {', '.join(plots)}", flush=True)
+    return {"results": results, "plots": plots, "total_s": total, "output_dir": out}
+
+
+def _plot_batch(tok, rows: list[dict], dc: DemoConfig) -> dict[str, torch.Tensor]:
+    """One padded batch of test documents (for the activation histograms)."""
+    enc = tok([r["source"] for r in rows[:16]], padding=True, truncation=True,
+              max_length=dc.max_source_length, return_tensors="pt")
+    labels = tok(text_target=[r["target"] for r in rows[:16]], padding=True, truncation=True,
+                 max_length=dc.max_target_length, return_tensors="pt")["input_ids"]
+    labels[labels == tok.pad_token_id] = -100
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": labels}
+
+
+def demo_config(quick: bool, **kw: Any) -> DemoConfig:
+    kw = {k: v for k, v in kw.items() if v is not None}
+    return DemoConfig.quick(**kw) if quick else DemoConfig.full(**kw)
+
+
+__all__ = ["DemoConfig", "STUDENTS", "demo_config", "format_results", "packed_size_bytes",
+           "run_demo"]

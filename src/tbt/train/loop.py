@@ -1,0 +1,253 @@
+"""The distillation training loop, nanoGPT-style, on accelerate (STYLE.md rule 11).
+
+``train(cfg)`` reads top to bottom:
+
+1. **models**: the teacher is a full-precision model in eval mode, without gradients, with eager
+   attention so it returns its attention probabilities; the student is a copy of the teacher
+   (or ``cfg.model``: a checkpoint, or a preset built from scratch) converted in place by
+   :func:`tbt.quant.surgery.quantize_model` (``cfg.quant=None``: full-precision training);
+2. **data**: rows are tokenized once; micro-batch ``m`` of the run is batch ``m % E`` of epoch
+   ``m // E``, and each epoch's order is a permutation drawn from a generator seeded with
+   ``(seed, epoch)``, split across processes like ``DistributedSampler``. The data position is
+   therefore a single integer, and resuming needs nothing else;
+3. **α calibration** on the first micro-batch, averaged over processes, so every replica starts
+   from the same α (:func:`tbt.quant.activation.calibrate`);
+4. **AdamW** with a linear warmup then linear decay to zero;
+5. **resume** (``cfg.resume``): weights, optimizer, scheduler, RNG states and the step are
+   restored from the last checkpoint, so the run continues exactly as if never interrupted;
+6. **the loop**: student forward, teacher forward under ``no_grad``, named loss terms
+   (:mod:`tbt.train.objective`), a finiteness check *before* the update (a NaN/inf stops the run
+   with the step and the term), backward, clipping, step, schedule, a log line per step
+   (``log.jsonl``), checkpoints (:mod:`tbt.train.checkpoint`) and validation loss;
+7. **save**: the final student with ``save_pretrained`` (+ tokenizer, ``tbt_config.json``,
+   ``train_config.json``) into ``cfg.output_dir``, file by file atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from typing import Any
+
+import torch
+
+from tbt.train.build import build_models, load_data, load_tokenizer, save_final
+from tbt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from tbt.train.config import TrainConfig
+from tbt.train.objective import first_non_finite, forward_kwargs, loss_terms, total_loss
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term (or the gradient norm) became NaN/inf; raised before the bad update."""
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (distil) a student as ``cfg`` says; returns the final losses and paths."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from tqdm.auto import tqdm
+
+    # One process may train several models (the demo) with different precisions: forget the
+    # previous run's settings, keep the process group.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    acc = Accelerator(cpu=cfg.device == "cpu", mixed_precision="bf16" if cfg.bf16 else "no")
+    if cfg.device == "cuda" and acc.device.type != "cuda":
+        raise ValueError("--device cuda, but no CUDA device is available: use --device cpu")
+    if cfg.bf16 and acc.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--bf16: this GPU has no bfloat16 support; train without --bf16")
+    main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    ckpt = latest_checkpoint(cfg.output_dir)
+    if ckpt is not None and not cfg.resume:
+        raise ValueError(f"{cfg.output_dir} holds checkpoints of an earlier run ({ckpt}): pass "
+                         "--resume to continue it, or choose another --output-dir")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if main:
+        print(f"tbt train: resolved config\n{cfg.to_json()}", flush=True)
+
+    tokenizer = load_tokenizer(cfg)
+    teacher, student = build_models(cfg, tokenizer)
+    seq2seq = bool(student.config.is_encoder_decoder)
+    splits, collate = load_data(cfg, tokenizer, student)
+    plan = BatchPlan(splits["train"], cfg.batch_size, cfg.seed, rank, world, collate)
+    total = cfg.max_steps or math.ceil(cfg.epochs * plan.per_epoch / cfg.grad_accum)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
+        else max(0.0, (total - s) / max(1, total - warmup)))
+
+    student.to(acc.device)
+    if teacher is not None:
+        teacher.to(acc.device)
+    log_path = os.path.join(cfg.output_dir, "log.jsonl")
+    quant_json = None if cfg.quant is None else cfg.quant.to_json()
+    step, elapsed = 0, 0.0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, student, optimizer, scheduler, rank)
+        _check_resumable(state, cfg, world, ckpt)
+        step, elapsed = state["step"], state["elapsed_s"]
+        if main:
+            truncate_log(log_path, step)
+            print(f"resumed from {ckpt} (step {step}/{total})", flush=True)
+    else:
+        if cfg.resume and main:
+            print(f"--resume: no checkpoint in {cfg.output_dir}; starting from step 0")
+        if main and os.path.exists(log_path):
+            os.remove(log_path)
+        if cfg.quant is not None:  # explicit α initialisation, identical on every process
+            from tbt.quant.activation import calibrate
+
+            with acc.autocast():
+                calibrate(student, [plan.batch(0, acc.device)])
+    model, optimizer = acc.prepare(student, optimizer)
+
+    if main:
+        n_ex = len(splits["train"])
+        print(f"training {total} steps ({n_ex} examples, {plan.per_epoch} micro-batches of "
+              f"{cfg.batch_size} per epoch per process, x{cfg.grad_accum} accumulation, "
+              f"{world} process(es), {acc.device}, bf16={cfg.bf16})", flush=True)
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.bits}", unit="step",
+               disable=not (cfg.progress and main), dynamic_ncols=True)
+    micro, t_start, record, val = step * cfg.grad_accum, time.time() - elapsed, {}, {}
+    while step < total:
+        model.train()
+        sums: dict[str, float] = {}
+        for k in range(cfg.grad_accum):
+            batch = plan.batch(micro, acc.device)
+            sync = acc.no_sync(model) if k < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with acc.autocast():
+                    terms = _terms(model, teacher, batch, cfg, seq2seq)
+                loss = total_loss(terms, cfg.distill)
+                values = _reduced(acc, terms, loss)  # mean over processes: NaN anywhere -> all
+                bad = first_non_finite(values)
+                if bad is not None:
+                    raise NonFiniteLossError(
+                        f"loss term {bad!r} is {values[bad]} at step {step + 1} (micro-batch "
+                        f"{micro}); stopped before the update. Last checkpoint: "
+                        f"{latest_checkpoint(cfg.output_dir) or 'none'}. Lower --lr, raise "
+                        f"--grad-accum or check the data")
+                acc.backward(loss / cfg.grad_accum)
+            for name, v in values.items():
+                sums[name] = sums.get(name, 0.0) + v / cfg.grad_accum
+            micro += 1
+        grad_norm = None
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise NonFiniteLossError(f"the gradient norm is {grad_norm} at step {step + 1}; "
+                                         "stopped before the update. Lower --lr")
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.time() - t_start
+        record = {"step": step, "lr": lr, **sums,
+                  "grad_norm": grad_norm, "elapsed_s": round(elapsed, 3)}
+        if cfg.eval_every and step % cfg.eval_every == 0 or step == total:
+            val = validate(model, teacher, splits.get("validation"), collate, cfg, acc, seq2seq)
+            record.update({f"val_{k}": v for k, v in val.items()})
+        if main:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            bar.set_postfix({k: f"{v:.3g}" for k, v in sums.items()}, refresh=False)
+        if cfg.save_every and (step % cfg.save_every == 0 or step == total):
+            state = {"step": step, "micro_batch": micro, "world_size": world,
+                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                     "seed": cfg.seed, "total_steps": total, "elapsed_s": elapsed}
+            save_checkpoint(cfg.output_dir, step, acc.unwrap_model(model), optimizer, scheduler,
+                            state, quant_json, cfg.to_json(), rank, acc.wait_for_everyone,
+                            cfg.keep_checkpoints)
+    bar.close()
+    if main:
+        save_final(cfg, acc.unwrap_model(model), tokenizer, quant_json)
+    acc.wait_for_everyone()
+    return {"output_dir": cfg.output_dir, "steps": step, "train": record, "validation": val,
+            "train_time_s": elapsed, "log": log_path, "checkpoint": latest_checkpoint(
+                cfg.output_dir), "model": acc.unwrap_model(model), "tokenizer": tokenizer}
+
+
+def _terms(model, teacher, batch, cfg: TrainConfig, seq2seq: bool) -> dict[str, torch.Tensor]:
+    kw = forward_kwargs(cfg.distill, teacher is not None)
+    s = model(**batch, **kw)
+    t = None
+    if teacher is not None:
+        with torch.no_grad():
+            t = teacher(**batch, **kw)
+    return loss_terms(s, t, batch, cfg.distill, seq2seq)
+
+
+def _reduced(acc, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> dict[str, float]:
+    vals = torch.stack([v.detach().float() for v in terms.values()] + [loss.detach().float()])
+    vals = acc.reduce(vals, reduction="mean") if acc.num_processes > 1 else vals
+    return dict(zip([*terms, "loss"], vals.tolist()))  # one host sync per micro-batch
+
+
+@torch.no_grad()
+def validate(model, teacher, rows, collate, cfg: TrainConfig, acc, seq2seq: bool
+             ) -> dict[str, float]:
+    """Mean loss terms over the validation rows (every process runs them all; no RNG used)."""
+    if not rows:
+        return {}
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for i in range(0, len(rows), cfg.batch_size):
+        chunk = rows[i:i + cfg.batch_size]
+        batch = {k: v.to(acc.device) for k, v in collate(chunk).items()}
+        with acc.autocast():
+            terms = _terms(model, teacher, batch, cfg, seq2seq)
+        terms["loss"] = total_loss(terms, cfg.distill)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
+        n += len(chunk)
+    model.train()
+    return {k: v / n for k, v in sums.items()}
+
+
+class BatchPlan:
+    """Micro-batch ``m`` = batch ``m % per_epoch`` of epoch ``m // per_epoch``; each epoch's
+    order depends only on ``(seed, epoch)``, padded by wrapping to a multiple of the number of
+    processes and split among them, so every process has ``per_epoch`` batches."""
+
+    def __init__(self, rows: list[dict], batch_size: int, seed: int, rank: int, world: int,
+                 collate) -> None:
+        self.rows, self.bs, self.seed, self.rank, self.world = rows, batch_size, seed, rank, world
+        self.collate = collate
+        self.per_epoch = math.ceil(math.ceil(len(rows) / world) / batch_size)
+        self._cache: tuple[int, list[int]] | None = None
+
+    def order(self, epoch: int) -> list[int]:
+        if self._cache is None or self._cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(len(self.rows), generator=g).tolist()
+            perm += perm[: (-len(perm)) % self.world]
+            self._cache = (epoch, perm[self.rank::self.world])
+        return self._cache[1]
+
+    def batch(self, m: int, device: Any) -> dict[str, torch.Tensor]:
+        epoch, b = divmod(m, self.per_epoch)
+        idx = self.order(epoch)[b * self.bs:(b + 1) * self.bs]
+        return {k: v.to(device) for k, v in self.collate([self.rows[i] for i in idx]).items()}
+
+
+def _check_resumable(state: dict, cfg: TrainConfig, world: int, ckpt: str) -> None:
+    for key, now in (("world_size", world), ("batch_size", cfg.batch_size),
+                     ("grad_accum", cfg.grad_accum), ("seed", cfg.seed)):
+        if state.get(key) != now:
+            raise ValueError(f"cannot resume from {ckpt}: it was written with {key}="
+                             f"{state.get(key)}, this run has {now}; the data position would "
+                             f"not match. Resume with the same setting")

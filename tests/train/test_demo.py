@@ -1,0 +1,66 @@
+"""`tbt demo --quick` end to end: corpus, tokenizer, teacher, four students, table, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from tbt.train.demo import STUDENTS, format_results, packed_size_bytes
+from train_helpers import tbt_cli
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    out = str(tmp_path / "demo")
+    proc = tbt_cli("demo", "--quick", "--output-dir", out, "--no-progress")
+    log = proc.communicate(timeout=400)[0]
+    assert proc.returncode == 0, log[-4000:]
+
+    res = json.load(open(os.path.join(out, "results.json")))
+    rows = {r["model"]: r for r in res["results"]}
+    assert list(rows) == ["FP teacher"] + [name for name, _, _ in STUDENTS]
+    for r in rows.values():
+        for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len", "size_mb", "train_s"):
+            assert math.isfinite(r[k]) and r[k] >= 0, (r["model"], k, r[k])
+    size = {name: r["size_mb"] for name, r in rows.items()}
+    assert size["TBT 1-1-8"] < size["TBT 2-2-8"] == size["TWN 2-2-8"] < size["FP teacher"] / 4
+    assert "| TBT 2-2-2 | 2-2-2 |" in open(os.path.join(out, "results.md")).read()
+    assert "| model | E-W-A | R-1" in log  # the table is printed
+    for png in ("training_curves.png", "histograms.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for sub in ("teacher", "tbt-2-2-8", "tbt-1-1-8", "tbt-2-2-2", "twn-2-2-8"):
+        assert os.path.isfile(os.path.join(out, sub, "eval", "metrics.json"))
+    quant = json.load(open(os.path.join(out, "twn-2-2-8", "tbt_config.json")))
+    assert quant["method"] == "twn" and quant["bits"] == "2-2-8"
+
+
+def test_packed_size_counts_bits_and_scales():
+    from tbt.config import QuantConfig
+    from tbt.quant.surgery import quantize_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32))
+    fp_bytes = packed_size_bytes(model)
+    assert fp_bytes == 4 * (64 * 32 + 32 + 32 + 32)
+    quantize_model(model, QuantConfig(bits="2-2-8"))
+    # 2 bits per weight + one float32 α per output row; bias and LayerNorm in float32
+    assert packed_size_bytes(model) == (64 * 32 * 2 + 32 * 32) // 8 + 4 * (32 + 32 + 32)
+
+
+def test_results_table_format():
+    row = dict(model="TBT 2-2-8", bits="2-2-8", rouge1=30.123, rouge2=10.0, rougeL=28.0,
+               rougeLsum=28.5, gen_len=12.34, size_mb=0.5, train_s=61.2)
+    table = format_results([row])
+    assert table.splitlines()[2] == ("| TBT 2-2-8 | 2-2-8 | 30.12 | 10.00 | 28.00 | 28.50 | "
+                                     "12.3 | 0.500 | 61 |")
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_demo_presets_are_valid(quick, tmp_path):
+    from tbt.train.demo import demo_config
+
+    dc = demo_config(quick, output_dir=str(tmp_path), seed=None)
+    assert dc.seed == 0 and (dc.teacher_steps < 100) == quick
