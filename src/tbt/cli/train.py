@@ -8,6 +8,7 @@ nested ``train_config.json`` a run saves), and the flags given on the command li
 from __future__ import annotations
 
 import argparse
+import os
 
 from tbt.cli import CliError
 
@@ -139,6 +140,8 @@ def run_train(args: argparse.Namespace) -> int:
     from tbt.train.loop import NonFiniteLossError, train
 
     cfg = TrainConfig.from_flat(resolve_settings(args))
+    if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+        print(f"tbt train: resolved config\n{cfg.to_json()}", flush=True)
     try:
         result = train(cfg)
     except NonFiniteLossError as e:

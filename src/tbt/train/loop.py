@@ -71,7 +71,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                          "--resume to continue it, or choose another --output-dir")
     os.makedirs(cfg.output_dir, exist_ok=True)
     if main:
-        print(f"tbt train: resolved config\n{cfg.to_json()}", flush=True)
+        logger.debug("resolved config:\n%s", cfg.to_json())
 
     tokenizer = load_tokenizer(cfg)
     teacher, student = build_models(cfg, tokenizer)
