@@ -153,6 +153,26 @@ def test_threads_and_parallel_split_agree(name, m):
 
 
 @needs_native
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("name", KERNELS)
+def test_gemm_weight_groups_swept_by_activation_blocks(backend, name):
+    """One thread over many weight tiles: the GEMM driver walks groups of weight tiles (about
+    128 KiB, 11 tiles at K = 11008) and sweeps every 4-row activation block over each group;
+    three groups, the last one partial, and a partial activation block must all land right."""
+    m, n, k = 9, 130, 11008
+    wf, af, _, packed, alpha, bias, act = _case(name, m, n, k, seed=11)
+    r = K.get_kernel(wf, af, "ref")
+    kern = K.get_kernel(wf, af, backend)
+    before = native.get_num_threads()
+    try:
+        native.set_num_threads(1)
+        acc = kern.accumulate(kern.prepare_weight(packed, k, alpha), act)
+    finally:
+        native.set_num_threads(before)
+    np.testing.assert_array_equal(acc, r.accumulate(r.prepare_weight(packed, k, alpha), act))
+
+
+@needs_native
 def test_native_layouts_follow_the_header_spec():
     """The load-time re-tiling, decoded with the rule written in csrc/tbt_kernels.h."""
     rng = np.random.default_rng(0)

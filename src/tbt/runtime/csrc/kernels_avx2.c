@@ -166,5 +166,5 @@ TBT_DEFINE_TILE(tile_t2a2, t2a2_body, T_AVX2)
 TBT_DEFINE_TILE(tile_b1a1, b1a1_body, T_AVX2)
 
 const tbt_isa_table tbt_table_avx2 = {{tile_t2a8, tile_b1a8, tile_t2a2, tile_b1a1},
-                                       {NULL, NULL, NULL, NULL}};
+                                       {NULL, NULL, NULL, NULL}, NULL};
 #endif /* TBT_X86 */

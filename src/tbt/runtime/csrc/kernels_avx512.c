@@ -12,6 +12,18 @@
 #define T_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #define INLINE static inline __attribute__((always_inline))
 
+/* c += dot4(a (u8), b (s8)) per int32 lane: vpdpbusd through inline asm. GCC 12 compiles the
+ * intrinsic with a register copy of the accumulator per instruction (twice the instructions
+ * in the hot loops, front-end bound); the "+v" constraint accumulates in place. */
+INLINE T_VNNI __m512i tbt_dpbusd(__m512i c, __m512i a, __m512i b) {
+#if defined(TBT_DPBUSD_INTRINSIC)
+  return _mm512_dpbusd_epi32(c, a, b);
+#else
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(a), "vm"(b));
+  return c;
+#endif
+}
+
 /* t2a8. GEMV (MR == 1): the four 2-bit planes are masked in place (byte & 0x03, 0x0C, 0x30,
  * 0xC0 = code << 2s), dotted into four accumulators and recombined with exact right shifts
  * at the end (lane sums stay below 2^31 for K < 8M):
@@ -33,10 +45,10 @@ INLINE T_VNNI void t2a8_body(const uint8_t *w, size_t ws, const uint8_t *a, size
       const __m512i a2 = _mm512_loadu_si512(ab + 128), a3 = _mm512_loadu_si512(ab + 192);
       for (int r = 0; r < NR; ++r) {
         const __m512i wv = _mm512_loadu_si512(w + r * ws + 64 * b);
-        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(wv, mk0), a0);
-        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(wv, mk1), a1);
-        acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(wv, mk2), a2);
-        acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], _mm512_and_si512(wv, mk3), a3);
+        acc[r][0] = tbt_dpbusd(acc[r][0], _mm512_and_si512(wv, mk0), a0);
+        acc[r][1] = tbt_dpbusd(acc[r][1], _mm512_and_si512(wv, mk1), a1);
+        acc[r][2] = tbt_dpbusd(acc[r][2], _mm512_and_si512(wv, mk2), a2);
+        acc[r][3] = tbt_dpbusd(acc[r][3], _mm512_and_si512(wv, mk3), a3);
       }
     }
     for (int r = 0; r < NR; ++r) {
@@ -60,7 +72,7 @@ INLINE T_VNNI void t2a8_body(const uint8_t *w, size_t ws, const uint8_t *a, size
             _mm512_srli_epi16(_mm512_loadu_si512(w + r * ws + 64 * b), 2 * s), m3);
       for (int m = 0; m < MR; ++m) {
         const __m512i av = _mm512_loadu_si512(a + m * as + 256 * b + 64 * s);
-        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], wp[r], av);
+        for (int r = 0; r < NR; ++r) acc[r][m] = tbt_dpbusd(acc[r][m], wp[r], av);
       }
     }
   }
@@ -83,8 +95,8 @@ INLINE T_VNNI void b1a8_body(const uint8_t *w, size_t ws, const uint8_t *a, size
       for (int r = 0; r < NR; ++r) {
         const __mmask64 k0 = (__mmask64)tbt_load_u64(w + r * ws + 8 * c);
         const __mmask64 k1 = (__mmask64)tbt_load_u64(w + r * ws + 8 * c + 8);
-        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_maskz_mov_epi8(k0, ones), a0);
-        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_maskz_mov_epi8(k1, ones), a1);
+        acc[r][0] = tbt_dpbusd(acc[r][0], _mm512_maskz_mov_epi8(k0, ones), a0);
+        acc[r][1] = tbt_dpbusd(acc[r][1], _mm512_maskz_mov_epi8(k1, ones), a1);
       }
     }
     for (int r = 0; r < NR; ++r)
@@ -100,7 +112,7 @@ INLINE T_VNNI void b1a8_body(const uint8_t *w, size_t ws, const uint8_t *a, size
       wb[r] = _mm512_maskz_mov_epi8((__mmask64)tbt_load_u64(w + r * ws + 8 * c), ones);
     for (int m = 0; m < MR; ++m) {
       const __m512i av = _mm512_loadu_si512(a + m * as + 64 * c);
-      for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], wb[r], av);
+      for (int r = 0; r < NR; ++r) acc[r][m] = tbt_dpbusd(acc[r][m], wb[r], av);
     }
   }
   for (int r = 0; r < NR; ++r)
@@ -111,7 +123,7 @@ INLINE T_VNNI void b1a8_body(const uint8_t *w, size_t ws, const uint8_t *a, size
 /* ---- hand-unrolled hot tiles (4 weight rows x 4 or 1 activation rows) ------------------- */
 
 #define LD(p) _mm512_loadu_si512((const void *)(p))
-#define DP(c, x, y) c = _mm512_dpbusd_epi32(c, x, y)
+#define DP(c, x, y) c = tbt_dpbusd(c, x, y)
 #define Z _mm512_setzero_si512()
 #define KMASK(p) ((__mmask64)tbt_load_u64(p))
 
@@ -142,6 +154,13 @@ INLINE T_VNNI __m512i t2a8_combine(__m512i c0, __m512i c1, __m512i c2, __m512i c
 
 /* GEMV on two weight rows: 8 accumulators (four planes each). With four rows the 16
  * accumulators + 4 masks + 4 activation vectors made GCC 12 spill in the loop. */
+#ifndef TBT_PF_DIST
+#define TBT_PF_DIST 8192
+#endif
+#ifndef TBT_PF_HINT
+#define TBT_PF_HINT _MM_HINT_T0
+#endif
+#define PF(p) _mm_prefetch((const char *)(p) + TBT_PF_DIST, TBT_PF_HINT)
 INLINE T_VNNI void t2a8_gemv2(const uint8_t *w0, const uint8_t *w1, const uint8_t *a,
                               size_t nb, __m512i *out0, __m512i *out1) {
   const __m512i k0 = _mm512_set1_epi8(0x03), k1 = _mm512_set1_epi8(0x0C);
@@ -150,6 +169,7 @@ INLINE T_VNNI void t2a8_gemv2(const uint8_t *w0, const uint8_t *w1, const uint8_
 #define T2A8_ROW(wr, c0, c1, c2, c3)                                                          \
   {                                                                                           \
     const __m512i v = LD(wr + 64 * b);                                                        \
+    PF(wr + 64 * b);                                                                          \
     DP(c0, _mm512_and_si512(v, k0), a0);                                                      \
     DP(c1, _mm512_and_si512(v, k1), a1);                                                      \
     DP(c2, _mm512_and_si512(v, k2), a2);                                                      \
@@ -167,12 +187,42 @@ INLINE T_VNNI void t2a8_gemv2(const uint8_t *w0, const uint8_t *w1, const uint8_
 }
 
 /* raw sums of four consecutive weight rows against one activation row */
+#if defined(TBT_GEMV_2ROWS)
 INLINE T_VNNI __m128i t2a8_rows4(const uint8_t *w, size_t ws, const uint8_t *a, size_t kpad) {
   __m512i v0, v1, v2, v3;
   t2a8_gemv2(w, w + ws, a, kpad / 256, &v0, &v1);
   t2a8_gemv2(w + 2 * ws, w + 3 * ws, a, kpad / 256, &v2, &v3);
   return hsum4_epi32(v0, v1, v2, v3);
 }
+#else
+INLINE T_VNNI __m128i t2a8_rows4(const uint8_t *w, size_t ws, const uint8_t *a, size_t kpad) {
+  const __m512i k0 = _mm512_set1_epi8(0x03), k1 = _mm512_set1_epi8(0x0C);
+  const __m512i k2 = _mm512_set1_epi8(0x30), k3 = _mm512_set1_epi8((char)0xC0);
+  const uint8_t *w0 = w, *w1 = w + ws, *w2 = w + 2 * ws, *w3 = w + 3 * ws;
+  __m512i c00 = Z, c01 = Z, c02 = Z, c03 = Z, c10 = Z, c11 = Z, c12 = Z, c13 = Z;
+  __m512i c20 = Z, c21 = Z, c22 = Z, c23 = Z, c30 = Z, c31 = Z, c32 = Z, c33 = Z;
+#define T2A8_ROW(wr, c0, c1, c2, c3)                                                          \
+  {                                                                                           \
+    const __m512i v = LD(wr + 64 * b);                                                        \
+    PF(wr + 64 * b);                                                                          \
+    DP(c0, _mm512_and_si512(v, k0), a0);                                                      \
+    DP(c1, _mm512_and_si512(v, k1), a1);                                                      \
+    DP(c2, _mm512_and_si512(v, k2), a2);                                                      \
+    DP(c3, _mm512_and_si512(v, k3), a3);                                                      \
+  }
+  for (size_t b = 0; b < kpad / 256; ++b) {
+    const uint8_t *ab = a + 256 * b;
+    const __m512i a0 = LD(ab), a1 = LD(ab + 64), a2 = LD(ab + 128), a3 = LD(ab + 192);
+    T2A8_ROW(w0, c00, c01, c02, c03)
+    T2A8_ROW(w1, c10, c11, c12, c13)
+    T2A8_ROW(w2, c20, c21, c22, c23)
+    T2A8_ROW(w3, c30, c31, c32, c33)
+  }
+#undef T2A8_ROW
+  return hsum4_epi32(t2a8_combine(c00, c01, c02, c03), t2a8_combine(c10, c11, c12, c13),
+                     t2a8_combine(c20, c21, c22, c23), t2a8_combine(c30, c31, c32, c33));
+}
+#endif
 
 INLINE void store_col0(int32_t raw[TBT_NR][TBT_MR], __m128i v) {
   int32_t t[4];
@@ -246,6 +296,9 @@ INLINE T_VNNI __m128i b1a8_rows4(const uint8_t *w, size_t ws, const uint8_t *a, 
   DP(o, _mm512_maskz_mov_epi8(KMASK(wr + 8 * c + 8), ones), x1)
   for (size_t c = 0; c < kpad / 64; c += 2) { /* kpad / 64 is a multiple of 4 */
     const __m512i x0 = LD(a + 64 * c), x1 = LD(a + 64 * c + 64);
+    if (!(c & 7)) {
+      PF(w0 + 8 * c); PF(w1 + 8 * c); PF(w2 + 8 * c); PF(w3 + 8 * c);
+    }
     B1A8_ROW(w0, c00, c01);
     B1A8_ROW(w1, c10, c11);
     B1A8_ROW(w2, c20, c21);
@@ -414,6 +467,8 @@ INLINE T_VPOPCNT __m128i b1a1_rows4(const uint8_t *w, size_t ws, const uint8_t *
   size_t i = 0;
   for (; i + 128 <= nbytes; i += 128) {
     const __m512i x0 = LD(a + i), x1 = LD(a + i + 64);
+    PF(w0 + i); PF(w0 + i + 64); PF(w1 + i); PF(w1 + i + 64);
+    PF(w2 + i); PF(w2 + i + 64); PF(w3 + i); PF(w3 + i + 64);
     XPOP(c00, LD(w0 + i), x0); XPOP(c01, LD(w0 + i + 64), x1);
     XPOP(c10, LD(w1 + i), x0); XPOP(c11, LD(w1 + i + 64), x1);
     XPOP(c20, LD(w2 + i), x0); XPOP(c21, LD(w2 + i + 64), x1);
@@ -450,6 +505,8 @@ INLINE T_VPOPCNT __m128i t2a2_rows4(const uint8_t *w, size_t ws, const uint8_t *
   for (size_t i = 0; i < plane; i += 64) {
     const __mmask8 k = plane - i >= 64 ? 0xFF : 0x0F;
     const __m512i an = load_plane(a + i, k), ag = load_plane(a + plane + i, k);
+    PF(w0 + i); PF(w0 + plane + i); PF(w1 + i); PF(w1 + plane + i);
+    PF(w2 + i); PF(w2 + plane + i); PF(w3 + i); PF(w3 + plane + i);
     T2A2_OP(c00, load_plane(w0 + i, k), load_plane(w0 + plane + i, k), an, ag)
     T2A2_OP(c10, load_plane(w1 + i, k), load_plane(w1 + plane + i, k), an, ag)
     T2A2_OP(c20, load_plane(w2 + i, k), load_plane(w2 + plane + i, k), an, ag)
@@ -474,6 +531,24 @@ TBT_DEFINE_TILE_FAST(tile_b1a8, b1a8_body, b1a8_44_fast, b1a8_41_fast, T_VNNI)
 TBT_DEFINE_TILE_FAST(tile_t2a2, t2a2_body, t2a2_44_fast, t2a2_41_fast, T_VPOPCNT)
 TBT_DEFINE_TILE_FAST(tile_b1a1, b1a1_body, b1a1_44_fast, b1a1_41_fast, T_VPOPCNT)
 
+/* sum_k a[m][k]: vpdpbusd against bytes of 1, four accumulators (kpad is a multiple of 256) */
+static T_VNNI void rowsum_a8(const int8_t *a, size_t as, int64_t M, size_t kpad, int32_t *out) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t *am = a + m * as;
+    __m512i s0 = Z, s1 = Z, s2 = Z, s3 = Z;
+    for (size_t k = 0; k < kpad; k += 256) {
+      DP(s0, ones, LD(am + k));
+      DP(s1, ones, LD(am + k + 64));
+      DP(s2, ones, LD(am + k + 128));
+      DP(s3, ones, LD(am + k + 192));
+    }
+    out[m] = _mm512_reduce_add_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3)));
+  }
+}
+
 const tbt_isa_table tbt_table_avx512 = {{tile_t2a8, tile_b1a8, tile_t2a2, tile_b1a1},
-                                         {t2a8_gemv, b1a8_gemv, t2a2_gemv, b1a1_gemv}};
+                                         {t2a8_gemv, b1a8_gemv, t2a2_gemv, b1a1_gemv},
+                                         rowsum_a8};
 #endif /* TBT_X86 */

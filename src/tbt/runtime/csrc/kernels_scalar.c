@@ -68,4 +68,4 @@ SCALAR_TILE(tile_t2a2, dot_t2a2, uint8_t)
 SCALAR_TILE(tile_b1a1, dot_b1a1, uint8_t)
 
 const tbt_isa_table tbt_table_scalar = {{tile_t2a8, tile_b1a8, tile_t2a2, tile_b1a1},
-                                         {NULL, NULL, NULL, NULL}};
+                                         {NULL, NULL, NULL, NULL}, NULL};

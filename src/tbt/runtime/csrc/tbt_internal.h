@@ -54,9 +54,14 @@ struct tbt_job {
   int32_t *acc_out;
 };
 
+/* out[m] = sum_k a[m][k] over kpad int8 codes of each of M rows (stride as); may be NULL
+ * (the driver's portable loop then runs). */
+typedef void (*tbt_rowsum_fn)(const int8_t *a, size_t as, int64_t M, size_t kpad, int32_t *out);
+
 typedef struct {
   tbt_tile_fn tile[TBT_NUM_FORMATS];
   tbt_gemv_fn gemv[TBT_NUM_FORMATS];
+  tbt_rowsum_fn rowsum_a8;
 } tbt_isa_table;
 
 extern const tbt_isa_table tbt_table_scalar;

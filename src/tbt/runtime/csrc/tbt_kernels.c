@@ -143,19 +143,30 @@ static void epilogue_row(const job_t *j, const int32_t *acc, int64_t m, int64_t 
   }
 }
 
+#ifndef TBT_GROUP_BYTES
+#define TBT_GROUP_BYTES (128 << 10)
+#endif
+/* GEMM over weight tiles [t0, t1): groups of weight tiles of about TBT_GROUP_BYTES (they stay
+ * in L2) are swept by every block of TBT_MR activation rows in turn (those stay in L1), so each
+ * weight byte comes from L2 and each activation byte from L1. */
 static void run_tiles(const job_t *j, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n0 = t * TBT_NR;
-    const int nr = (int)(j->N - n0 < TBT_NR ? j->N - n0 : TBT_NR);
+  int64_t group = TBT_GROUP_BYTES / (int64_t)(TBT_NR * j->ws);
+  if (group < 1) group = 1;
+  for (int64_t g0 = t0; g0 < t1; g0 += group) {
+    const int64_t g1 = g0 + group < t1 ? g0 + group : t1;
     for (int64_t m0 = 0; m0 < j->M; m0 += TBT_MR) {
       const int mr = (int)(j->M - m0 < TBT_MR ? j->M - m0 : TBT_MR);
-      int32_t raw[TBT_NR][TBT_MR];
-      j->tile(j->w + n0 * j->ws, j->ws, nr, j->a + m0 * j->as, j->as, mr, (size_t)j->kpad, raw);
-      for (int m = 0; m < mr; ++m) {
-        int32_t mul, add, acc[TBT_NR];
-        correction(j, m0 + m, &mul, &add);
-        for (int r = 0; r < nr; ++r) acc[r] = mul * raw[r][m] + add;
-        epilogue_row(j, acc, m0 + m, n0, nr);
+      for (int64_t t = g0; t < g1; ++t) {
+        const int64_t n0 = t * TBT_NR;
+        const int nr = (int)(j->N - n0 < TBT_NR ? j->N - n0 : TBT_NR);
+        int32_t raw[TBT_NR][TBT_MR];
+        j->tile(j->w + n0 * j->ws, j->ws, nr, j->a + m0 * j->as, j->as, mr, (size_t)j->kpad, raw);
+        for (int m = 0; m < mr; ++m) {
+          int32_t mul, add, acc[TBT_NR];
+          correction(j, m0 + m, &mul, &add);
+          for (int r = 0; r < nr; ++r) acc[r] = mul * raw[r][m] + add;
+          epilogue_row(j, acc, m0 + m, n0, nr);
+        }
       }
     }
   }
@@ -329,19 +340,23 @@ int tbt_gemm(int fmt, int isa, const uint8_t *w, int64_t w_stride, const int32_t
   const int64_t abytes = is_a8 ? Kpad : fmt == TBT_T2A2 ? Kpad / 4 : Kpad / 8;
   if (w_stride < wbytes || a_stride < abytes) return TBT_EINVAL;
 
-  int32_t *asum = NULL;
+  const tbt_isa_table *tab = table_for(eff);
+  int32_t asum_stack[256], *asum = NULL; /* no allocation for M <= 256 */
   if (is_a8) {
-    asum = (int32_t *)malloc((size_t)M * sizeof(int32_t));
+    asum = M <= 256 ? asum_stack : (int32_t *)malloc((size_t)M * sizeof(int32_t));
     if (!asum) return TBT_EINVAL;
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t *am = (const int8_t *)a + m * a_stride;
-      int32_t s = 0;
-      for (int64_t k = 0; k < Kpad; ++k) s += am[k];
-      asum[m] = s;
+    if (tab->rowsum_a8) {
+      tab->rowsum_a8((const int8_t *)a, (size_t)a_stride, M, (size_t)Kpad, asum);
+    } else {
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t *am = (const int8_t *)a + m * a_stride;
+        int32_t s = 0;
+        for (int64_t k = 0; k < Kpad; ++k) s += am[k];
+        asum[m] = s;
+      }
     }
   }
   const int64_t ntiles = (N + TBT_NR - 1) / TBT_NR;
-  const tbt_isa_table *tab = table_for(eff);
   job_t job = {tab->tile[fmt], tab->gemv[fmt], fmt, w, (size_t)w_stride, wsum, w_scale,
                (const uint8_t *)a, (size_t)a_stride, a_scale, a_offset, bias, asum,
                M, N, K, Kpad, ntiles, y, acc_out};
@@ -351,7 +366,7 @@ int tbt_gemm(int fmt, int isa, const uint8_t *w, int64_t w_stride, const int32_t
     run_parallel(&job, nt);
   else
     run_range(&job, 0, ntiles);
-  free(asum);
+  if (asum != asum_stack) free(asum);
   return TBT_OK;
 }
 
