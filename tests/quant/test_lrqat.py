@@ -185,3 +185,4 @@ def test_config_errors():
         LRQATConfig(rank=2, frac_bits=7)
     with pytest.raises(ValueError, match="quantize the model first"):
         apply_lrqat(make_tiny("llama"), LRQATConfig(rank=2))
+

@@ -57,6 +57,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weight scale per output row or per tensor (default: the method's)")
     q.add_argument("--act-method", choices=("auto", "elastic", "minmax"),
                    help="activation quantizer (default auto: minmax for 8 bits, else elastic)")
+    lr = p.add_argument_group("LR-QAT (low-rank QAT, docs/lrqat.md)")
+    lr.add_argument("--lrqat-rank", type=int, metavar="R",
+                    help="train only a rank-R update inside the rounding of frozen int8 "
+                         "grid-unit weights, plus the row scales (0 = full QAT, default)")
+    lr.add_argument("--lrqat-alpha", type=float, metavar="X",
+                    help="update scaling alpha/R (alpha default 1, as the paper)")
+    lr.add_argument("--lrqat-storage", choices=("int8", "bfloat16", "float32"),
+                    help="storage of the frozen weight in grid units (int8 fixed point)")
+    lr.add_argument("--lrqat-checkpoint", action="store_true",
+                    help="recompute the LR-QAT weights in backward (activation checkpointing)")
     d = p.add_argument_group("data")
     d.add_argument("--train-file", metavar="F", help="training data (.jsonl/.json/.csv/.parquet)")
     d.add_argument("--validation-file", metavar="F", help="validation data (loss is logged)")

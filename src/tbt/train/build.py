@@ -89,6 +89,10 @@ def build_models(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
                          f"it cannot be trained as bits={cfg.bits}. Start from the FP model")
     elif cfg.quant is None and teacher is not None and cfg.distill.w_attn > 0:
         student.set_attn_implementation("eager")
+    if cfg.lrqat is not None:  # LR-QAT: frozen grid-unit weights + low-rank update (lrqat.md)
+        from tbt.quant.lrqat import apply_lrqat
+
+        apply_lrqat(student, cfg.lrqat)
     if len(tokenizer) > student.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
                          f"{student.config.vocab_size} embeddings: use the model's tokenizer")
@@ -125,7 +129,18 @@ def save_final(cfg: TrainConfig, model, tokenizer, quant_json: str | None) -> No
     """The trained model into ``cfg.output_dir``: written to a temp dir, moved file by file."""
     tmp = os.path.join(cfg.output_dir, ".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model_dir(tmp, model, quant_json, cfg.to_json(), tokenizer)
+    if cfg.lrqat is not None:  # merge the low-rank update into a plain packed checkpoint
+        from tbt.export.io import save_packed
+        from tbt.quant.lrqat import merge_lrqat
+
+        packed = save_packed(merge_lrqat(model), os.path.join(cfg.output_dir, "packed"))
+        tokenizer.save_pretrained(packed)
+        os.makedirs(tmp)
+        for name, text in (("tbt_config.json", quant_json), ("train_config.json", cfg.to_json())):
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+    else:
+        save_model_dir(tmp, model, quant_json, cfg.to_json(), tokenizer)
     for name in sorted(os.listdir(tmp)):
         os.replace(os.path.join(tmp, name), os.path.join(cfg.output_dir, name))
     os.rmdir(tmp)

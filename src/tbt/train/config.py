@@ -121,6 +121,12 @@ class TrainConfig:
         generation: a :data:`tbt.eval.evaluate.GENERATION_PRESETS` name written into the saved
             model's generation config (``None`` = leave the model's own).
         progress: show tqdm progress bars.
+        lrqat_rank: ``> 0`` trains the quantized student with LR-QAT (``docs/lrqat.md``): frozen
+            int8 grid-unit weights plus a rank-``lrqat_rank`` update inside the rounding and a
+            learnable row scale; the result is merged into ``output_dir/packed``. ``0`` = full QAT.
+        lrqat_alpha, lrqat_storage, lrqat_checkpoint: the update scaling ``alpha/rank``, how the
+            frozen weight is stored (``int8``, ``bfloat16``, ``float32``) and activation
+            checkpointing of the LR-QAT layers (:class:`tbt.quant.lrqat.LRQATConfig`).
     """
 
     output_dir: str
@@ -151,6 +157,10 @@ class TrainConfig:
     recipe: str | None = None
     generation: str | None = None
     progress: bool = True
+    lrqat_rank: int = 0
+    lrqat_alpha: float = 1.0
+    lrqat_storage: str = "int8"
+    lrqat_checkpoint: bool = False
     version: int = TRAIN_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -188,9 +198,24 @@ class TrainConfig:
             if self.generation not in GENERATION_PRESETS:
                 raise ValueError(f"generation={self.generation!r}: choose one of "
                                  f"{list(GENERATION_PRESETS)}")
+        if self.lrqat_rank:
+            if self.quant is None or self.quant.weight_bits not in (1, 2):
+                raise ValueError(f"lrqat_rank={self.lrqat_rank} needs ternary or binary weights "
+                                 f"(e.g. --bits 2-2-8); bits={self.bits}")
+            _ = self.lrqat  # validates the LR-QAT settings
         if self.version > TRAIN_CONFIG_VERSION:
             raise ValueError(f"TrainConfig version {self.version} is newer than this tbt "
                              f"understands ({TRAIN_CONFIG_VERSION}); upgrade tbt")
+
+    @property
+    def lrqat(self):
+        """The :class:`~tbt.quant.lrqat.LRQATConfig` of the run, or ``None`` (full QAT)."""
+        if not self.lrqat_rank:
+            return None
+        from tbt.quant.lrqat import LRQATConfig
+
+        return LRQATConfig(rank=self.lrqat_rank, alpha=self.lrqat_alpha,
+                           storage=self.lrqat_storage, checkpoint=self.lrqat_checkpoint)
 
     @property
     def bits(self) -> str:

@@ -1,0 +1,33 @@
+"""``tbt train`` with LR-QAT: low-rank training of a tiny model ends in a packed checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train_helpers import flat_settings, make_model_dir, make_workspace
+
+
+def test_tbt_train_with_lrqat_writes_a_packed_checkpoint(tmp_path):
+    """``TrainConfig(lrqat_rank=...)``: only A, B, scales train; the run ends merged + packed."""
+    from tbt.export.convert import PackedLinear
+    from tbt.export.io import load_packed
+    from tbt.train.config import TrainConfig
+    from tbt.train.loop import train
+
+    ws = make_workspace(str(tmp_path / "ws"))
+    start = make_model_dir(ws, "gpt2-tiny", "gpt2")
+    out = str(tmp_path / "run")
+    cfg = TrainConfig.from_flat(flat_settings(ws, out, model=start, bits="2-2-8", max_steps=6,
+                                              w_logits=0, w_hidden=0, w_attn=0, lrqat_rank=4,
+                                              lrqat_alpha=4.0, lrqat_checkpoint=True))
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    result = train(cfg)
+    model = result["model"]
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 8
+    loaded = load_packed(f"{out}/packed")
+    ids = torch.randint(3, 100, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="ternary or binary"):
+        TrainConfig.from_flat(flat_settings(ws, out, model=start, max_steps=1, lrqat_rank=4))
