@@ -1,0 +1,152 @@
+"""PTQTP: post-training quantization to two ternary trit-planes (Xiao et al., RELATED.md §8).
+
+How it works
+------------
+Each row (or each group of ``G`` columns of a row) ``w`` is approximated by two scaled trit
+planes, ``ŵ = α¹·t¹ + α²·t²`` with ``t¹, t² ∈ {−1, 0, 1}^G`` -- up to 9 levels per group.
+The objective is the plain Frobenius error ``‖w − ŵ‖²``: no calibration data.
+
+1. **Init (progressive)**: ``t¹ = round(clip(w / mean|w|, −1, 1))`` (absmean ternary),
+   ``α¹ = ⟨w, t¹⟩ / ⟨t¹, t¹⟩`` (its least-squares scale); the residual ``r = w − α¹t¹`` gives
+   ``t²`` and ``α²`` the same way.
+2. **Alternate** up to ``iters`` times, until the relative error improves by less than ``tol``:
+
+   a. *scales*: with ``T = [t¹ t²]`` fixed, the ridge solution
+      ``α = (TᵀT + λI)⁺ Tᵀw`` (a 2×2 system per group, solved in float64; the pseudo-inverse
+      makes a singular system -- an empty or repeated plane -- give the minimum-norm
+      least-squares answer);
+   b. *trits*: with ``α`` fixed, each element independently takes the best of the 9 pairs
+      ``(t¹, t²)`` -- exact, since the error is separable per element.
+
+   ``λ`` starts at ``ridge`` and is multiplied by ``ridge_decay`` each iteration ("progressive
+   regularization"; the paper's schedule is not published). With ``λ = 0`` both steps are exact
+   minimisations, so the error never increases; with ``λ > 0`` an iteration that would increase
+   it is undone and ``λ`` is set to 0 from then on, so the recorded error is non-increasing in
+   every case.
+
+Storage: two ternary planes in tbt's ``ternary_2bit`` packing (``2·row_bytes(K)·8`` bits per
+row) plus two float16 scales per group -- about 4 bpw, not the "2 × 1.58" of the paper's title
+(≈3.2 bpw in a base-3 packing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tbt.ptq.registry import SCALE_BITS, LayerQuant, LayerStats, register_ptq_method
+from tbt.ptq.rtn import code_bits
+
+# the 9 (t1, t2) pairs, (9, 2)
+_PAIRS = torch.tensor([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)], dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class PTQTPConfig:
+    """Args: group_size (columns per scale pair; ``None`` = whole row), iters (max
+    alternations), tol (stop when the relative error falls by less), ridge (initial λ),
+    ridge_decay (λ multiplier per iteration)."""
+
+    group_size: int | None = None
+    iters: int = 50
+    tol: float = 1e-6
+    ridge: float = 0.0
+    ridge_decay: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1 or None (per row); got {self.group_size}")
+        if self.iters < 0 or self.tol < 0 or self.ridge < 0 or not 0 <= self.ridge_decay <= 1:
+            raise ValueError("need iters >= 0, tol >= 0, ridge >= 0 and 0 <= ridge_decay <= 1")
+
+
+def _ternarize_ls(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Absmean ternary codes of each row of ``x`` and their least-squares scale ``(n, 1)``."""
+    m = x.abs().mean(dim=1, keepdim=True)
+    t = (x / m.masked_fill(m == 0, 1.0)).clamp_(-1, 1).round_()
+    nn = (t * t).sum(dim=1, keepdim=True)
+    return t, (x * t).sum(dim=1, keepdim=True) / nn.clamp_min(1.0)
+
+
+def solve_scales(x: Tensor, t1: Tensor, t2: Tensor, lam: float = 0.0) -> Tensor:
+    """Ridge scales ``(n, 2)``: ``argmin_α ‖x − α₁t¹ − α₂t²‖² + λ‖α‖²`` per row (pinv)."""
+    a11, a22, a12 = (t1 * t1).sum(1), (t2 * t2).sum(1), (t1 * t2).sum(1)
+    m = torch.stack([torch.stack([a11 + lam, a12], -1), torch.stack([a12, a22 + lam], -1)], -2)
+    rhs = torch.stack([(t1 * x).sum(1), (t2 * x).sum(1)], -1).unsqueeze(-1)  # (n, 2, 1)
+    return (torch.linalg.pinv(m) @ rhs).squeeze(-1)
+
+
+def search_trits(x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """Per element the best of the 9 pairs ``(t¹, t²)`` for scales ``alpha (n, 2)``."""
+    levels = alpha @ _PAIRS.to(alpha).t()  # (n, 9)
+    best = (x.unsqueeze(-1) - levels.unsqueeze(1)).abs().argmin(-1)  # (n, G)
+    pairs = _PAIRS.to(x)[best]  # (n, G, 2)
+    return pairs[..., 0], pairs[..., 1]
+
+
+def ptqtp(w: Tensor, cfg: PTQTPConfig = PTQTPConfig()
+          ) -> tuple[Tensor, Tensor, Tensor, list[float]]:
+    """Two-trit-plane approximation of ``w (out, in)``.
+
+    Returns:
+        ``t1, t2``: int8 ``(out, in)``; ``alpha``: float32 ``(out, n_groups, 2)``;
+        ``history``: relative error ``‖w − ŵ‖²/‖w‖²`` after the init and each iteration
+        (non-increasing).
+    """
+    out, k = w.shape
+    g = cfg.group_size or k
+    if k % g:
+        raise ValueError(f"in_features={k} is not a multiple of group_size={g}; pick a divisor "
+                         f"of {k} or group_size=None (per row)")
+    x = w.detach().to(torch.float64).reshape(out * (k // g), g)  # (n, G) one row per group
+    norm = float((x * x).sum()) or 1.0
+    t1, a1 = _ternarize_ls(x)
+    t2, a2 = _ternarize_ls(x - a1 * t1)
+    alpha = torch.cat([a1, a2], dim=1)
+
+    def err(t1_, t2_, al):
+        r = x - al[:, :1] * t1_ - al[:, 1:] * t2_
+        return float((r * r).sum()) / norm
+
+    history = [err(t1, t2, alpha)]
+    lam = cfg.ridge
+    for _ in range(cfg.iters):
+        new_alpha = solve_scales(x, t1, t2, lam)
+        n1, n2 = search_trits(x, new_alpha)
+        e = err(n1, n2, new_alpha)
+        if e > history[-1]:  # only possible with λ > 0: undo, continue unregularized
+            if lam == 0:
+                break
+            lam = 0.0
+            continue
+        improved = history[-1] - e
+        t1, t2, alpha = n1, n2, new_alpha
+        history.append(e)
+        lam *= cfg.ridge_decay
+        if improved <= cfg.tol * max(history[0], 1e-30):
+            break
+    shape = (out, k)
+    return (t1.reshape(shape).to(torch.int8), t2.reshape(shape).to(torch.int8),
+            alpha.reshape(out, k // g, 2).to(torch.float32), history)
+
+
+def dequantize_planes(t1: Tensor, t2: Tensor, alpha: Tensor) -> Tensor:
+    """``α¹ ⊙ t¹ + α² ⊙ t²`` as float32 ``(out, in)``; ``alpha (out, n_groups, 2)``."""
+    out, k = t1.shape
+    ng = alpha.shape[1]
+    a = alpha.repeat_interleave(k // ng, dim=1)  # (out, in, 2)
+    return a[..., 0] * t1.to(torch.float32) + a[..., 1] * t2.to(torch.float32)
+
+
+@register_ptq_method("ptqtp", PTQTPConfig, needs_gram=False,
+                     summary="two ternary trit-planes, alternating ridge/trit search (RELATED §8)")
+def quantize_ptqtp(w: Tensor, stats: LayerStats, cfg: PTQTPConfig) -> LayerQuant:
+    t1, t2, alpha, history = ptqtp(w, cfg)
+    rows, k = w.shape
+    bits = 2 * code_bits(rows, k, 2) + alpha.numel() * SCALE_BITS
+    info = {"iterations": len(history) - 1, "rel_error_init": history[0],
+            "rel_error_final": history[-1]}
+    return LayerQuant(dequantize_planes(t1, t2, alpha), bits, info=info,
+                      tensors={"plane1": t1, "plane2": t2, "alpha": alpha})
