@@ -29,12 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Precedence: flags > --config file > --recipe > defaults.")
     src = p.add_argument_group("models and settings")
     src.add_argument("--model", metavar="M",
-                     help="student start: hub name, local checkpoint, or preset for training "
-                          "from scratch (bart-tiny, bart-small, gpt2-tiny); default: a copy of "
-                          "--teacher")
+                     help="student start: hub name, local checkpoint, GGUF file (gguf:PATH, "
+                          "PATH.gguf, gguf:smollm2), or preset for training from scratch "
+                          "(bart-tiny, bart-small, gpt2-tiny); default: a copy of --teacher")
     src.add_argument("--teacher", metavar="DIR",
-                     help="full-precision teacher (default with quantized --bits: a copy of "
-                          "--model, the TBT recipe; with --bits fp: none, labels only)")
+                     help="full-precision teacher, a directory or GGUF file (default with "
+                          "quantized --bits: a copy of --model, the TBT recipe; with --bits fp: "
+                          "none, labels only)")
     src.add_argument("--tokenizer", metavar="DIR",
                      help="tokenizer directory (default: the teacher's, else the model's)")
     src.add_argument("--recipe", metavar="NAME",
@@ -68,7 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lr.add_argument("--lrqat-checkpoint", action="store_true",
                     help="recompute the LR-QAT weights in backward (activation checkpointing)")
     d = p.add_argument_group("data")
-    d.add_argument("--train-file", metavar="F", help="training data (.jsonl/.json/.csv/.parquet)")
+    d.add_argument("--task", choices=("seq2seq", "causal-lm"),
+                   help="seq2seq (source -> target rows) or causal-lm (plain text: .txt lines or "
+                        "a text column); a decoder-only model always trains as causal-lm")
+    d.add_argument("--train-file", metavar="F",
+                   help="training data (.jsonl/.json/.csv/.parquet/.txt)")
     d.add_argument("--validation-file", metavar="F", help="validation data (loss is logged)")
     d.add_argument("--dataset", metavar="NAME", help="hub dataset instead of local files")
     d.add_argument("--dataset-config", metavar="C", help="hub dataset configuration")
@@ -128,6 +133,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="teacher layer of each student decoder layer (default: identity)")
     loss.add_argument("--encoder-layer-map", metavar="I,J,...",
                       help="teacher layer of each student encoder layer (default: identity)")
+    more = p.add_argument_group(
+        "more distillation terms (off by default; see docs/distillation.md)")
+    more.add_argument("--w-off", type=float, metavar="W",
+                      help="TernaryLLM OFF: 1 - cosine between hidden states, the layers of "
+                           "--w-hidden (0)")
+    more.add_argument("--w-attn-scores", type=float, metavar="W",
+                      help="TernaryBERT: MSE between pre-softmax attention scores, the "
+                           "attentions of --w-attn (0)")
+    more.add_argument("--w-relation", type=float, metavar="W",
+                      help="MiniLM/BitDistill: Q-Q, K-K, V-V self-attention relation KL (0)")
+    more.add_argument("--relation-layers", metavar="I,J,...",
+                      help="student layers of the relation term, negative from the end "
+                           "(default: -1, the last layer; 'all' = every layer)")
+    more.add_argument("--relation-heads", type=int, metavar="A",
+                      help="relation heads the Q/K/V features are split into (default: the "
+                           "model's heads)")
     p.set_defaults(func=run_train)
 
 
@@ -140,6 +161,8 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     from tbt.train.presets import resolve_recipe
 
     given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    if str(given.get("relation_layers", "")).lower() == "all":
+        given["relation_layers"] = None
     file_settings = load_config_file(args.config) if getattr(args, "config", None) else {}
     recipe = getattr(args, "recipe", None) or file_settings.get("recipe")
     return merge_settings(resolve_recipe(recipe) if recipe else {}, file_settings, given)

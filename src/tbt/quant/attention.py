@@ -69,6 +69,9 @@ def tbt_attention_forward(
     scores = torch.matmul(q, k.transpose(2, 3))  # (B, H, Tq, Tk)
     if position_bias is not None:  # T5's relative position bias
         scores = scores + position_bias
+    record = getattr(module, "tbt_record", None)
+    if record is not None:  # distillation capture (tbt.distill.capture): Q/K/V, mask-free scores
+        record(module, query, key, value, scores, attention_mask)
     if attention_mask is not None:
         scores = scores + attention_mask[..., : k.shape[-2]]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)

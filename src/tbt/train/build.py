@@ -15,6 +15,7 @@ from typing import Any
 
 from tbt.train.checkpoint import save_model_dir
 from tbt.train.config import TrainConfig
+from tbt.train.gguf import is_gguf, load_gguf_model, load_gguf_tokenizer
 from tbt.train.presets import build_from_scratch, is_architecture
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def load_tokenizer(cfg: TrainConfig):
         raise ValueError(f"--model {cfg.model} is built from scratch: pass --tokenizer DIR "
                          "(train one with `tbt tokenizer train`)")
     try:
-        tok = AutoTokenizer.from_pretrained(src)
+        tok = load_gguf_tokenizer(src) if is_gguf(src) else AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load a tokenizer from {src!r}: {e}. Pass --tokenizer DIR"
                          ) from None
@@ -42,6 +43,8 @@ def _load_model(name: str):
 
     from tbt.hf import load_pretrained, register
 
+    if is_gguf(name):  # gguf:PATH, PATH.gguf, gguf:smollm2
+        return load_gguf_model(name)
     if os.path.isdir(name):
         return load_pretrained(name, with_tokenizer=False)[0]
     register()
@@ -52,8 +55,8 @@ def _load_model(name: str):
         return auto.from_pretrained(name)
     except OSError as e:
         raise ValueError(f"could not load model {name!r}: not a local directory, and the hub "
-                         f"failed ({e}). Pass a directory or a preset (bart-tiny, bart-small, "
-                         "gpt2-tiny)") from None
+                         f"failed ({e}). Pass a directory, a GGUF file (gguf:PATH) or a preset "
+                         "(bart-tiny, bart-small, gpt2-tiny)") from None
 
 
 def _quant_of(model) -> Any:
@@ -77,7 +80,9 @@ def build_models(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
         teacher = copy.deepcopy(student) if t_src == src else _load_model(t_src)
         if _quant_of(teacher) is not None:
             raise ValueError(f"the teacher {t_src} is quantized; pass a full-precision --teacher")
-        teacher.set_attn_implementation("eager")  # returns attention probabilities
+        # eager returns attention probabilities; tbt_eager (FP without quantizers) also lets
+        # tbt.distill.capture read Q/K/V and scores for the score and relation terms
+        teacher.set_attn_implementation(_fp_attention(cfg))
         teacher.eval().requires_grad_(False)
     elif cfg.quant is not None:
         logger.warning("no teacher: training the quantized student on labels only (--w-ce)")
@@ -87,8 +92,9 @@ def build_models(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
     elif have is not None and have != cfg.quant:
         raise ValueError(f"--model {src} is already quantized ({have.bits}, {have.method}); "
                          f"it cannot be trained as bits={cfg.bits}. Start from the FP model")
-    elif cfg.quant is None and teacher is not None and cfg.distill.w_attn > 0:
-        student.set_attn_implementation("eager")
+    elif cfg.quant is None and teacher is not None and (cfg.distill.w_attn > 0
+                                                         or cfg.distill.needs_capture):
+        student.set_attn_implementation(_fp_attention(cfg))
     if cfg.lrqat is not None:  # LR-QAT: frozen grid-unit weights + low-rank update (lrqat.md)
         from tbt.quant.lrqat import apply_lrqat
 
@@ -102,6 +108,15 @@ def build_models(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
         for k, v in GENERATION_PRESETS[cfg.generation].items():
             setattr(student.generation_config, k, v)
     return teacher, student
+
+
+def _fp_attention(cfg: TrainConfig) -> str:
+    """Attention implementation of a full-precision model in a distillation run."""
+    if not cfg.distill.needs_capture:
+        return "eager"
+    from tbt.quant.attention import register_attention
+
+    return register_attention()
 
 
 def load_data(cfg: TrainConfig, tokenizer, model) -> tuple[dict[str, list[dict]], Any]:

@@ -54,6 +54,16 @@ class DistillConfig:
         layer_map: for each student layer of the decoder (causal LM: the only stack), the index
             of its teacher layer; ``None`` = identity (student and teacher same depth).
         encoder_layer_map: the same for the encoder; ``None`` = identity.
+        w_off: TernaryLLM's OFF term, ``1 − cos`` between hidden states, over the same layers
+            as ``w_hidden`` (RELATED.md §6).
+        w_attn_scores: TernaryBERT's MSE between pre-softmax attention scores, over the same
+            attentions as ``w_attn`` (RELATED.md §4a).
+        w_relation: MiniLM/BitDistill Q-Q, K-K, V-V relation KL, summed over the three and over
+            ``relation_layers`` of each self-attention stack (RELATED.md §12).
+        relation_layers: student layers of the relation term (negative counts from the end;
+            default ``(-1,)``: the last layer, MiniLMv2's choice); ``None`` = every layer.
+        relation_heads: relation heads ``A`` the Q/K/V features are regrouped into; ``None`` =
+            the model's own heads (student and teacher must then have the same count).
     """
 
     w_ce: float = 1.0
@@ -65,10 +75,15 @@ class DistillConfig:
     last_encoder_twice: bool = False
     layer_map: tuple[int, ...] | None = None
     encoder_layer_map: tuple[int, ...] | None = None
+    w_off: float = 0.0
+    w_attn_scores: float = 0.0
+    w_relation: float = 0.0
+    relation_layers: tuple[int, ...] | None = (-1,)
+    relation_heads: int | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("w_ce", "w_logits", "w_hidden", "w_attn"):
+        for name in ("w_ce", "w_logits", "w_hidden", "w_attn", *EXTRA_WEIGHTS):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"{name}={v!r}: loss weights must be numbers >= 0")
@@ -81,10 +96,29 @@ class DistillConfig:
                 if any(i < 0 for i in v):
                     raise ValueError(f"{name}={list(v)}: teacher layer indices must be >= 0")
                 object.__setattr__(self, name, v)
+        if self.relation_layers is not None:
+            v = _int_tuple(self.relation_layers, "relation_layers")
+            if not v:
+                raise ValueError("relation_layers is empty: give layer indices such as '-1' "
+                                 "or leave it unset")
+            object.__setattr__(self, "relation_layers", v)
+        if self.relation_heads is not None and (not isinstance(self.relation_heads, int)
+                                                or self.relation_heads < 1):
+            raise ValueError(f"relation_heads={self.relation_heads!r} must be an integer >= 1 "
+                             f"(or unset: the model's own heads)")
 
     @property
     def needs_teacher(self) -> bool:
-        return any(getattr(self, f"w_{k}") > 0 for k in ("logits", "hidden", "attn"))
+        return any(getattr(self, f"w_{k}") > 0 for k in ("logits", "hidden", "attn")) or \
+            any(getattr(self, k) > 0 for k in EXTRA_WEIGHTS)
+
+    @property
+    def needs_capture(self) -> bool:
+        """Whether a term reads Q/K/V or scores inside the attention (``"tbt_eager"``)."""
+        return self.w_attn_scores > 0 or self.w_relation > 0
+
+
+EXTRA_WEIGHTS = ("w_off", "w_attn_scores", "w_relation")  # terms beyond the TBT recipe
 
 
 @dataclass(frozen=True)

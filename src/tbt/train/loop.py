@@ -39,7 +39,7 @@ import torch
 from tbt.train.build import build_models, load_data, load_tokenizer, save_final
 from tbt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from tbt.train.config import TrainConfig
-from tbt.train.objective import first_non_finite, forward_kwargs, loss_terms, total_loss
+from tbt.train.objective import distill_forward, first_non_finite, total_loss
 
 logger = logging.getLogger(__name__)
 
@@ -181,13 +181,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _terms(model, teacher, batch, cfg: TrainConfig, seq2seq: bool) -> dict[str, torch.Tensor]:
-    kw = forward_kwargs(cfg.distill, teacher is not None)
-    s = model(**batch, **kw)
-    t = None
-    if teacher is not None:
-        with torch.no_grad():
-            t = teacher(**batch, **kw)
-    return loss_terms(s, t, batch, cfg.distill, seq2seq)
+    return distill_forward(model, teacher, batch, cfg.distill, seq2seq)
 
 
 def _reduced(acc, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> dict[str, float]:
