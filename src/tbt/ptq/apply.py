@@ -153,7 +153,8 @@ def quantize_model_ptq(model: nn.Module, cfg: PTQConfig,
     """Quantize ``model``'s linears in place with ``cfg``; returns the :class:`PTQReport`.
 
     ``batches``: calibration batches (``input_ids``, ``attention_mask``, ...), required when the
-    method needs the Gram matrix or EoRA is on.
+    method needs the Gram matrix or EoRA is on; given to a calibration-free method they only
+    serve to report each layer's output error.
     """
     if cfg.needs_calibration and not batches:
         raise ValueError(f"PTQ method {cfg.method!r}{' with EoRA' if cfg.eora else ''} needs "
@@ -165,8 +166,8 @@ def quantize_model_ptq(model: nn.Module, cfg: PTQConfig,
         raise ValueError("no linear layers to quantize; check skip_modules")
     report = PTQReport(config=cfg.to_dict())
     t0 = time.perf_counter()
-    for group in groups:
-        stats = (collect_grams(model, group, batches) if cfg.needs_calibration
+    for group in groups:  # with batches, calibration-free methods get the output error measured
+        stats = (collect_grams(model, group, batches) if batches
                  else {n: LayerStats() for n, _ in group})
         for name, mod in group:
             new = _quantize_layer(name, mod, stats[name], cfg, report)

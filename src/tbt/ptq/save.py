@@ -1,0 +1,96 @@
+"""Writing PTQ results: a plain Hugging Face checkpoint, the EoRA adapters, a packed RTN model.
+
+* :func:`save_ptq_checkpoint` writes ``save_pretrained`` weights equal to the dequantized PTQ
+  weights (EoRA adapters merged: ``W = Ŵ + B·A``), the tokenizer, ``ptq_config.json``, and
+  the unmerged adapters in ``eora_adapters.safetensors`` (``<layer>.lora_a`` ``(r, in)``,
+  ``<layer>.lora_b`` ``(out, r)`` at their storage dtype). The checkpoint is a full-precision
+  model as far as transformers is concerned, so ``tbt train --model OUT --teacher FP`` starts
+  QAT from the PTQ weights and ``tbt evaluate --model OUT`` scores them.
+* :func:`save_packed_rtn` writes the RTN result as a tbt packed checkpoint: RTN *is*
+  ``quantize_model`` with the same weight quantizer and float activations (``bits="fp-2-fp"``),
+  so ``save_packed`` stores exactly the RTN codes and scales. Adapters, if any, are copied next
+  to it (``tbt inspect`` counts their bits; ``load_packed`` does not run them yet).
+  Other methods do not fit packed format v1 (one code plane and one scale per row): PTQTP needs
+  two planes and two scales per row/group, PB-LLM a sparse 8-bit side-store, BiLLM per-block
+  masks and four (μ, α) pairs per row -- see docs/ptq.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from tbt.ptq.apply import PTQConfig, merge_adapters
+from tbt.ptq.eora import LowRankAdapter
+
+ADAPTERS_NAME = "eora_adapters.safetensors"
+PACKED_UNSUPPORTED = {
+    "ptqtp": "two ternary planes with two scales per row/group: packed format v1 holds one "
+             "plane and one scale per row",
+    "pbllm": "a sparse 8-bit side-store (CSR) next to the 1-bit plane: not in packed format v1",
+    "billm": "per-block column masks, group bits and four (mu, alpha) pairs per row: not in "
+             "packed format v1",
+}
+
+
+def adapters_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{<layer>.lora_a, <layer>.lora_b}`` of every :class:`LowRankAdapter` in ``model``."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LowRankAdapter):
+            out[f"{name}.lora_a"] = mod.lora_a.detach().cpu().contiguous()
+            out[f"{name}.lora_b"] = mod.lora_b.detach().cpu().contiguous()
+    return out
+
+
+def save_adapters(state: dict[str, torch.Tensor], directory: str) -> None:
+    from safetensors.torch import save_file
+
+    ranks = {k[: -len(".lora_a")]: int(v.shape[0]) for k, v in state.items()
+             if k.endswith(".lora_a")}
+    save_file(state, os.path.join(directory, ADAPTERS_NAME),
+              metadata={"tbt.eora.ranks": json.dumps(ranks, sort_keys=True)})
+
+
+def save_ptq_checkpoint(model: nn.Module, tokenizer: Any, cfg: PTQConfig, directory: str) -> None:
+    """Adapters to ``eora_adapters.safetensors``, then merge them and ``save_pretrained``."""
+    os.makedirs(directory, exist_ok=True)
+    state = adapters_state(model)
+    if state:
+        save_adapters(state, directory)
+    merge_adapters(model)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    with open(os.path.join(directory, "ptq_config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+
+
+def save_packed_rtn(fp_model: nn.Module, cfg: PTQConfig, directory: str,
+                    ptq_model: nn.Module | None = None) -> str:
+    """Packed checkpoint of an RTN run from the *full-precision* model; returns a status line.
+
+    ``fp_model`` is quantized in place (pass a copy). ``ptq_model``'s adapters, if any, are
+    written next to the packed file.
+    """
+    from tbt.config import QuantConfig
+    from tbt.export.io import save_packed
+    from tbt.quant.surgery import quantize_model
+
+    m = cfg.method_config
+    if cfg.method != "rtn" or m.bits not in (1, 2):
+        why = PACKED_UNSUPPORTED.get(cfg.method, f"{m.bits}-bit codes have no packing")
+        return f"not written: {why}"
+    qc = QuantConfig(bits=f"fp-{m.bits}-fp", method=m.method, variant=m.variant,
+                     granularity=m.granularity, quantize_attention=False,
+                     skip_modules=cfg.skip_modules)
+    quantize_model(fp_model, qc)
+    save_packed(fp_model, directory)
+    state = adapters_state(ptq_model) if ptq_model is not None else {}
+    if state:
+        save_adapters(state, directory)
+    return os.fspath(directory)

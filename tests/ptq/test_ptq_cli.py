@@ -1,0 +1,128 @@
+"""`tbt ptq` end to end on a tiny Llama-style model: every method, EoRA, packed RTN, QAT init."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from tbt.cli import main
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
+         "rho sigma tau upsilon phi chi psi omega red green blue black white north").split()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    import transformers as tf
+
+    from tbt.train.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("ptq")
+    rng = random.Random(0)
+    for name, n in (("calib.txt", 24), ("eval.txt", 8)):
+        with open(root / name, "w") as f:
+            for _ in range(n):
+                f.write(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))) + "\n")
+    tok_dir = str(root / "tok")
+    train_tokenizer([str(root / "calib.txt")], ["text"], 300, tok_dir, model_type="gpt2")
+    tok = tf.AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = tf.LlamaForCausalLM(cfg)
+    fp = str(root / "fp")
+    model.save_pretrained(fp)
+    tok.save_pretrained(fp)
+    return {"root": root, "fp": fp, "calib": str(root / "calib.txt"),
+            "eval": str(root / "eval.txt")}
+
+
+def _run(ws, name, *extra):
+    out = str(ws["root"] / name)
+    rc = main(["ptq", "--model", ws["fp"], "--calib-file", ws["calib"], "--eval-file", ws["eval"],
+               "--max-length", "32", "--output-dir", out, *extra])
+    assert rc == 0
+    with open(os.path.join(out, "ptq_report.json")) as f:
+        return out, json.load(f)
+
+
+def _ppl(model_dir, ws):
+    from tbt.eval.metrics import perplexity
+    from tbt.hf import load_pretrained
+    from tbt.train.data import DataConfig, build_dataloader, load_raw_splits, tokenize_rows
+
+    model, tok = load_pretrained(model_dir)
+    cfg = DataConfig(task="causal-lm", train_file=ws["eval"], max_length=32, max_train_samples=64)
+    rows = load_raw_splits(cfg, ("train",))["train"]
+    loader = build_dataloader(tokenize_rows(rows, tok, cfg), tok, cfg, 4, False, 0)
+    return perplexity(model, loader, "cpu"), model
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("rtn", ()), ("ptqtp", ("--group-size", "16")), ("pbllm", ("--salient-frac", "0.1")),
+    ("billm", ("--block-size", "32")),
+])
+def test_every_method_end_to_end(workspace, method, extra):
+    out, rep = _run(workspace, method, "--method", method, *extra)
+    assert len(rep["layers"]) == 14  # 2 blocks x (q, k, v, o, gate, up, down); lm_head skipped
+    assert all(0 < r["weight_rel_err"] < 1 and 0 < r["out_rel_err"] < 1.5 for r in rep["layers"])
+    m = rep["metrics"]
+    assert math.isfinite(m["perplexity_before"]) and math.isfinite(m["perplexity_after"])
+    assert m["perplexity_after"] != m["perplexity_before"]
+    bpw = rep["totals"]["bits_per_weight"]
+    assert {"rtn": 2.0, "ptqtp": 4.0, "pbllm": 1.0, "billm": 1.0}[method] < bpw < 8
+    # the saved checkpoint is the PTQ model: same perplexity when reloaded
+    ppl, _ = _ppl(out, workspace)
+    assert ppl == pytest.approx(m["perplexity_after"], rel=1e-5)
+
+
+def test_eora_lowers_error_and_is_merged_in_the_checkpoint(workspace):
+    _, base = _run(workspace, "ptqtp-plain", "--method", "ptqtp")
+    out, rep = _run(workspace, "ptqtp-eora", "--method", "ptqtp", "--compensate", "eora",
+                    "--rank", "4", "--adapter-dtype", "float32")
+    for r in rep["layers"]:
+        assert r["out_rel_err_eora"] < r["out_rel_err"]
+        n_out, n_in = r["shape"]
+        assert r["adapter_bits"] == 4 * (n_in + n_out) * 32
+    t = rep["totals"]
+    assert t["bits_per_weight_with_adapters"] == pytest.approx(
+        t["bits_per_weight"] + t["adapter_bits_per_weight"])
+    assert os.path.isfile(os.path.join(out, "eora_adapters.safetensors"))
+    ppl, _ = _ppl(out, workspace)  # merged W_q + BA computes what the adapters computed
+    assert ppl == pytest.approx(rep["metrics"]["perplexity_after"], rel=1e-4)
+
+
+def test_rtn_packed_checkpoint_matches_and_trains_as_student(workspace, capsys):
+    from tbt.export.io import load_packed
+
+    out, rep = _run(workspace, "rtn-packed", "--method", "rtn", "--granularity", "row",
+                    "--save-packed")
+    packed = load_packed(os.path.join(out, "packed"))
+    _, hf = _ppl(out, workspace)
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
+    assert main(["inspect", os.path.join(out, "packed")]) == 0
+    # the PTQ checkpoint initialises a QAT student
+    qat = str(workspace["root"] / "qat")
+    rc = main(["train", "--model", out, "--teacher", workspace["fp"], "--bits", "2-2-8",
+               "--train-file", workspace["calib"], "--task", "causal-lm", "--max-length", "32",
+               "--max-steps", "2", "--batch-size", "4", "--output-dir", qat, "--device", "cpu",
+               "--no-progress"])
+    assert rc == 0 and os.path.isfile(os.path.join(qat, "config.json"))
+
+
+def test_bad_options_say_what_to_do(workspace, capsys):
+    rc = main(["ptq", "--model", workspace["fp"], "--method", "ptqtp", "--salient-frac", "0.1",
+               "--output-dir", str(workspace["root"] / "bad")])
+    assert rc == 2 and "salient_frac" in capsys.readouterr().err
+    rc = main(["ptq", "--model", workspace["fp"], "--method", "billm",
+               "--output-dir", str(workspace["root"] / "bad2")])
+    assert rc == 2 and "--calib-file" in capsys.readouterr().err
