@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tbt.ptq.calib import collect_grams, get_weight, linear_groups, set_weight
+from tbt.ptq.calib import get_weight, linear_groups, make_calibrator, set_weight
 from tbt.ptq.eora import (EoRAConfig, LowRankAdapter, adapter_bits, adapter_from_delta,
                           weighted_error)
 from tbt.ptq.registry import LayerStats, get_ptq_method
@@ -166,15 +166,21 @@ def quantize_model_ptq(model: nn.Module, cfg: PTQConfig,
         raise ValueError("no linear layers to quantize; check skip_modules")
     report = PTQReport(config=cfg.to_dict())
     t0 = time.perf_counter()
-    for group in groups:  # with batches, calibration-free methods get the output error measured
-        stats = (collect_grams(model, group, batches) if batches
-                 else {n: LayerStats() for n, _ in group})
+    # with batches, calibration-free methods get their output error measured as well
+    was_training = model.training
+    model.eval()
+    calib = make_calibrator(model, groups, batches) if batches else None
+    for index, group in enumerate(groups):
+        stats = calib.grams(group) if calib else {n: LayerStats() for n, _ in group}
         for name, mod in group:
             new = _quantize_layer(name, mod, stats[name], cfg, report)
             if new is not mod:
                 _set_submodule(model, name, new)
+        if calib:
+            calib.advance(index)
         logger.info("ptq: %s done (%d linears)", group[0][0].rsplit(".", 1)[0], len(group))
     report.seconds = time.perf_counter() - t0
+    model.train(was_training)
     return report
 
 
