@@ -184,6 +184,9 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     directory = Path(directory)
     meta = read_packed_metadata(directory)
     qcfg = QuantConfig.from_json(meta["quant_config"])
+    from tbt.models import register as register_models
+
+    register_models()  # tbt's own architectures (the MatMul-free LM) for AutoConfig
     config = tf.AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # quantize_model sets it again

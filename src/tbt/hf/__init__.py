@@ -14,9 +14,11 @@ from typing import Any
 def register() -> None:
     """Register tbt's quantizer and attention function with transformers (idempotent)."""
     import tbt.hf.quantizer  # noqa: F401  (registration side effect)
+    from tbt.models import register as register_models
     from tbt.quant.attention import register_attention
 
     register_attention()
+    register_models()  # tbt's own architectures (the MatMul-free LM) for the Auto classes
 
 
 def _auto_class(config: Any):
