@@ -67,6 +67,9 @@ class BuildKernels(build_ext):
 setup(
     ext_modules=[Extension("tbt.runtime._tbt_kernels", sources=SOURCES,
                            depends=[str(p.as_posix()) for p in CSRC.glob("*.h")],
+                           optional=True),
+                 # training-time fused activation quantizers (tbt/quant/fused.py), also ctypes
+                 Extension("tbt.quant._tbt_qops", sources=["src/tbt/quant/csrc/qops.c"],
                            optional=True)],
     cmdclass={"build_ext": BuildKernels},
 )

@@ -76,6 +76,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from tbt.quant import fused as _fused
+
 __all__ = ["ElasticQuantizer", "MinMaxQuantizer", "calibrate", "elastic_quantize",
            "minmax_quantize", "initial_alpha", "elastic_spec", "ElasticSpec", "VARIANTS",
            "ALPHA_EPS"]
@@ -163,9 +165,14 @@ class _ElasticQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, spec: ElasticSpec):  # type: ignore[override]
+        ctx.spec, ctx.alpha_dtype, ctx.x_dtype, ctx.numel = spec, alpha.dtype, x.dtype, x.numel()
+        ctx.fused = _use_fused(x, spec)
+        if ctx.fused:  # one C pass; same values (tbt.quant.fused)
+            y, saved, a, offset = _fused_forward(x, alpha, spec)
+            ctx.save_for_backward(saved, x.contiguous(), a, offset)
+            return y
         xs, code, a, offset = _elastic_codes(x, alpha, spec)
         y = _elastic_output(code, a, offset, spec)
-        ctx.spec, ctx.alpha_dtype, ctx.x_dtype, ctx.numel = spec, alpha.dtype, x.dtype, x.numel()
         r = xs / a
         inside = (r >= spec.qn) & (r <= spec.qp)  # inclusive STE window
         code_dtype = torch.int8 if spec.qp <= 127 else torch.int16
@@ -174,6 +181,8 @@ class _ElasticQuantize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
+        if ctx.fused:
+            return _fused_backward(ctx, grad)
         code, inside, x, a, offset = ctx.saved_tensors
         spec: ElasticSpec = ctx.spec
         g = grad.to(a.dtype)
@@ -195,6 +204,35 @@ class _ElasticQuantize(torch.autograd.Function):
         return grad_x, grad_alpha, None
 
 
+def _use_fused(x: Tensor, spec: ElasticSpec) -> bool:
+    return spec.qp <= 63 and spec.qn >= -63 and _fused.enabled(x)
+
+
+def _fused_forward(x: Tensor, alpha: Tensor, spec: ElasticSpec):
+    """(y, saved int8, α_c 0-dim, offset 0-dim or None) through the C kernel (CPU float32)."""
+    a = torch.where(alpha > ALPHA_EPS, alpha, ALPHA_EPS).to(torch.float32).detach()
+    offset = x.min() if spec.shift_min else x.mean() if spec.center else None
+    y, saved = _fused.elastic_forward(x, a, offset, spec.shift_min, spec.qn, spec.qp,
+                                      spec.use_sign)
+    return y, saved, a, offset
+
+
+def _fused_backward(ctx, grad: Tensor):
+    saved, x, a, offset = ctx.saved_tensors
+    spec: ElasticSpec = ctx.spec
+    gx, sums = _fused.elastic_backward(grad.to(torch.float32), saved, x)
+    grad_alpha = None
+    if ctx.needs_input_grad[1]:
+        grad_alpha = sums[0]  # Σ G·code (signed binary: Σ G·sign(x̃), no range term)
+        if not spec.use_sign:
+            gx_xs = sums[1] if offset is None else sums[1] - offset.double() * sums[2]
+            grad_alpha = grad_alpha - gx_xs / a.double()
+        if spec.grad_scale:
+            grad_alpha = grad_alpha * (1.0 / math.sqrt(ctx.numel * spec.qp))
+        grad_alpha = grad_alpha.to(ctx.alpha_dtype)
+    return (gx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None), grad_alpha, None
+
+
 def elastic_quantize(x: Tensor, alpha: Tensor, bits: int, signed: bool,
                      variant: str = "paper") -> Tensor:
     """Fake-quantize ``x`` (any shape, float) with the learned step ``alpha`` (0-dim).
@@ -206,6 +244,8 @@ def elastic_quantize(x: Tensor, alpha: Tensor, bits: int, signed: bool,
     spec = elastic_spec(bits, signed, variant)
     if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
         return _ElasticQuantize.apply(x, alpha, spec)
+    if _use_fused(x, spec):
+        return _fused_forward(x, alpha, spec)[0]
     return _elastic_value(x, alpha, spec)[0].to(x.dtype)
 
 
@@ -353,6 +393,10 @@ class _MinMaxQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, bits: int, signed: bool, clip: float):  # type: ignore[override]
+        if _fused.enabled(x):  # one C pass for the statistics, one for the values
+            y, inside = _fused.minmax_forward(x, bits, signed, clip, ASYM_EPS)
+            ctx.save_for_backward(inside)
+            return y
         ctx.save_for_backward((x > -clip) & (x < clip))  # 1 byte per element
         return _minmax_value(x, bits, signed, clip).to(x.dtype)
 
@@ -366,6 +410,8 @@ def minmax_quantize(x: Tensor, bits: int = 8, signed: bool = True, clip: float =
     """DQ-BART min/max fake quantization of ``x`` (any shape): METHOD.md §2c; same shape/dtype."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _MinMaxQuantize.apply(x, bits, signed, clip)
+    if _fused.enabled(x):
+        return _fused.minmax_forward(x, bits, signed, clip, ASYM_EPS)[0]
     return _minmax_value(x, bits, signed, clip).to(x.dtype)
 
 
