@@ -83,6 +83,66 @@ def test_xsum_style_removes_the_summary(tmp_path):
     assert all(r["document"].startswith(("def ", "class ", "module ")) for r in rows)
 
 
+def test_api_style_name_then_sentence(tmp_path):
+    sig = "def pkg.mod.checksum(path, size=4096)"
+    doc = "Return the checksum of a file.\n\nThe file is read in blocks, so memory stays flat."
+    assert make_example(sig, doc, style="api") == {
+        "summary": "pkg.mod.checksum: Return the checksum of a file.",
+        "document": "pkg.mod.checksum(path, size=4096)\nThe file is read in blocks, so memory "
+                    "stays flat."}
+    paths = build_docstring_corpus(str(tmp_path), source=SMALL, style="api", max_examples=60)
+    for row in (r for p in paths.values() for r in read(p)):
+        name, sentence = row["summary"].split(": ", 1)
+        assert row["document"].startswith(name) and sentence not in row["document"]
+
+
 def test_bad_source(tmp_path):
     with pytest.raises(ValueError, match="source must be one of"):
         build_docstring_corpus(str(tmp_path), source="nowhere")
+
+
+def test_copy_warmup_batch():
+    import torch
+
+    from tbt.train.corpus import copy_warmup_batch
+
+    g = torch.Generator().manual_seed(0)
+    b = copy_warmup_batch(4, 300, source_length=10, target_length=3, generator=g)
+    assert b["input_ids"].shape == (4, 12) and b["labels"].shape == (4, 5)
+    assert (b["input_ids"][:, 0] == 0).all() and (b["input_ids"][:, -1] == 2).all()
+    assert torch.equal(b["labels"][:, :4], b["input_ids"][:, :4])  # <s> + 3 copied tokens
+    assert (b["labels"][:, -1] == 2).all() and b["attention_mask"].all()
+    body = b["input_ids"][:, 1:-1]
+    assert body.min() >= 5 and body.max() < 299
+    again = copy_warmup_batch(4, 300, source_length=10, target_length=3,
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again["input_ids"], b["input_ids"])
+
+
+def test_copy_warmup_file(tmp_path):
+    from tbt.train.corpus import build_copy_warmup_file
+    from tbt.train.tokenizer import train_tokenizer
+
+    words = [f"word{chr(97 + i)}{chr(97 + j)}" for i in range(8) for j in range(8)]
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps({"document": " ".join(words[i:] + words[:i]) * 3,
+                                       "summary": "s"}) + "\n" for i in range(64)),
+                   encoding="utf-8")
+    tok = train_tokenizer([str(src)], ["document"], 400, str(tmp_path / "tok"))
+    a = read(build_copy_warmup_file(str(tmp_path / "a.jsonl"), tok, n_examples=40,
+                                    source_tokens=20, target_tokens=6))
+    b = read(build_copy_warmup_file(str(tmp_path / "b.jsonl"), tok, n_examples=40,
+                                    source_tokens=20, target_tokens=6))
+    assert a == b and len(a) == 40  # deterministic in the seed
+    for row in a:
+        doc = tok(row["document"], add_special_tokens=False)["input_ids"]
+        summ = tok(row["summary"], add_special_tokens=False)["input_ids"]
+        # the first word (no leading space) may split in two; the other 19 are single tokens
+        assert len(doc) in (20, 21) and doc[:len(summ)] == summ
+        assert len(summ) - len(doc) == 6 - 20 and len(row["document"].split()) == 20
+    tiny_src = tmp_path / "tiny.jsonl"
+    tiny_src.write_text(json.dumps({"document": "a b c", "summary": "a"}) + "\n",
+                        encoding="utf-8")
+    tiny = train_tokenizer([str(tiny_src)], ["document"], 300, str(tmp_path / "tok2"))
+    with pytest.raises(ValueError, match="whole-word tokens"):
+        build_copy_warmup_file(str(tmp_path / "c.jsonl"), tiny, n_examples=1)

@@ -24,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="distillation steps of each student (default: 300; quick: 12)")
     p.add_argument("--eval-samples", type=int, default=None, metavar="N",
                    help="test documents scored (default: 200; quick: 24)")
+    p.add_argument("--style", choices=("lead", "api", "xsum"), default=None,
+                   help="corpus style: lead (summary = the document's first sentence, "
+                        "default), api (name + first sentence, the sentence removed from the "
+                        "document: abstractive), xsum (first sentence removed; hardest)")
+    p.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                   help="teacher steps on the synthetic copy task first (default: 300)")
     p.add_argument("--variant", choices=("paper", "released"), default=None,
                    help="TBT quantizer variant of the students (default: paper)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", default=None,
@@ -39,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     dc = demo_config(args.quick, output_dir=args.output_dir, teacher_steps=args.teacher_steps,
                      student_steps=args.student_steps, eval_samples=args.eval_samples,
+                     style=args.style, warmup_steps=args.warmup_steps,
                      variant=args.variant, bf16=args.bf16, seed=args.seed,
                      progress=args.progress)
     run_demo(dc)

@@ -3,8 +3,9 @@
 1. build a real summarisation corpus offline: Python standard-library docstrings, the first
    sentence as the summary (:func:`tbt.train.corpus.build_docstring_corpus`);
 2. train a byte-level BPE tokenizer on it;
-3. train a small full-precision BART teacher from scratch (``--bits fp``): a short
-   autoencoding warm-up (the target is the document), then the summaries;
+3. train a small full-precision BART teacher from scratch (``--bits fp``): a short warm-up on
+   a synthetic copy task (random whole-word tokens, the target is their first part; see
+   :func:`tbt.train.corpus.copy_warmup_batch` for why), then the summaries;
 4. distil four students from it: TBT at 2-2-8, 1-1-8 and 2-2-2, and the TWN 2-2-8 baseline
    (same loss and steps; only the weight quantizer differs);
 5. evaluate all five on the test split (ROUGE-1/2/L/Lsum, generated length);
@@ -47,7 +48,8 @@ class DemoConfig:
     max_source_length: int = 96
     max_target_length: int = 32
     batch_size: int = 16
-    warmup_steps: int = 300  # teacher autoencoding warm-up (labels = the document)
+    style: str = "lead"  # corpus style (tbt.train.corpus: lead, api, xsum)
+    warmup_steps: int = 300  # teacher warm-up on the synthetic copy task
     teacher_steps: int = 500
     teacher_lr: float = 2e-3
     student_steps: int = 300
@@ -139,7 +141,7 @@ def format_results(rows: list[dict[str, Any]]) -> str:
 
 def run_demo(dc: DemoConfig) -> dict[str, Any]:
     """Run every stage; returns ``{"results": [row per model], "plots": [...], ...}``."""
-    from tbt.train.corpus import build_docstring_corpus
+    from tbt.train.corpus import build_copy_warmup_file, build_docstring_corpus
     from tbt.train.data import DataConfig, load_raw_splits
     from tbt.train.loop import train
     from tbt.train.plots import layer_tensors, save_all
@@ -152,21 +154,25 @@ def run_demo(dc: DemoConfig) -> dict[str, Any]:
 
     out = dc.output_dir
     os.makedirs(out, exist_ok=True)
-    stage(f"[1/6] corpus: Python docstrings -> first sentence ({out}/data)")
-    paths = build_docstring_corpus(os.path.join(out, "data"), dc.max_examples, dc.seed)
+    stage(f"[1/6] corpus: Python docstrings -> first sentence, style {dc.style} ({out}/data)")
+    paths = build_docstring_corpus(os.path.join(out, "data"), dc.max_examples, dc.seed,
+                                   style=dc.style)
     stage(f"[2/6] tokenizer: byte-level BPE, {dc.vocab_size} tokens")
     tok_dir = os.path.join(out, "tokenizer")
     tok = train_tokenizer([paths["train"]], ["document", "summary"], dc.vocab_size, tok_dir)
 
     stage(f"[3/6] teacher: full-precision {dc.architecture} from scratch, {dc.warmup_steps} "
-          f"steps of autoencoding warm-up, then {dc.teacher_steps} steps on the summaries")
-    # The warm-up (target = the document itself) teaches the encoder-decoder to copy through
-    # cross attention; without it a tiny model first learns the summaries' language model
-    # and ignores its input for a long time (tbt.train.corpus documents the measurement).
+          f"steps of copy warm-up, then {dc.teacher_steps} steps on the summaries")
+    # The warm-up teaches the encoder-decoder to copy through cross attention; without it a
+    # tiny model first learns the summaries' language model and ignores its input for a long
+    # time (tbt.train.corpus documents the measurement).
     warm_dir, teacher_dir = os.path.join(out, "teacher-warmup"), os.path.join(out, "teacher")
-    warm = train(_train_cfg(dc, paths, warm_dir, model=dc.architecture, tokenizer=tok_dir,
-                            bits="fp", max_steps=dc.warmup_steps, lr=dc.teacher_lr,
-                            target_column="document"))
+    copy_file = build_copy_warmup_file(os.path.join(out, "data", "copy_warmup.jsonl"), tok,
+                                       n_examples=dc.warmup_steps * dc.batch_size,
+                                       seed=dc.seed)
+    warm = train(_train_cfg(dc, dict(paths, train=copy_file), warm_dir, model=dc.architecture,
+                            tokenizer=tok_dir, bits="fp", max_steps=dc.warmup_steps,
+                            lr=dc.teacher_lr))
     teacher = train(_train_cfg(dc, paths, teacher_dir, model=warm_dir, bits="fp",
                                max_steps=dc.teacher_steps, lr=dc.teacher_lr))
     teacher["train_time_s"] += warm["train_time_s"]
