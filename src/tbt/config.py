@@ -21,8 +21,7 @@ from typing import Any
 FP_SPELLINGS = ("fp", "32", "16", "none", "")
 
 VARIANTS = ("paper", "released")
-GRANULARITIES = ("row", "tensor")
-ACT_METHODS = ("auto", "elastic", "minmax")
+GRANULARITIES = ("row", "tensor", "group", "shard")  # tbt.quant.granularity
 
 CONFIG_VERSION = 1
 
@@ -72,15 +71,23 @@ class QuantConfig:
 
     Args:
         bits: E-W-A setting, e.g. ``"2-2-8"``; normalised on construction (``32`` -> ``fp``).
-        method: weight quantizer for embeddings and linears (``tbt``, ``twn``, ``bwn``,
-            ``absmean``, ``uniform``; see :func:`tbt.quant.quantize_weight`).
+        method: weight quantizer for embeddings and linears: ``tbt``, ``twn``, ``bwn``,
+            ``absmean``, ``uniform``, ``bitnet-binary``, ``trilm`` (stateless) or ``lsq``,
+            ``seq``, ``seq-int2``, ``dlt``, ``tequila`` (per-layer modules); ``docs/methods.md``.
         variant: ``"paper"`` (Eq. 8-14: centred weights, clipped STE, zero-mean signed
             activations) or ``"released"`` (the authors' code, METHOD.md §0).
-        granularity: ``"row"`` (one scale per output channel, TBT) or ``"tensor"``; ``None``
-            uses the method's own (row for tbt/twn/bwn/uniform, tensor for absmean).
+        granularity: ``"row"`` (one scale per output channel, TBT), ``"tensor"``, ``"group"``
+            (``group_size`` inputs of a row) or ``"shard"`` (``num_shards`` blocks of rows);
+            ``None`` uses the method's own (tensor for absmean/bitnet-binary, group for
+            tequila, shard for trilm, row otherwise).
+        group_size: inputs per scale with ``granularity="group"`` (must divide in_features).
+        num_shards: row blocks with ``granularity="shard"`` (TriLM's model-parallel shards).
+        tequila_lambda: Tequila's dead-zone bias factor λ (RELATED.md §7; fixed, 1e-3).
         weight_clip: clip of the TWN baseline's inputs (METHOD.md §1c), in weight units.
-        act_method: ``"elastic"`` (learned α, TBT/LSQ), ``"minmax"`` (dynamic 8-bit, DQ-BART),
-            or ``"auto"``: minmax for 8-bit activations, elastic below (the released recipe).
+        act_method: ``"elastic"`` (learned α, TBT), ``"minmax"`` (dynamic 8-bit, DQ-BART),
+            ``"absmax-token"`` (BitNet), ``"elastic-shift"`` (BiT), ``"lsq"``, ``"lsq-plus"``
+            (:mod:`tbt.quant.act_methods`), or ``"auto"``: minmax for 8-bit activations,
+            elastic below (the released recipe).
         act_clip: clip of the min/max activation quantizer, in activation units.
         quantize_attention: also quantize Q, K, V and the attention probabilities.
         skip_modules: fnmatch patterns of module names left in full precision.
@@ -93,6 +100,9 @@ class QuantConfig:
     variant: str = "paper"
     granularity: str | None = None
     weight_clip: float = 2.5
+    group_size: int = 128
+    num_shards: int = 1
+    tequila_lambda: float = 1e-3
     act_method: str = "auto"
     act_clip: float = 2.5
     quantize_attention: bool = True
@@ -109,17 +119,20 @@ class QuantConfig:
         _check_choice("variant", self.variant, VARIANTS)
         if self.granularity is not None:
             _check_choice("granularity", self.granularity, GRANULARITIES)
-        _check_choice("act_method", self.act_method, ACT_METHODS)
+        from tbt.quant.act_methods import check_act_method
         from tbt.quant.weight import check_weight_method
 
         for what, b in (("embedding", e), ("weight", w)):
             if b is not None:
                 check_weight_method(self.method, b, what=f"{what} bits of bits={self.bits!r}")
-        if self.act_method == "minmax" and a is not None and a != 8:
-            raise ValueError(
-                f"act_method='minmax' is the fixed 8-bit quantizer; bits={self.bits!r} asks for "
-                f"{a}-bit activations: use act_method='elastic' or 'auto'"
-            )
+        check_act_method(self.act_method, a)
+        for name in ("group_size", "num_shards"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int; got {v!r}")
+        if not self.tequila_lambda >= 0:
+            raise ValueError(f"tequila_lambda must be >= 0 (Tequila uses 1e-3); "
+                             f"got {self.tequila_lambda!r}")
         if self.weight_clip <= 0 or self.act_clip <= 0:
             raise ValueError("weight_clip and act_clip must be positive")
         if self.version > CONFIG_VERSION:

@@ -459,16 +459,21 @@ def test_dequantize():
 # ---- validation and registry -----------------------------------------------------------------
 
 def test_unknown_method_message():
+    # the core methods and those of tbt.quant.weight_bitnet / weight_learned / tequila
     with pytest.raises(ValueError, match=r"method='foo' is unknown; choose one of "
-                                         r"\['absmean', 'bwn', 'tbt', 'twn', 'uniform'\]"):
+                                         r"\['absmean', 'bitnet-binary', 'bwn', 'dlt', 'lsq', "
+                                         r"'seq', 'seq-int2', 'tbt', 'tequila', 'trilm', 'twn', "
+                                         r"'uniform'\]"):
         weight_codes(torch.ones(2, 2), 2, method="foo")
 
 
 @pytest.mark.parametrize("method,bits,fragment", [
     ("tbt", 3, r"method='tbt' supports bits in \(1, 2\) \(1 = binary, 2 = ternary\); got 3; "
-               r"use method='uniform' for 3\.\.8 bits"),
-    ("twn", 1, r"supports bits in \(2,\) \(2 = ternary\); got 1; .*\['bwn', 'tbt'\]"),
-    ("bwn", 2, r"got 2; .*\['absmean', 'tbt', 'twn'\]"),
+               r"for 3-bit weights use one of \['lsq', 'uniform'\]"),
+    ("twn", 1, r"supports bits in \(2,\) \(2 = ternary\); got 1; .*"
+               r"\['bitnet-binary', 'bwn', 'lsq', 'tbt'\]"),
+    ("bwn", 2, r"got 2; .*\['absmean', 'dlt', 'lsq', 'seq', 'seq-int2', 'tbt', 'tequila', "
+               r"'trilm', 'twn'\]"),
     ("uniform", 2, r"supports bits in \(3, 4, 5, 6, 7, 8\); got 2"),
     ("absmean", 9, r"got 9; weight bits must be 1 \(binary\), 2 \(ternary\) or 3\.\.8"),
     ("tbt", True, r"got True; bits must be an int"),
@@ -489,7 +494,8 @@ def test_check_weight_method_what_and_valid():
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
-    (dict(granularity="col"), r"granularity='col' is unknown; choose one of \['row', 'tensor'\]"),
+    (dict(granularity="col"), r"granularity='col' is unknown; choose one of "
+                              r"\['row', 'tensor', 'group', 'shard'\]"),
     (dict(variant="code"), r"variant='code' is unknown; choose one of \['paper', 'released'\]"),
     (dict(method="twn", clip=0.0), r"clip must be positive"),
 ])
@@ -512,8 +518,9 @@ def test_bad_weight(w):
 
 def test_registry_contents_and_registration():
     got = {n: (m.bits, m.default_granularity) for n, m in WEIGHT_METHODS.items()}
-    assert got == {"tbt": ((1, 2), "row"), "twn": ((2,), "row"), "bwn": ((1,), "row"),
-                   "absmean": ((2,), "tensor"), "uniform": ((3, 4, 5, 6, 7, 8), "row")}
+    core = {"tbt": ((1, 2), "row"), "twn": ((2,), "row"), "bwn": ((1,), "row"),
+            "absmean": ((2,), "tensor"), "uniform": ((3, 4, 5, 6, 7, 8), "row")}
+    assert {k: got[k] for k in core} == core  # the others: tests/quant/test_methods_weight.py
     with pytest.raises(ValueError, match="already registered"):
         register_weight_method("tbt", (2,), "row")(lambda *a, **k: None)
     with pytest.raises(ValueError, match="default_granularity='col'"):

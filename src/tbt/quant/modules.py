@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tbt.quant.weight import quantize_weight
+from tbt.quant.weight import (WEIGHT_METHODS, PackedLayout, PackedWeight, quantize_weight,
+                              weight_codes)
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,37 @@ class WeightSpec:
     variant: str = "paper"
     granularity: str | None = None
     clip: float = 2.5
+    group_size: int = 128
+    num_shards: int = 1
 
     def __call__(self, w: Tensor) -> Tensor:
         return quantize_weight(
             w, self.bits, method=self.method, variant=self.variant,
-            granularity=self.granularity, clip=self.clip,
+            granularity=self.granularity, clip=self.clip, group_size=self.group_size,
+            num_shards=self.num_shards,
         )
+
+    def codes_and_scale(self, w: Tensor) -> PackedWeight:
+        """What the exporter packs: codes and a per-row (or per-group) float32 scale."""
+        codes, scale = weight_codes(w, self.bits, self.method, self.variant, self.granularity,
+                                    self.clip, group_size=self.group_size,
+                                    num_shards=self.num_shards)
+        return PackedWeight(codes, scale.expand(w.shape[0], scale.shape[1]))
+
+    def output_bias(self, w: Tensor) -> Tensor | None:
+        """Stateless methods add no input-independent output term (Tequila does)."""
+        return None
+
+    def packed_layout(self, w: Tensor) -> PackedLayout:
+        """Export shapes from ``w``'s shape and strides alone (row/tensor keep its layout)."""
+        gran = self.granularity or WEIGHT_METHODS[self.method].default_granularity
+        groups = w.shape[1] // self.group_size if gran == "group" else 1
+        return PackedLayout(groups, False, False,
+                            gran in ("row", "tensor") and not w.is_contiguous())
+
+    @property
+    def packable(self) -> bool:
+        return WEIGHT_METHODS[self.method].packable
 
     @property
     def row_local(self) -> bool:
@@ -51,8 +77,8 @@ class WeightSpec:
         gradients, and |batch tokens| rows of work instead of |vocab|. BWN centres with a
         per-tensor mean (METHOD.md §1c), so it is never row-local.
         """
-        gran = self.granularity or ("tensor" if self.method == "absmean" else "row")
-        return gran == "row" and self.method != "bwn"
+        gran = self.granularity or WEIGHT_METHODS[self.method].default_granularity
+        return gran in ("row", "group") and self.method != "bwn"
 
 
 class QuantLinear(nn.Module):
@@ -108,13 +134,22 @@ class QuantLinear(nn.Module):
         w = self.weight.t() if self.transposed else self.weight
         return w if self.weight_spec is None else self.weight_spec(w)
 
+    def effective_bias(self) -> Tensor | None:
+        """``b`` plus the weight quantizer's input-independent output term (Tequila), if any."""
+        if self.weight_spec is None:
+            return self.bias
+        extra = self.weight_spec.output_bias(self.weight.t() if self.transposed else self.weight)
+        if extra is None:
+            return self.bias
+        return extra if self.bias is None else self.bias + extra
+
     def forward(self, x: Tensor) -> Tensor:
         if self.act_quant is not None:
             x = self.act_quant(x)
         w = self.quantized_weight()
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(w.dtype)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, w, self.effective_bias())
 
     def extra_repr(self) -> str:
         spec = self.weight_spec

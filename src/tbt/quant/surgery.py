@@ -25,9 +25,11 @@ import logging
 from torch import nn
 
 from tbt.config import QuantConfig
+from tbt.quant.act_methods import make_act_quantizer
 from tbt.quant.activation import ElasticQuantizer, MinMaxQuantizer
 from tbt.quant.attention import AttentionQuantizers, register_attention
-from tbt.quant.modules import QuantEmbedding, QuantLinear, WeightSpec
+from tbt.quant.modules import QuantEmbedding, QuantLinear
+from tbt.quant.weight_learned import make_weight_quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +58,19 @@ def _unsigned_patterns(model: nn.Module, cfg: QuantConfig) -> tuple[str, ...]:
     return UNSIGNED_INPUTS.get(mtype, ())
 
 
-def make_act_quantizer(cfg: QuantConfig, signed: bool) -> nn.Module | None:
-    """The activation quantizer of one tensor under ``cfg`` (``None`` = float activations)."""
-    if cfg.act_bits is None:
-        return None
-    if cfg.resolved_act_method == "minmax":
-        return MinMaxQuantizer(bits=8, signed=signed, clip=cfg.act_clip)
-    return ElasticQuantizer(cfg.act_bits, signed=signed, variant=cfg.variant)
+__all__ = ["quantize_model", "quantized_modules", "make_act_quantizer", "UNSIGNED_INPUTS"]
 
 
-def _weight_spec(cfg: QuantConfig, bits: int | None) -> WeightSpec | None:
+def _weight_quant(cfg: QuantConfig, bits: int | None, param: nn.Parameter, transposed: bool,
+                  shared: dict[int, object]):
+    """The weight quantizer of one layer: a WeightSpec for stateless methods, a module built
+    from this layer's latent ``(out, in)`` weight for learned ones (the registry decides).
+    Layers sharing one Parameter (tied embeddings) share one quantizer."""
     if bits is None:
         return None
-    return WeightSpec(bits, cfg.method, cfg.variant, cfg.granularity, cfg.weight_clip)
+    if id(param) not in shared:
+        shared[id(param)] = make_weight_quantizer(cfg, bits, param.t() if transposed else param)
+    return shared[id(param)]
 
 
 def _is_linear(mod: nn.Module) -> bool:
@@ -128,30 +130,34 @@ def quantize_model(model: nn.Module, config: QuantConfig | str) -> nn.Module:
         raise ValueError("model is already quantized (it contains QuantLinear/QuantEmbedding)")
     unsigned = _unsigned_patterns(model, cfg)
     n_lin = n_emb = n_attn = 0
+    shared: dict[int, object] = {}
 
     if cfg.embed_bits is not None and hasattr(model, "get_input_embeddings"):
         token_embeddings = _token_embedding_names(model)
-        spec = _weight_spec(cfg, cfg.embed_bits)
         for name, mod in list(model.named_modules()):
             if (isinstance(mod, nn.Embedding) and name in token_embeddings
                     and not _matches(name, cfg.skip_modules)):
+                spec = _weight_quant(cfg, cfg.embed_bits, mod.weight, False, shared)
                 _set_submodule(model, name, QuantEmbedding.from_float(mod, spec))
                 n_emb += 1
 
-    w_spec = _weight_spec(cfg, cfg.weight_bits)
     for name, mod in list(model.named_modules()):
         if not _is_linear(mod) or _matches(name, cfg.skip_modules):
             continue
-        act = make_act_quantizer(cfg, signed=not _matches(name, unsigned))
-        _set_submodule(model, name, QuantLinear.from_float(mod, w_spec, act))
+        transposed = not isinstance(mod, nn.Linear)  # GPT-2 Conv1D stores (in, out)
+        in_features = mod.weight.shape[0] if transposed else mod.weight.shape[1]
+        act = make_act_quantizer(cfg, not _matches(name, unsigned), int(in_features))
+        w_quant = _weight_quant(cfg, cfg.weight_bits, mod.weight, transposed, shared)
+        _set_submodule(model, name, QuantLinear.from_float(mod, w_quant, act))
         n_lin += 1
 
     if cfg.quantize_attention and cfg.act_bits is not None:
         for name, mod in list(model.named_modules()):
             if _is_attention(mod) and not _matches(name, cfg.skip_modules):
+                head_dim = getattr(mod, "head_dim", None)  # Q/K/V channels (BiT's shift)
                 mod.tbt_attn = AttentionQuantizers(
-                    make_act_quantizer(cfg, True), make_act_quantizer(cfg, True),
-                    make_act_quantizer(cfg, True), make_act_quantizer(cfg, False),
+                    make_act_quantizer(cfg, True, head_dim), make_act_quantizer(cfg, True, head_dim),
+                    make_act_quantizer(cfg, True, head_dim), make_act_quantizer(cfg, False),
                 )
                 n_attn += 1
 
@@ -179,5 +185,9 @@ def _attach_config(model: nn.Module, cfg: QuantConfig) -> None:
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> module for every quantized layer and activation quantizer (for inspection)."""
-    kinds = (QuantLinear, QuantEmbedding, ElasticQuantizer, MinMaxQuantizer)
+    from tbt.quant.act_methods import AbsmaxTokenQuantizer
+    from tbt.quant.weight_learned import WeightQuantizer
+
+    kinds = (QuantLinear, QuantEmbedding, ElasticQuantizer, MinMaxQuantizer, AbsmaxTokenQuantizer,
+             WeightQuantizer)
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}

@@ -64,6 +64,19 @@ with it. Every other binary path (``tbt``/``paper``, ``bwn``) maps an exact 0 of
 weight to **+1**, so binary codes are always ±1 and pack into one bit.
 
 ``variant`` only changes ``tbt``; the other methods have a single definition and ignore it.
+
+Granularity and the neighbouring methods
+----------------------------------------
+``granularity`` is ``row`` | ``tensor`` | ``group`` (``group_size`` contiguous inputs of a row) |
+``shard`` (``num_shards`` blocks of output rows); :mod:`tbt.quant.granularity` explains the unit
+view that gives every method all four. ``group`` scales are exported as ``(out, in/g)``.
+
+More stateless methods (``bitnet-binary``, ``trilm``) live in :mod:`tbt.quant.weight_bitnet`.
+Methods with learned parameters (``lsq``, ``seq``, ``seq-int2``, ``dlt``) and Tequila's dead-zone
+bias (``tequila``) are per-layer modules (:mod:`tbt.quant.weight_learned`,
+:mod:`tbt.quant.tequila`) registered here with :func:`register_weight_quantizer`;
+:func:`quantize_weight` refuses them (build them with ``make_weight_quantizer`` or
+``quantize_model``). ``docs/methods.md`` lists every formula.
 """
 
 from __future__ import annotations
@@ -75,8 +88,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from tbt.quant.granularity import GRANULARITIES, check_units, expand_scale, to_units
+
 __all__ = [
     "GRANULARITIES",
+    "PackedLayout",
+    "PackedWeight",
+    "register_weight_quantizer",
     "VARIANTS",
     "QuantizedWeight",
     "WEIGHT_METHODS",
@@ -89,7 +107,6 @@ __all__ = [
 ]
 
 VARIANTS = ("paper", "released")
-GRANULARITIES = ("row", "tensor")
 ABSMEAN_EPS = 1e-5  # BitNet b1.58: W / (γ + ε)  (RELATED.md §1a)
 TWN_THRESHOLD = 0.7  # Δ = 0.7·mean|W|  (Li & Liu 2016)
 
@@ -107,6 +124,36 @@ class QuantizedWeight(NamedTuple):
     ste_mask: Tensor | None
 
 
+class PackedWeight(NamedTuple):
+    """What the exporter packs for one matrix (every method, stateless or learned).
+
+    codes: int8 ``(out, in)``; scale: float32 ``(out, G)`` (``G = 1`` per row, ``in/g`` per
+    group; a per-tensor scale is repeated per row); offset: float32 like ``scale``, added after
+    the scale (DLT's shift γ), or ``None``; bias: ``(out,)`` input-independent output bias
+    (Tequila's dead-zone term, folded into the layer bias at export), or ``None``.
+    The weight is ``dequantize(codes, scale, dtype, offset)``.
+    """
+
+    codes: Tensor
+    scale: Tensor
+    offset: Tensor | None = None
+    bias: Tensor | None = None
+
+
+class PackedLayout(NamedTuple):
+    """Shapes of what the exporter stores for a weight, known without reading its values.
+
+    groups: scale columns (1, or in/g per group); has_offset / has_bias: a
+    :class:`PackedWeight` ``offset`` / ``bias`` is present; transposed: the fake-quantized weight
+    is laid out transposed in memory (F.linear's summation order depends on it).
+    """
+
+    groups: int
+    has_offset: bool
+    has_bias: bool
+    transposed: bool
+
+
 # fn(w, bits, *, per_row, variant, clip, want_mask) -> QuantizedWeight;
 # w is a detached float32 2-D tensor; the arguments are already validated.
 QuantFn = Callable[..., QuantizedWeight]
@@ -114,12 +161,19 @@ QuantFn = Callable[..., QuantizedWeight]
 
 @dataclass(frozen=True)
 class WeightMethod:
-    """A registry entry: the quantizer ``fn`` and the bits and default granularity it offers."""
+    """A registry entry: the quantizer ``fn`` and the bits and default granularity it offers.
+
+    ``quantizer`` is set instead of ``fn`` for a method that keeps per-layer state (a module
+    class with ``from_config``); ``packable`` is False when its codes are not ternary/binary
+    (the exporter then keeps the layer fake-quantized).
+    """
 
     name: str
     bits: tuple[int, ...]
     default_granularity: str
-    fn: QuantFn
+    fn: QuantFn | None
+    quantizer: type | None = None
+    packable: bool = True
 
 
 WEIGHT_METHODS: dict[str, WeightMethod] = {}
@@ -134,6 +188,35 @@ def register_weight_method(
     ``fn(w, bits, *, per_row, variant, clip, want_mask) -> QuantizedWeight`` receives a detached
     float32 ``(out, in)`` tensor and validated arguments; it must not sync with the host.
     """
+    bits = _check_registration(name, bits, default_granularity)
+
+    def deco(fn: QuantFn) -> QuantFn:
+        WEIGHT_METHODS[name] = WeightMethod(name, bits, default_granularity, fn)
+        return fn
+
+    return deco
+
+
+def register_weight_quantizer(
+    name: str, bits: tuple[int, ...], default_granularity: str, packable: bool = True
+) -> Callable[[type], type]:
+    """Decorator: register a per-layer quantizer *class* as weight method ``name``.
+
+    The class needs ``from_config(cfg, bits, weight) -> module`` (surgery calls it once per
+    layer with the latent ``(out, in)`` weight) and the module protocol of
+    :class:`tbt.quant.weight_learned.WeightQuantizer` (``forward``, ``codes_and_scale``,
+    ``output_bias``).
+    """
+    bits = _check_registration(name, bits, default_granularity)
+
+    def deco(cls: type) -> type:
+        WEIGHT_METHODS[name] = WeightMethod(name, bits, default_granularity, None, cls, packable)
+        return cls
+
+    return deco
+
+
+def _check_registration(name: str, bits, default_granularity: str) -> tuple[int, ...]:
     bits = tuple(bits)
     if name in WEIGHT_METHODS:
         raise ValueError(f"weight method {name!r} is already registered; pick another name")
@@ -143,12 +226,7 @@ def register_weight_method(
     if default_granularity not in GRANULARITIES:
         raise ValueError(f"default_granularity={default_granularity!r}; choose one of "
                          f"{list(GRANULARITIES)}")
-
-    def deco(fn: QuantFn) -> QuantFn:
-        WEIGHT_METHODS[name] = WeightMethod(name, bits, default_granularity, fn)
-        return fn
-
-    return deco
+    return bits
 
 
 def check_weight_method(method: str, bits: int, what: str = "bits") -> None:
@@ -183,6 +261,9 @@ def weight_codes(
     variant: str = "paper",
     granularity: str | None = None,
     clip: float = 2.5,
+    *,
+    group_size: int = 128,
+    num_shards: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Integer codes and scale of a weight matrix: exactly what the exporter packs.
 
@@ -191,21 +272,30 @@ def weight_codes(
         bits: 1 (binary), 2 (ternary) or 3..8 (``uniform``); see :func:`check_weight_method`.
         method: ``tbt`` | ``twn`` | ``bwn`` | ``absmean`` | ``uniform`` (module docstring).
         variant: ``"paper"`` (Eq. 8-10, centred) or ``"released"`` (authors' code); ``tbt`` only.
-        granularity: ``"row"`` | ``"tensor"`` | ``None`` (the method's default: ``tensor`` for
-            ``absmean``, ``row`` otherwise).
+        granularity: ``"row"`` | ``"tensor"`` | ``"group"`` | ``"shard"`` | ``None`` (the
+            method's default: ``tensor`` for ``absmean``, ``row`` for the core methods).
         clip: TWN's input clip in weight units (``twn`` only).
+        group_size, num_shards: unit sizes of ``group`` / ``shard`` (:mod:`tbt.quant.granularity`).
 
     Returns:
-        ``codes``: int8 ``(out, in)``; ``scale``: float32 ``(out, 1)`` per row, ``(1, 1)`` per
-        tensor. ``dequantize(codes, scale, dtype)`` is the quantized weight.
+        ``codes``: int8 ``(out, in)``; ``scale``: float32 ``(out, 1)`` per row or shard,
+        ``(1, 1)`` per tensor, ``(out, in/g)`` per group. ``dequantize(codes, scale, dtype)`` is
+        the quantized weight.
     """
-    q = _run(w, bits, method, variant, granularity, clip, want_mask=False)
+    q = _run(w, bits, method, variant, granularity, clip, (group_size, num_shards),
+             want_mask=False)
     return q.codes, q.scale
 
 
-def dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``(codes.float32 * scale).to(dtype)``: codes ``(out, in)`` int8, scale ``(out|1, 1)``."""
-    return (codes.to(torch.float32) * scale).to(dtype)
+def dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32,
+               offset: Tensor | None = None) -> Tensor:
+    """``(codes.float32 * scale [+ offset]).to(dtype)``: codes ``(out, in)`` int8, scale and
+    offset ``(out|1, 1)`` or ``(out, G)`` per group (:func:`tbt.quant.granularity.expand_scale`)."""
+    k = codes.shape[-1]
+    w = codes.to(torch.float32) * expand_scale(scale, k)
+    if offset is not None:
+        w = w + expand_scale(offset, k)
+    return w.to(dtype)
 
 
 def quantize_weight(
@@ -215,6 +305,9 @@ def quantize_weight(
     variant: str = "paper",
     granularity: str | None = None,
     clip: float = 2.5,
+    *,
+    group_size: int = 128,
+    num_shards: int = 1,
 ) -> Tensor:
     """Fake-quantized weight for training: same shape and dtype as ``w``, differentiable.
 
@@ -223,17 +316,18 @@ def quantize_weight(
     ``tbt``/``paper`` (Eq. 10), ``1[−clip < W < clip]`` for ``twn``. Arguments as in
     :func:`weight_codes`.
     """
-    _validate(w, bits, method, variant, granularity, clip)
+    units = (group_size, num_shards)
+    _validate(w, bits, method, variant, granularity, clip, units)
     if not (w.requires_grad and torch.is_grad_enabled()):  # eval / no_grad: no STE, no mask
-        q = _quantize(w, bits, method, variant, granularity, clip, want_mask=False)
+        q = _quantize(w, bits, method, variant, granularity, clip, units, want_mask=False)
         return dequantize(q.codes, q.scale, w.dtype)
-    return _FakeQuantize.apply(w, bits, method, variant, granularity, clip)
+    return _FakeQuantize.apply(w, bits, method, variant, granularity, clip, units)
 
 
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, bits, method, variant, granularity, clip):  # type: ignore[override]
-        q = _quantize(w, bits, method, variant, granularity, clip,
+    def forward(ctx, w, bits, method, variant, granularity, clip, units):  # type: ignore[override]
+        q = _quantize(w, bits, method, variant, granularity, clip, units,
                       want_mask=ctx.needs_input_grad[0])
         ctx.identity = q.ste_mask is None
         if not ctx.identity:
@@ -245,13 +339,17 @@ class _FakeQuantize(torch.autograd.Function):
         if not ctx.identity:
             (mask,) = ctx.saved_tensors
             grad = grad * mask
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 # ---- validation and dispatch -----------------------------------------------------------------
 
-def _validate(w, bits, method, variant, granularity, clip) -> None:
+def _validate(w, bits, method, variant, granularity, clip, units=(128, 1)) -> None:
     check_weight_method(method, bits)
+    if WEIGHT_METHODS[method].fn is None:
+        raise ValueError(f"method={method!r} keeps per-layer state (learned scales or a bias); "
+                         f"build its module with tbt.quant.weight_learned.make_weight_quantizer "
+                         f"or quantize_model instead of calling quantize_weight/weight_codes")
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is unknown; choose one of {list(VARIANTS)}")
     if granularity is not None and granularity not in GRANULARITIES:
@@ -265,18 +363,33 @@ def _validate(w, bits, method, variant, granularity, clip) -> None:
                          f"reshape it to 2-D (e.g. w.flatten(1)) before quantizing")
     if not clip > 0:
         raise ValueError(f"clip must be positive (weight units); got {clip!r}")
+    check_units(tuple(w.shape), granularity or WEIGHT_METHODS[method].default_granularity, *units)
 
 
-def _run(w, bits, method, variant, granularity, clip, *, want_mask) -> QuantizedWeight:
-    _validate(w, bits, method, variant, granularity, clip)
-    return _quantize(w, bits, method, variant, granularity, clip, want_mask=want_mask)
+def _run(w, bits, method, variant, granularity, clip, units, *, want_mask) -> QuantizedWeight:
+    _validate(w, bits, method, variant, granularity, clip, units)
+    return _quantize(w, bits, method, variant, granularity, clip, units, want_mask=want_mask)
 
 
-def _quantize(w, bits, method, variant, granularity, clip, *, want_mask) -> QuantizedWeight:
+def _quantize(w, bits, method, variant, granularity, clip, units=(128, 1), *,
+              want_mask) -> QuantizedWeight:
     spec = WEIGHT_METHODS[method]
-    per_row = (granularity or spec.default_granularity) == "row"
+    gran = granularity or spec.default_granularity
     w32 = w.detach().to(torch.float32)  # statistics in float32 (no copy if already float32)
-    return spec.fn(w32, bits, per_row=per_row, variant=variant, clip=clip, want_mask=want_mask)
+    if gran in ("row", "tensor"):
+        return spec.fn(w32, bits, per_row=gran == "row", variant=variant, clip=clip,
+                       want_mask=want_mask)
+    # group / shard: the method runs per row of the (U, n) unit view (tbt.quant.granularity)
+    group_size, num_shards = units
+    q = spec.fn(to_units(w32, gran, group_size, num_shards), bits, per_row=True,
+                variant=variant, clip=clip, want_mask=want_mask)
+    n = w.shape[0]
+    if gran == "group":
+        scale = q.scale.reshape(n, -1)
+    else:
+        scale = q.scale.reshape(num_shards, 1).repeat_interleave(n // num_shards, dim=0)
+    mask = None if q.ste_mask is None else q.ste_mask.reshape(w.shape)
+    return QuantizedWeight(q.codes.reshape(w.shape), scale, mask)
 
 
 # ---- shared pieces (no host syncs, no Python loops over rows) --------------------------------
@@ -370,3 +483,8 @@ def _uniform(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
     amax = a.amax(dim=1, keepdim=True) if per_row else a.amax().reshape(1, 1)
     scale = amax / qp
     return QuantizedWeight(_round_clip(w / _divisor(scale), qp), scale, None)
+
+
+# Methods defined in sibling modules register themselves on import (they import this module's
+# registry, so they come last): BitNet binary and TriLM, the learned-step family, Tequila.
+from tbt.quant import tequila, weight_bitnet, weight_learned  # noqa: E402, F401
