@@ -51,13 +51,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--bits", metavar="E-W-A",
                    help="embedding-weight-activation bits, e.g. 2-2-8, 1-1-1, or fp (default)")
     q.add_argument("--method", metavar="NAME",
-                   help="weight quantizer: tbt (default), twn, bwn, absmean, uniform")
+                   help="weight quantizer: tbt (default), twn, bwn, absmean, uniform, "
+                        "bitnet-binary, trilm, lsq, seq, seq-int2, dlt, tequila "
+                        "(docs/methods.md)")
     q.add_argument("--variant", choices=("paper", "released"),
                    help="paper equations (default) or the authors' released code")
-    q.add_argument("--granularity", choices=("row", "tensor"),
-                   help="weight scale per output row or per tensor (default: the method's)")
-    q.add_argument("--act-method", choices=("auto", "elastic", "minmax"),
-                   help="activation quantizer (default auto: minmax for 8 bits, else elastic)")
+    q.add_argument("--granularity", choices=("row", "tensor", "group", "shard"),
+                   help="weight scale per output row, per tensor, per group of --group-size "
+                        "inputs or per shard of rows (default: the method's)")
+    q.add_argument("--group-size", type=int, metavar="G",
+                   help="inputs per scale with --granularity group (default 128)")
+    q.add_argument("--num-shards", type=int, metavar="S",
+                   help="row shards with --granularity shard (TriLM; default 1)")
+    q.add_argument("--tequila-lambda", type=float, metavar="L",
+                   help="Tequila's dead-zone bias factor (default 1e-3)")
+    q.add_argument("--act-method", metavar="NAME",
+                   help="activation quantizer: auto (default: minmax for 8 bits, else "
+                        "elastic), elastic, minmax, absmax-token, elastic-shift, lsq, lsq-plus")
     lr = p.add_argument_group("LR-QAT (low-rank QAT, docs/lrqat.md)")
     lr.add_argument("--lrqat-rank", type=int, metavar="R",
                     help="train only a rank-R update inside the rounding of frozen int8 "
