@@ -154,6 +154,11 @@ INLINE T_VNNI __m512i t2a8_combine(__m512i c0, __m512i c1, __m512i c2, __m512i c
 
 /* GEMV on two weight rows: 8 accumulators (four planes each). With four rows the 16
  * accumulators + 4 masks + 4 activation vectors made GCC 12 spill in the loop. */
+/* GEMV software prefetch: each weight-row load also prefetches the line TBT_PF_DIST bytes
+ * further on. Rows are contiguous, so that is the same offset two 4-row tiles (K = 4096) ahead.
+ * The hardware prefetcher alone lost most of the DRAM bandwidth on 4 short row streams per
+ * tile (t2a8 4096x4096 from DRAM: 225 -> 130 us, one thread, shared machine); 4-16 KiB and
+ * T0/T1/T2 hints measured alike within noise, T1/T2 cost ~15 us when the weights are in L3. */
 #ifndef TBT_PF_DIST
 #define TBT_PF_DIST 8192
 #endif
@@ -279,6 +284,7 @@ static T_VNNI void t2a8_44_fast(const uint8_t *w, size_t ws, const uint8_t *a, s
     COL4(DP, 3, x);                                                                           \
   }
   for (size_t b = 0; b < kpad / 256; ++b) {
+    PF(w0 + 64 * b); PF(w1 + 64 * b); PF(w2 + 64 * b); PF(w3 + 64 * b);
     const __m512i v0 = LD(w0 + 64 * b), v1 = LD(w1 + 64 * b);
     const __m512i v2 = LD(w2 + 64 * b), v3 = LD(w3 + 64 * b);
     T2A8_PLANE(0) T2A8_PLANE(1) T2A8_PLANE(2) T2A8_PLANE(3)
@@ -330,6 +336,9 @@ static T_VNNI void b1a8_44_fast(const uint8_t *w, size_t ws, const uint8_t *a, s
   const uint8_t *a0 = a, *a1 = a + as, *a2 = a + 2 * as, *a3 = a + 3 * as;
   ACC16;
   for (size_t c = 0; c < kpad / 64; ++c) {
+    if (!(c & 7)) {
+      PF(w0 + 8 * c); PF(w1 + 8 * c); PF(w2 + 8 * c); PF(w3 + 8 * c);
+    }
     const __m512i p0 = _mm512_maskz_mov_epi8(KMASK(w0 + 8 * c), ones);
     const __m512i p1 = _mm512_maskz_mov_epi8(KMASK(w1 + 8 * c), ones);
     const __m512i p2 = _mm512_maskz_mov_epi8(KMASK(w2 + 8 * c), ones);
@@ -426,6 +435,8 @@ static T_VPOPCNT void t2a2_44_fast(const uint8_t *w, size_t ws, const uint8_t *a
   ACC16;
   for (size_t i = 0; i < plane; i += 64) {
     const __mmask8 k = plane - i >= 64 ? 0xFF : 0x0F;
+    PF(w0 + i); PF(w0 + plane + i); PF(w1 + i); PF(w1 + plane + i);
+    PF(w2 + i); PF(w2 + plane + i); PF(w3 + i); PF(w3 + plane + i);
     const __m512i p0 = load_plane(w0 + i, k), g0 = load_plane(w0 + plane + i, k);
     const __m512i p1 = load_plane(w1 + i, k), g1 = load_plane(w1 + plane + i, k);
     const __m512i p2 = load_plane(w2 + i, k), g2 = load_plane(w2 + plane + i, k);
@@ -445,6 +456,7 @@ static T_VPOPCNT void b1a1_44_fast(const uint8_t *w, size_t ws, const uint8_t *a
   ACC16;
   for (size_t i = 0; i < nbytes; i += 64) {
     const __mmask8 k = nbytes - i >= 64 ? 0xFF : 0x0F;
+    PF(w0 + i); PF(w1 + i); PF(w2 + i); PF(w3 + i);
     const __m512i p0 = load_plane(w0 + i, k), p1 = load_plane(w1 + i, k);
     const __m512i p2 = load_plane(w2 + i, k), p3 = load_plane(w3 + i, k);
     __m512i x = load_plane(a0 + i, k);
