@@ -102,7 +102,8 @@ class MLGRU(nn.Module):
     def __init__(self, cfg: MatMulFreeConfig) -> None:
         super().__init__()
         d, eps = cfg.hidden_size, cfg.bitlinear_eps
-        self.i_proj, self.f_proj, self.g_proj, self.o_proj = (BitLinear(d, d, eps) for _ in range(4))
+        self.i_proj, self.f_proj, self.g_proj, self.o_proj = (BitLinear(d, d, eps)
+                                                              for _ in range(4))
         self.g_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, lower_bound: Tensor, state: Tensor | None

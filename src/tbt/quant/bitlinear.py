@@ -21,7 +21,7 @@ quantizer in front, which is the ``t2a8`` kernel's format (ternary × int8, one 
 per row). Keeping the norm outside the quantized linear means the packed format needs nothing
 new; the only FP pieces are the norm gains, the embedding and the model's own block norms.
 
-Difference to the released code, measured in ``docs/matmulfree.md``: absmean divides by
+Difference to the released code (``docs/matmulfree.md``): absmean divides by
 ``γ + 1e-5`` where ``FusedBitLinear`` divides by ``max(γ, 1e-5)``; the codes differ only for a
 weight within ``1e-5/γ`` relative of a rounding threshold.
 """

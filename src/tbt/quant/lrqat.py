@@ -18,7 +18,7 @@ so at step 0 ``Ŵ`` equals the layer's round-to-nearest quantized weight *exactl
 * ternary (2 bits): ``clamp(round(Z), −1, 1)`` (half to even);
 * binary (1 bit): ``sign(Z)`` with ``sign(0) = +1`` (one-bit packable, ``docs/format.md``).
 
-Backward (:class:`_GridSTE`): the rounding is an identity STE. Ternary follows the reference
+Backward (:class:`_ScaledGrid`, one int8 tensor saved per layer): the rounding is an identity STE. Ternary follows the reference
 code's ``clamp(round_ste(Z))``: the gradient passes where ``round(Z)`` lies in ``[−1, 1]``.
 Binary passes it where ``|Z| ≤ 1`` (the BNN window; the original code has no binary grid).
 ``s`` gets ``Σ_in G_W ⊙ grid(Z)`` from autograd; ``Z`` does not depend on ``s`` (``Φ0`` uses the
@@ -68,9 +68,15 @@ __all__ = ["GRIDS", "LRQATConfig", "LRQATLinear", "STORAGES", "apply_lrqat", "gr
 # ---- grids: code set, STE window, and the cell of each code (for the storage nudge) --------
 
 class Grid(NamedTuple):
-    codes: Callable[[Tensor], Tensor]           # Z float -> codes int8
-    window: Callable[[Tensor], Tensor]          # Z float -> bool, where the gradient passes
-    cell: Callable[[Tensor, float], tuple[Tensor, Tensor]]  # codes, step -> (lo, hi) in cell
+    """``marked(Z)``: int8 in ``[−2, 2]``; ``clamp(·, −1, 1)`` is the code and ``|·| ≤ 1`` the
+    STE window, so backward keeps one byte per weight. ``cell(codes, step)``: ``(lo, hi)`` of
+    the values that round to ``codes``, one storage step inside."""
+
+    marked: Callable[[Tensor], Tensor]
+    cell: Callable[[Tensor, float], tuple[Tensor, Tensor]]
+
+    def codes(self, z: Tensor) -> Tensor:
+        return self.marked(z).clamp_(-1, 1)
 
 
 def _ternary_cell(c: Tensor, step: float) -> tuple[Tensor, Tensor]:
@@ -80,32 +86,43 @@ def _ternary_cell(c: Tensor, step: float) -> tuple[Tensor, Tensor]:
 
 def _binary_cell(c: Tensor, step: float) -> tuple[Tensor, Tensor]:
     neg = c < 0
-    lo = torch.where(neg, torch.full_like(c, -1, dtype=torch.float32), torch.zeros_like(c, dtype=torch.float32))
-    hi = torch.where(neg, torch.full_like(c, -step, dtype=torch.float32), torch.ones_like(c, dtype=torch.float32))
+    f32 = dict(dtype=torch.float32)
+    lo = torch.where(neg, torch.full_like(c, -1, **f32), torch.zeros_like(c, **f32))
+    hi = torch.where(neg, torch.full_like(c, -step, **f32), torch.ones_like(c, **f32))
     return lo, hi                                # −1 ↦ [−1, −step], +1 ↦ [0, 1]
 
 
-GRIDS: dict[int, Grid] = {
-    2: Grid(lambda z: z.round().clamp_(-1, 1).to(torch.int8),
-            lambda z: z.round().abs() <= 1, _ternary_cell),
-    1: Grid(lambda z: torch.where(z < 0, -1, 1).to(torch.int8),
-            lambda z: z.abs() <= 1, _binary_cell),
-}
+def _ternary_marked(z: Tensor) -> Tensor:  # round(Z), kept to ±2 (= outside the window)
+    return z.round().clamp_(-2, 2).to(torch.int8)
 
 
-class _GridSTE(torch.autograd.Function):
-    """``grid(Z)`` as float codes; backward ``G·1[window(Z)]`` (module docstring)."""
+def _binary_marked(z: Tensor) -> Tensor:  # sign(Z) (0 -> +1), doubled outside |Z| <= 1
+    sign = torch.where(z < 0, -1, 1).to(torch.int8)
+    return torch.where(z.abs() > 1, 2 * sign, sign)
+
+
+GRIDS: dict[int, Grid] = {2: Grid(_ternary_marked, _ternary_cell),
+                          1: Grid(_binary_marked, _binary_cell)}
+
+
+class _ScaledGrid(torch.autograd.Function):
+    """``Ŵ = dequantize(grid(Z), s)``; backward (module docstring):
+    ``∂L/∂Z = G·s·1[window]``, ``∂L/∂s = Σ_in G ⊙ grid(Z)``; saves int8 ``marked(Z)`` and s."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, bits: int) -> Tensor:  # type: ignore[override]
-        grid = GRIDS[bits]
-        ctx.save_for_backward(grid.window(z))
-        return grid.codes(z).to(torch.float32)
+    def forward(ctx, z: Tensor, scale: Tensor, bits: int, dtype: torch.dtype
+                ) -> Tensor:  # type: ignore[override]
+        marked = GRIDS[bits].marked(z)
+        ctx.save_for_backward(marked, scale)
+        return dequantize(marked.clamp(-1, 1), scale, dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
+        marked, scale = ctx.saved_tensors
+        g = grad.to(torch.float32)
+        grad_s = (g * marked.clamp(-1, 1)).sum(dim=1, keepdim=True)
+        grad_z = (g * scale).masked_fill_(marked.abs() > 1, 0.0)
+        return grad_z, grad_s, None, None
 
 
 # ---- Φ0 storages -----------------------------------------------------------------------------
@@ -118,7 +135,7 @@ class Storage(NamedTuple):
 
 STORAGES: dict[str, Storage] = {
     "int8": Storage(lambda p, f: (p * 2.0 ** f).round_().to(torch.int8),
-                    lambda s, f: s.to(torch.float32) * 2.0 ** -f, lambda f: 2.0 ** -f),
+                    lambda s, f: s.to(torch.float32).mul_(2.0 ** -f), lambda f: 2.0 ** -f),
     "bfloat16": Storage(lambda p, f: p.to(torch.bfloat16), lambda s, f: s.to(torch.float32),
                         lambda f: 2.0 ** -8),
     "float32": Storage(lambda p, f: p.clone(), lambda s, f: s, lambda f: 2.0 ** -24),
@@ -212,7 +229,8 @@ class LRQATLinear(nn.Module):
                  bias: bool = True, act_quant: nn.Module | None = None,
                  dtype: torch.dtype = torch.float32, device=None) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.bits, self.cfg = in_features, out_features, bits, cfg
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.cfg = bits, cfg
         self.weight_dtype = dtype
         st = STORAGES[cfg.storage]
         zero = st.encode(torch.zeros(out_features, in_features, device=device), cfg.frac_bits)
@@ -249,7 +267,8 @@ class LRQATLinear(nn.Module):
     def grid_input(self) -> Tensor:
         """``Z = Φ0 + (α/r)·A·B``, float32 ``(out, in)``."""
         phi = STORAGES[self.cfg.storage].decode(self.phi, self.cfg.frac_bits)
-        return phi + self.scaling * (self.lora_a.float() @ self.lora_b.float())
+        # one (out, in) result: Φ0 + (α/r)·A·B; Φ0 has no gradient, so nothing full-size is saved
+        return torch.addmm(phi, self.lora_a.float(), self.lora_b.float(), alpha=self.scaling)
 
     @torch.no_grad()
     def codes(self) -> Tensor:
@@ -260,8 +279,7 @@ class LRQATLinear(nn.Module):
         """``Ŵ = s·grid(Z)`` in the layer dtype; differentiable in A, B and s."""
         z = self.grid_input()
         if torch.is_grad_enabled() and (z.requires_grad or self.scale.requires_grad):
-            q = _GridSTE.apply(z, self.bits)
-            return (q * self.scale).to(self.weight_dtype)
+            return _ScaledGrid.apply(z, self.scale, self.bits, self.weight_dtype)
         return dequantize(GRIDS[self.bits].codes(z), self.scale.detach(), self.weight_dtype)
 
     def _linear(self, x: Tensor) -> Tensor:

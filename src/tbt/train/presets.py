@@ -155,10 +155,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Kept apart from RECIPES (the paper's runs); resolve_recipe knows both.
 SCRATCH_RECIPES: dict[str, dict[str, Any]] = {}
 for _name in ("matmulfree-tiny", "matmulfree-small"):
-    SCRATCH_RECIPES[_name] = dict(model=_name, bits="fp-2-8", method="absmean", granularity="tensor",
-                          act_method="absmax-token", quantize_attention=False, skip_modules=[],
-                          lr=2e-3, weight_decay=0.0, warmup_ratio=0.05, w_ce=1.0, w_logits=0.0,
-                          w_hidden=0.0, w_attn=0.0, task="causal-lm")
+    SCRATCH_RECIPES[_name] = dict(
+        model=_name, bits="fp-2-8", method="absmean", granularity="tensor",
+        act_method="absmax-token", quantize_attention=False, skip_modules=[], lr=2e-3,
+        weight_decay=0.0, warmup_ratio=0.05, w_ce=1.0, w_logits=0.0, w_hidden=0.0, w_attn=0.0,
+        task="causal-lm")
 
 
 def resolve_recipe(name: str) -> dict[str, Any]:
