@@ -94,3 +94,28 @@ def test_tequila_bias_is_folded_at_export():
     pw = ql.weight_spec.codes_and_scale(w)
     assert pl.bias is not None and torch.equal(pl.bias, pw.bias)
     assert pl.scale.shape == (32, 2)  # per group of 16 inputs
+
+
+@pytest.mark.parametrize("method,bits,extra", [
+    ("lsq", "2-2-8", {}), ("dlt", "fp-2-8", {"granularity": "group", "group_size": 16}),
+    ("tequila", "fp-2-8", {"group_size": 16}), ("tbt", "2-2-4", {"act_method": "lsq-plus"})])
+def test_hf_save_pretrained_round_trip(method, bits, extra, tmp_path):
+    # from_pretrained rebuilds the quantizers on the meta model, then loads α/γ/β from the file
+    import transformers as tf
+
+    m, _, _ = _train("llama", method, bits, extra, steps=2)
+    with torch.no_grad():
+        ref = m(input_ids=_ids()).logits
+    m.save_pretrained(tmp_path / "hf")
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=_ids()).logits, ref)
+
+
+def test_torch_free_runtime_refuses_grouped_layers(tmp_path):
+    from tbt.runtime.linear import PackedLinearNP
+
+    m, _, _ = _train("llama", "dlt", "fp-2-8", {"granularity": "group", "group_size": 16}, 1)
+    save_packed(m, tmp_path / "p")
+    with pytest.raises(ValueError, match="no runtime kernel format; use load_packed"):
+        PackedLinearNP.from_packed_dir(tmp_path / "p", "model.layers.0.self_attn.q_proj")
