@@ -10,7 +10,8 @@ import torch
 
 from tbt.export.convert import PackedEmbedding, PackedLinear, convert_model
 from tbt.export.format import FormatError, Packing
-from tbt.export.io import WEIGHTS_NAME, load_packed, read_packed_metadata, save_packed
+from tbt.export.io import (CHECKSUM_KEY, WEIGHTS_NAME, _checksum, load_packed,
+                          read_packed_metadata, save_packed)
 from tbt.quant.modules import QuantEmbedding, QuantLinear
 from tbt.quant.surgery import quantize_model
 
@@ -75,7 +76,7 @@ def test_round_trip(tmp_path, family, bits):
     m = _trained(family, bits)
     out = save_packed(m, tmp_path / "packed")
     assert not any(isinstance(x, (PackedLinear, PackedEmbedding)) for x in m.modules())
-    loaded = load_packed(out)
+    loaded = load_packed(out, backend="torch")  # the exact path (native: test_native.py)
     assert torch.equal(_logits(m, family), _logits(loaded, family))
     assert torch.equal(_generate(m, family), _generate(loaded, family))
 
@@ -102,7 +103,7 @@ def test_mixed_precision(tmp_path, family, bits):
     m = _trained(family, bits)  # FP (tied) embeddings / FP activations
     c = convert_model(copy.deepcopy(m))
     assert any(isinstance(x, PackedEmbedding) for x in c.modules()) == bits.startswith("2")
-    loaded = load_packed(save_packed(m, tmp_path / "ck"))
+    loaded = load_packed(save_packed(m, tmp_path / "ck"), backend="torch")
     assert torch.equal(_logits(m, family), _logits(loaded, family))
 
 
@@ -112,7 +113,7 @@ def test_save_overwrites_atomically(tmp_path):
     save_packed(m, d)
     save_packed(m, d)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
-    assert torch.equal(_logits(m, "gpt2"), _logits(load_packed(d), "gpt2"))
+    assert torch.equal(_logits(m, "gpt2"), _logits(load_packed(d, backend="torch"), "gpt2"))
 
 
 def test_bad_header_rejected(tmp_path):
@@ -134,6 +135,10 @@ def test_bad_header_rejected(tmp_path):
     first = next(iter(layers))
     layers[first]["packing"] = "ternary_9bit"
     md["tbt.layers"] = json.dumps(layers)
+    with pytest.raises(FormatError, match="checksum"):  # an edited header is caught ...
+        save_file(load_file(str(d / WEIGHTS_NAME)), str(d / WEIGHTS_NAME), metadata=md)
+        load_packed(d)
+    md[CHECKSUM_KEY] = _checksum(md, meta["tensors"])  # ... and so is a well-formed bad one
     save_file(load_file(str(d / WEIGHTS_NAME)), str(d / WEIGHTS_NAME), metadata=md)
     with pytest.raises(FormatError, match="unknown packing"):
         load_packed(d)

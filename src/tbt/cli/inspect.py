@@ -73,13 +73,23 @@ def run(args: argparse.Namespace) -> int:
               f"{size:>10d}{shared}")
 
     aliases = meta["aliases"]
+    head = meta.get("lm_head") or {"format": "fp"}
+    head_keys = ([head["weight"], head["scale"]] if head["format"] == "int8"
+                 else [aliases.get(f"{head.get('name')}.weight", f"{head.get('name')}.weight")])
+    head_keys = [k for k in head_keys if k in tensors and k not in counted]
+    head_bytes = sum(nbytes[k] for k in head_keys)
+    head_params = _numel(tensors[head_keys[0]][1]) if head_keys else 0
+    if head_keys:
+        shape = "x".join(str(int(v)) for v in tensors[head_keys[0]][1])
+        print(f"lm_head: {head['format']} ({head.get('name')}, {shape}, {_human(head_bytes)})")
+        counted.update(head_keys)
     fp_keys = [k for k in tensors if k not in counted]
     fp_params = sum(_numel(tensors[k][1]) for k in fp_keys)
     fp_bytes = sum(nbytes[k] for k in fp_keys)
-    total_params = q_params + fp_params
-    total_bits = q_bits + fp_bytes * 8
+    total_params = q_params + fp_params + head_params
+    total_bits = q_bits + fp_bytes * 8 + head_bytes * 8
     print(f"packed weights: {q_params} parameters, {_human(q_bits / 8)}")
-    print(f"full-precision tensors: {len(fp_keys)} tensors, {fp_params} values, "
+    print(f"other full-precision tensors: {len(fp_keys)} tensors, {fp_params} values, "
           f"{_human(fp_bytes)}")
     if aliases:
         print(f"shared tensors stored once: {len(aliases)} aliases")

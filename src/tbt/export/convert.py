@@ -17,9 +17,24 @@ The forward unpacks the codes once, dequantizes them exactly as the fake quantiz
 (cleared on ``load_state_dict`` and ``.to()``). In eval mode a converted model's logits equal the
 fake-quantized model's bit for bit (float32), except on an exact-zero latent weight of the
 ``tbt``/``released`` binary quantizer, which the format stores as ``+α`` (``docs/format.md`` §4).
+
+Kernel backend
+--------------
+``set_backend(model, "native")`` (what ``load_packed`` does by default) switches every
+:class:`PackedLinear` whose (weight, activation) format pair has a kernel to the integer kernels
+of :mod:`tbt.runtime`: the input is quantized exactly as the trained quantizer does
+(:class:`~tbt.runtime.linear.ActSpec`, built from the module's ``act_quant``), the kernel
+computes the exact integer accumulator on the packed codes (re-tiled once, cached) and applies
+the activation scale/offset, the row scale α and the bias in float32. Only the float rescale
+differs from the torch path (rounding order), so logits agree to float32 rounding, not bit for
+bit. Layers with no kernel (float activations, a quantizer width without a kernel format) stay
+on the torch path and the reason is logged. :class:`PackedEmbedding` then looks up and
+dequantizes only the gathered rows instead of caching the whole float matrix (same values).
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -27,12 +42,56 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tbt.export.format import Packing
+from tbt.export.lm_head import Int8Linear
 from tbt.export.pack import pack, unpack
+from tbt.quant.activation import ElasticQuantizer, MinMaxQuantizer
 from tbt.quant.modules import QuantEmbedding, QuantLinear, WeightSpec
-from tbt.quant.weight import dequantize, weight_codes
+from tbt.quant.weight import dequantize
+from tbt.runtime.linear import ActSpec, PackedLinearNP, kernel_unavailable_reason
 
 __all__ = ["PackedLinear", "PackedEmbedding", "convert_model", "packing_for_bits",
-           "pack_codes", "unpack_codes"]
+           "pack_codes", "unpack_codes", "act_spec_of", "register_act_spec", "set_backend",
+           "BACKENDS"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "native", "torch")  # module backends; "auto": native if the C library loads
+
+_ACT_SPECS: dict[type, object] = {}
+
+
+def register_act_spec(cls: type):
+    """Decorator: ``fn(quantizer module) -> ActSpec`` for an activation-quantizer class."""
+    def deco(fn):
+        _ACT_SPECS[cls] = fn
+        return fn
+    return deco
+
+
+@register_act_spec(MinMaxQuantizer)
+def _minmax_spec(q: MinMaxQuantizer) -> ActSpec:
+    return ActSpec("minmax", q.bits, q.signed, clip=q.clip)
+
+
+@register_act_spec(ElasticQuantizer)
+def _elastic_spec(q: ElasticQuantizer) -> ActSpec:
+    return ActSpec("elastic", q.bits, q.signed, variant=q.variant,
+                   alpha=float(q.alpha.detach().float()))
+
+
+def act_spec_of(act_quant: nn.Module | None) -> ActSpec | None:
+    """The runtime description of a trained activation quantizer (None for float inputs).
+
+    Raises:
+        KeyError: a quantizer class with no registered description.
+    """
+    if act_quant is None:
+        return None
+    fn = _ACT_SPECS.get(type(act_quant))
+    if fn is None:
+        raise KeyError(f"no ActSpec for activation quantizer {type(act_quant).__name__}; "
+                       f"register one with tbt.export.convert.register_act_spec")
+    return fn(act_quant)  # type: ignore[operator]
 
 
 def packing_for_bits(bits: int) -> Packing:
@@ -54,11 +113,27 @@ def unpack_codes(packed: Tensor, packing: Packing, k: int) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(q)).to(packed.device)
 
 
-def _codes_scale(w: Tensor, spec: WeightSpec) -> tuple[Tensor, Tensor]:
+def _stored(t: Tensor | None, n: int) -> Tensor | None:
+    """A ``(N|1, G)`` scale/offset as stored: float32 ``(N,)`` per row, ``(N, G)`` per group."""
+    if t is None:
+        return None
+    t = t.to(torch.float32).expand(n, t.shape[-1])
+    return (t.reshape(-1) if t.shape[-1] == 1 else t).contiguous()
+
+
+def _codes_scale(w: Tensor, spec: WeightSpec) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(codes, stored scale, stored offset or None, output bias or None) of ``spec`` on ``w``
+    (``spec.codes_and_scale``: a stateless WeightSpec or a learned weight-quantizer module)."""
     with torch.no_grad():
-        codes, scale = weight_codes(w.detach(), spec.bits, spec.method, spec.variant,
-                                    spec.granularity, spec.clip)
-    return codes, scale.to(torch.float32).expand(w.shape[0], 1).reshape(-1).contiguous()
+        pw = spec.codes_and_scale(w.detach())
+    n = w.shape[0]
+    return pw.codes, _stored(pw.scale, n), _stored(pw.offset, n), pw.bias
+
+
+def _row_scale(t: Tensor) -> Tensor:
+    """A stored scale/offset as a 2-D ``(N, 1|G)`` tensor for :func:`dequantize`."""
+    t = t.to(torch.float32)
+    return t[:, None] if t.dim() == 1 else t
 
 
 class _PackedBase(nn.Module):
@@ -73,27 +148,37 @@ class _PackedBase(nn.Module):
         self.weight_dtype = dtype
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
+        self.register_buffer("offset", None)  # DLT's per-row/group shift γ (added after α·code)
         self._w_cache: Tensor | None = None
+        self._rt: PackedLinearNP | None = None
+        self.backend = "torch"
 
     def dequantized_weight(self) -> Tensor:
         """The float ``(N, K)`` weight, ``dequantize(codes, scale[:, None], weight_dtype)``."""
         if self._w_cache is None or self._w_cache.device != self.packed.device:
             codes = unpack_codes(self.packed, self.packing, self.k)
-            w = dequantize(codes, self.scale.to(torch.float32)[:, None], self.weight_dtype)
+            offset = None if self.offset is None else _row_scale(self.offset)
+            w = dequantize(codes, _row_scale(self.scale), self.weight_dtype, offset)
             if getattr(self, "w_layout_t", False):  # same memory layout as the fake-quant weight
                 w = w.t().contiguous().t()
             self._w_cache = w
         return self._w_cache
 
+    def __getstate__(self):  # copies and pickles drop the caches (rebuilt on use)
+        state = self.__dict__.copy()
+        state["_w_cache"], state["_rt"] = None, None
+        return state
+
     def clear_cache(self) -> None:
         self._w_cache = None
+        self._rt = None  # the kernel-layout weight (PackedLinear, native backend)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._w_cache = None
+        self.clear_cache()
 
     def _apply(self, fn, *args, **kwargs):
-        self._w_cache = None
+        self.clear_cache()
         return super()._apply(fn, *args, **kwargs)
 
     def packed_bits(self) -> int:
@@ -118,21 +203,83 @@ class PackedLinear(_PackedBase):
         self.w_layout_t = w_layout_t
 
     @classmethod
-    def from_quant(cls, ql: QuantLinear) -> PackedLinear:
+    def from_quant(cls, ql: QuantLinear, skeleton: bool = False) -> PackedLinear:
+        """Pack ``ql``'s quantized weight; ``skeleton``: zero buffers to load a checkpoint into
+        (the latent weight is never read, so it may be uninitialised memory)."""
         spec = ql.weight_spec
         w = ql.weight.t() if ql.transposed else ql.weight
-        with torch.no_grad():
-            layout_t = not ql.quantized_weight().is_contiguous()
-        new = cls(ql.in_features, ql.out_features, spec.bits, bias=ql.bias is not None,
-                  act_quant=ql.act_quant, dtype=ql.weight.dtype, w_layout_t=layout_t)
-        codes, scale = _codes_scale(w, spec)
+        layout = spec.packed_layout(w)  # shapes and memory layout, without reading values
+        has_bias = ql.bias is not None or layout.has_bias
+        new = cls(ql.in_features, ql.out_features, spec.bits, bias=has_bias,
+                  act_quant=ql.act_quant, dtype=ql.weight.dtype, w_layout_t=layout.transposed)
+        if skeleton:
+            n = ql.out_features
+            if layout.groups > 1:
+                new.scale = torch.zeros(n, layout.groups, dtype=torch.float32)
+            if layout.has_offset:
+                new.offset = torch.zeros_like(new.scale)
+            if has_bias:
+                ref = ql.bias if ql.bias is not None else ql.weight
+                new.bias = nn.Parameter(torch.zeros(n, dtype=ref.dtype), requires_grad=False)
+            return new
+        codes, scale, offset, extra = _codes_scale(w, spec)
         new.packed = pack_codes(codes, new.packing).to(w.device)
         new.scale = scale.to(w.device)
-        if ql.bias is not None:
-            new.bias = nn.Parameter(ql.bias.detach().clone(), requires_grad=False)
+        new.offset = None if offset is None else offset.to(w.device)
+        if has_bias:  # Tequila's dead-zone term folds into the bias, as effective_bias adds it
+            if ql.bias is None:
+                b = extra
+            else:
+                b = ql.bias.detach() if extra is None else ql.bias.detach() + extra
+            new.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
         return new
 
+    def set_backend(self, backend: str, kernel_backend: str | None = None) -> str | None:
+        """``"torch"`` (dequantized ``F.linear``) or ``"native"`` (integer kernels).
+
+        Returns None when the requested backend is in use, else why the layer stays on torch.
+        ``kernel_backend`` picks the kernel implementation (``tbt.runtime.kernels``: ``ref``,
+        ``native``, ``scalar`` ...; default ``$TBT_KERNEL_BACKEND`` or auto).
+        """
+        if backend not in ("torch", "native"):
+            raise ValueError(f"backend={backend!r}; choose 'native' or 'torch'")
+        self.clear_cache()
+        self.backend, self.kernel_backend = "torch", kernel_backend
+        if backend == "torch":
+            return None
+        if self.scale.dim() != 1 or self.offset is not None:
+            return "per-group scales or a weight offset (DLT) have no kernel format"
+        try:
+            spec = act_spec_of(self.act_quant)
+        except KeyError as e:
+            return str(e)
+        reason = kernel_unavailable_reason(self.packing, spec, kernel_backend)
+        if reason is None:
+            self.backend = "native"
+        return reason
+
+    def runtime_linear(self) -> PackedLinearNP:
+        """The torch-free layer the native backend runs (built once from the buffers, cached)."""
+        if self._rt is None:
+            bias = None if self.bias is None else self.bias.detach().float().cpu().numpy()
+            self._rt = PackedLinearNP(self.packed.cpu().numpy(), self.k,
+                                      self.scale.detach().float().cpu().numpy(), bias,
+                                      self.packing, act_spec_of(self.act_quant),
+                                      getattr(self, "kernel_backend", None))
+        return self._rt
+
+    def _native_forward(self, x: Tensor) -> Tensor:
+        rt = self.runtime_linear()
+        # the paper's signed quantizers centre by the tensor mean: use torch's value (same codes)
+        shift = float(x.to(torch.float32).mean()) if rt.act.needs_mean else None
+        x32 = x.detach().to(torch.float32).contiguous()
+        y = torch.from_numpy(rt(x32.numpy(), shift))  # (..., N) float32
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.backend == "native" and x.device.type == "cpu" and not (
+                x.requires_grad and torch.is_grad_enabled()):
+            return self._native_forward(x)
         if self.act_quant is not None:
             x = self.act_quant(x)
         w = self.dequantized_weight()
@@ -163,18 +310,44 @@ class PackedEmbedding(_PackedBase):
             self.embed_scale = embed_scale
 
     @classmethod
-    def from_quant(cls, qe: QuantEmbedding, shared: tuple[Tensor, Tensor] | None = None
-                   ) -> PackedEmbedding:
+    def from_quant(cls, qe: QuantEmbedding, shared: tuple | None = None,
+                   skeleton: bool = False) -> PackedEmbedding:
         new = cls(qe.num_embeddings, qe.embedding_dim, qe.weight_spec.bits, qe.padding_idx,
                   qe.embed_scale, dtype=qe.weight.dtype)
+        if skeleton and shared is None:
+            layout = qe.weight_spec.packed_layout(qe.weight)
+            if layout.groups > 1:
+                new.scale = torch.zeros(qe.num_embeddings, layout.groups, dtype=torch.float32)
+            if layout.has_offset:
+                new.offset = torch.zeros_like(new.scale)
+            return new
         if shared is None:
-            codes, scale = _codes_scale(qe.weight, qe.weight_spec)
-            shared = (pack_codes(codes, new.packing).to(qe.weight.device), scale.to(qe.weight.device))
-        new.packed, new.scale = shared
+            codes, scale, offset, _ = _codes_scale(qe.weight, qe.weight_spec)  # no bias here
+            dev = qe.weight.device
+            shared = (pack_codes(codes, new.packing).to(dev), scale.to(dev),
+                      None if offset is None else offset.to(dev))
+        new.packed, new.scale, new.offset = shared
         return new
 
+    def set_backend(self, backend: str, kernel_backend: str | None = None) -> None:
+        """``"native"``: dequantize only the looked-up rows (no float copy of the matrix)."""
+        if backend not in ("torch", "native"):
+            raise ValueError(f"backend={backend!r}; choose 'native' or 'torch'")
+        self.clear_cache()
+        self.backend = backend
+
+    def _lookup_rows(self, input_ids: Tensor) -> Tensor:
+        flat = input_ids.reshape(-1)
+        codes = unpack_codes(self.packed[flat], self.packing, self.k)  # (T, K) int8
+        offset = None if self.offset is None else _row_scale(self.offset)[flat]
+        w = dequantize(codes, _row_scale(self.scale)[flat], self.weight_dtype, offset)
+        return w.view(*input_ids.shape, self.k)  # same values as the full dequantized matrix
+
     def forward(self, input_ids: Tensor) -> Tensor:
-        out = F.embedding(input_ids, self.dequantized_weight(), self.padding_idx)
+        if self.backend == "native":
+            out = self._lookup_rows(input_ids)
+        else:
+            out = F.embedding(input_ids, self.dequantized_weight(), self.padding_idx)
         if self.embed_scale is not None:
             out = out * self.embed_scale
         return out
@@ -190,23 +363,59 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def convert_model(model: nn.Module) -> nn.Module:
+def convert_model(model: nn.Module, skeleton: bool = False) -> nn.Module:
     """Replace 1/2-bit ``QuantLinear``/``QuantEmbedding`` by packed modules, in place.
 
-    Layers at other bit widths (FP, ``uniform`` 3..8-bit) stay as they are. Returns ``model``.
+    Layers at other bit widths (FP, ``uniform`` 3..8-bit) stay as they are. ``skeleton``:
+    build the packed modules with zero buffers, without quantizing the latent weights (what
+    ``load_packed`` loads a checkpoint into). Returns ``model``.
     """
-    shared: dict[int, tuple[Tensor, Tensor]] = {}
+    shared: dict[int, tuple] = {}
     n = 0
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, QuantLinear) and mod.weight_spec is not None \
-                and mod.weight_spec.bits in (1, 2):
-            _set_submodule(model, name, PackedLinear.from_quant(mod))
+        spec = getattr(mod, "weight_spec", None)
+        if spec is None or spec.bits not in (1, 2) or not spec.packable:
+            continue  # FP, 3..8-bit, or 4-level codes (seq-int2): stay fake-quantized
+        if isinstance(mod, QuantLinear):
+            _set_submodule(model, name, PackedLinear.from_quant(mod, skeleton))
             n += 1
-        elif isinstance(mod, QuantEmbedding) and mod.weight_spec.bits in (1, 2):
-            new = PackedEmbedding.from_quant(mod, shared.get(id(mod.weight)))
-            shared[id(mod.weight)] = (new.packed, new.scale)
+        elif isinstance(mod, QuantEmbedding):
+            new = PackedEmbedding.from_quant(mod, shared.get(id(mod.weight)), skeleton)
+            shared[id(mod.weight)] = (new.packed, new.scale, new.offset)
             _set_submodule(model, name, new)
             n += 1
     if n == 0:
         raise ValueError("convert_model found no 1/2-bit QuantLinear/QuantEmbedding to pack")
     return model
+
+
+def set_backend(model: nn.Module, backend: str = "auto",
+                kernel_backend: str | None = None) -> dict[str, str]:
+    """Run every packed layer of ``model`` on ``backend`` (``auto``, ``native`` or ``torch``).
+
+    ``auto`` is ``native`` when the C kernel library loads here and ``torch`` otherwise;
+    ``native`` uses the kernels of ``kernel_backend`` (default auto: the C library, else the
+    numpy reference). Returns ``{layer: reason}`` for the linear layers left on the torch path
+    (also logged once, grouped by reason).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "auto":
+        from tbt.runtime.kernels import native
+
+        backend = "native" if native.available() else "torch"
+    fallback: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, PackedLinear):
+            reason = mod.set_backend(backend, kernel_backend)
+            if reason is not None:
+                fallback[name] = reason
+        elif isinstance(mod, (PackedEmbedding, Int8Linear)):
+            mod.set_backend(backend, kernel_backend)
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in fallback.items():
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        logger.info("tbt: %d packed linear layer(s) stay on the torch path (%s), e.g. %s",
+                    len(names), reason, names[0])
+    return fallback

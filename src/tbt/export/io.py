@@ -13,14 +13,24 @@ A packed checkpoint is a directory:
   - ``tbt.format.*``: the :class:`~tbt.export.format.FormatHeader` (validated on load);
   - ``tbt.quant_config``: the :class:`~tbt.QuantConfig` as JSON;
   - ``tbt.layers``: JSON ``{layer: {"kind": "linear"|"embedding", "packing", "bits",
-    "shape": [N, K], "packed": tensor name, "scale": tensor name}}``;
+    "shape": [N, K], "packed": tensor name, "scale": tensor name}}``, plus ``"group_size"``
+    when the scale is per group (``(N, K/g)``) and ``"offset"`` (a tensor name, DLT's shift
+    shaped like the scale) when the weight is ``α·code + γ``;
   - ``tbt.aliases``: JSON ``{alias tensor name: stored tensor name}``;
-  - ``tbt.model_class``: the transformers class name (``BartForConditionalGeneration``).
+  - ``tbt.model_class``: the transformers class name (``BartForConditionalGeneration``);
+  - ``tbt.lm_head``: JSON ``{"name", "format": "fp"|"int8"}`` (+ ``"shape"``, ``"weight"``,
+    ``"scale"`` tensor names for int8; :mod:`tbt.export.lm_head`).
 
-``load_packed`` builds the architecture from ``config.json`` with transformers, runs
-:func:`~tbt.quant.surgery.quantize_model` with the saved ``QuantConfig``, converts it with
-:func:`~tbt.export.convert.convert_model` and loads the tensors (strict). The directory is
-written to a temporary sibling first and moved into place with ``os.replace``.
+Each linear entry of ``tbt.layers`` also records its activation quantizer under ``"act"``
+(:class:`~tbt.runtime.linear.ActSpec` fields; the learned α as the tensor name
+``"alpha_tensor"``; ``null`` for float activations), so the torch-free runtime can run a layer
+without rebuilding the model.
+
+``load_packed`` builds the architecture from ``config.json`` with transformers (without
+initialising its weights), runs :func:`~tbt.quant.surgery.quantize_model` with the saved
+``QuantConfig``, turns it into empty packed modules (``convert_model(skeleton=True)``), loads
+the tensors (strict) and picks the backend (:func:`~tbt.export.convert.set_backend`). The
+directory is written to a temporary sibling first and moved into place with ``os.replace``.
 """
 
 from __future__ import annotations
@@ -35,8 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tbt.export.convert import PackedEmbedding, PackedLinear, convert_model
+from tbt.export.convert import (PackedEmbedding, PackedLinear, act_spec_of, convert_model,
+                                set_backend)
 from tbt.export.format import FormatError, FormatHeader, Packing
+from tbt.export.lm_head import LM_HEAD_FORMATS, Int8Linear, output_embedding_name
 
 __all__ = ["WEIGHTS_NAME", "save_packed", "load_packed", "read_packed_metadata", "layer_table"]
 
@@ -54,8 +66,21 @@ def _quant_config(model: nn.Module):
     return QuantConfig.from_dict(dict(qc))
 
 
+def _act_entry(name: str, mod: PackedLinear) -> dict[str, Any] | None:
+    try:
+        spec = act_spec_of(mod.act_quant)
+    except KeyError:  # a quantizer the runtime does not know: recorded by class name
+        return {"kind": type(mod.act_quant).__name__}
+    if spec is None:
+        return None
+    entry = spec.to_dict()
+    if entry.pop("alpha", None) is not None:
+        entry["alpha_tensor"] = f"{name}.act_quant.alpha"
+    return entry
+
+
 def layer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{layer: {kind, packing, bits, shape, packed, scale}}`` of a converted model."""
+    """``{layer: {kind, packing, bits, shape, packed, scale[, act]}}`` of a converted model."""
     out: dict[str, dict[str, Any]] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, (PackedLinear, PackedEmbedding)):
@@ -64,21 +89,81 @@ def layer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
             out[name] = {"kind": kind, "packing": mod.packing.value, "bits": mod.bits,
                          "shape": [int(n), int(mod.k)], "packed": f"{name}.packed",
                          "scale": f"{name}.scale"}
+            if mod.scale.dim() == 2:  # per-group scales (N, K/g): tbt.quant.granularity
+                out[name]["group_size"] = int(mod.k) // int(mod.scale.shape[1])
+            if mod.offset is not None:  # DLT's shift, same shape as the scale
+                out[name]["offset"] = f"{name}.offset"
+            if kind == "linear":
+                out[name]["act"] = _act_entry(name, mod)
     return out
 
 
-def save_packed(model: nn.Module, directory: str | os.PathLike) -> Path:
+def _lm_head_entry(model: nn.Module) -> dict[str, Any]:
+    name = output_embedding_name(model)
+    head = model.get_submodule(name) if name else None
+    if isinstance(head, Int8Linear):
+        return {"name": name, "format": "int8", "shape": [head.out_features, head.in_features],
+                "weight": f"{name}.weight_int8", "scale": f"{name}.scale"}
+    return {"name": name, "format": "fp"}
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def _quantize_lm_head(model: nn.Module) -> None:
+    name = output_embedding_name(model)
+    head = model.get_submodule(name) if name else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"lm_head='int8' needs an nn.Linear output projection; "
+                         f"{type(model).__name__} has {type(head).__name__}")
+    _set_submodule(model, name, Int8Linear.from_float(head))
+
+
+CHECKSUM_KEY = "tbt.checksum"
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.float64: "F64", torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16",
+              torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def _checksum(metadata: dict[str, str], index: dict[str, tuple[str, tuple]]) -> str:
+    """sha256 of every ``tbt.*`` metadata entry and each tensor's name, dtype and shape.
+
+    safetensors checks the byte offsets itself; this makes any other change to the header (a
+    flipped digit in a shape, a dtype, an α entry of the layer table ...) a :class:`FormatError`
+    instead of a model that loads and computes garbage.
+    """
+    import hashlib
+
+    body = {"metadata": {k: v for k, v in metadata.items()
+                         if k.startswith("tbt.") and k != CHECKSUM_KEY},
+            "tensors": {k: [d, [int(x) for x in shape]] for k, (d, shape) in index.items()}}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "fp") -> Path:
     """Write ``model`` (fake-quantized or already converted) as a packed checkpoint.
 
     A fake-quantized model is converted on a copy; ``model`` itself is not modified.
-    Returns the directory path.
+    ``lm_head``: ``"fp"`` keeps the output projection in full precision (TBT; tied to the
+    latent embedding matrix), ``"int8"`` stores it per-row symmetric int8 + float32 scale
+    (:mod:`tbt.export.lm_head`). Returns the directory path.
     """
+    import copy
+
     from safetensors.torch import save_file
 
-    if not any(isinstance(m, (PackedLinear, PackedEmbedding)) for m in model.modules()):
-        import copy
-
+    if lm_head not in LM_HEAD_FORMATS:
+        raise ValueError(f"lm_head={lm_head!r}; choose one of {list(LM_HEAD_FORMATS)}")
+    converted = any(isinstance(m, (PackedLinear, PackedEmbedding)) for m in model.modules())
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not converted:
         model = convert_model(copy.deepcopy(model))
+    elif lm_head == "int8" and not isinstance(head, Int8Linear):
+        model = copy.deepcopy(model)
+    if lm_head == "int8" and not isinstance(model.get_output_embeddings(), Int8Linear):
+        _quantize_lm_head(model)
     qcfg = _quant_config(model)
     layers = layer_table(model)
 
@@ -97,6 +182,11 @@ def save_packed(model: nn.Module, directory: str | os.PathLike) -> Path:
     for info in layers.values():  # point the layer table at the stored copies
         info["packed"] = aliases.get(info["packed"], info["packed"])
         info["scale"] = aliases.get(info["scale"], info["scale"])
+        if "offset" in info:
+            info["offset"] = aliases.get(info["offset"], info["offset"])
+        act = info.get("act") or {}
+        if "alpha_tensor" in act:
+            act["alpha_tensor"] = aliases.get(act["alpha_tensor"], act["alpha_tensor"])
 
     metadata = FormatHeader().to_metadata()
     metadata.update({
@@ -104,7 +194,10 @@ def save_packed(model: nn.Module, directory: str | os.PathLike) -> Path:
         "tbt.layers": json.dumps(layers, sort_keys=True),
         "tbt.aliases": json.dumps(aliases, sort_keys=True),
         "tbt.model_class": type(model).__name__,
+        "tbt.lm_head": json.dumps(_lm_head_entry(model), sort_keys=True),
     })
+    metadata[CHECKSUM_KEY] = _checksum(
+        metadata, {k: (_ST_DTYPES[t.dtype], tuple(t.shape)) for k, t in tensors.items()})
 
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -139,47 +232,132 @@ def read_packed_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a tbt packed checkpoint")
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata() or {}
-        header = FormatHeader.from_metadata(md)
-        tensors = {}
-        for k in f.keys():
-            sl = f.get_slice(k)
-            shape = tuple(sl.get_shape())
-            dtype = sl.get_dtype()
-            tensors[k] = (dtype, shape)
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            header = FormatHeader.from_metadata(md)
+            tensors = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                tensors[k] = (sl.get_dtype(), tuple(sl.get_shape()))
+    except SafetensorError as e:
+        raise FormatError(f"{path} is not a readable safetensors file ({e}): truncated or "
+                          f"corrupted") from e
+    if md.get(CHECKSUM_KEY) != _checksum(md, tensors):
+        raise FormatError(f"{path}: the header checksum ({CHECKSUM_KEY}) does not match its "
+                          f"metadata and tensor index: a corrupted file (or one written "
+                          f"before tbt stored checksums): export it again")
     try:
         layers = json.loads(md["tbt.layers"])
         aliases = json.loads(md.get("tbt.aliases", "{}"))
+        lm_head = json.loads(md.get("tbt.lm_head", '{"format": "fp"}'))
         quant_config = md["tbt.quant_config"]
-    except (KeyError, json.JSONDecodeError) as e:
-        raise FormatError(f"packed checkpoint metadata lacks or garbles {e}") from e
-    for name, info in layers.items():
-        try:
-            packing = Packing(info["packing"])
-        except ValueError as e:
-            raise FormatError(f"layer {name}: unknown packing {info['packing']!r}") from e
-        n, k = info["shape"]
-        for key, want in ((info["packed"], ("U8", (n, packing.row_bytes(k)))),
-                          (info["scale"], (None, (n,)))):
-            got = tensors.get(key)
-            if got is None:
-                raise FormatError(f"layer {name}: tensor {key} missing")
-            if got[1] != want[1] or (want[0] is not None and got[0] != want[0]):
-                raise FormatError(f"layer {name}: {key} is {got[0]} {list(got[1])}, expected "
-                                  f"{want[0] or 'float'} {list(want[1])} for {packing.value}")
+        if not isinstance(layers, dict) or not isinstance(aliases, dict) \
+                or not isinstance(lm_head, dict):
+            raise TypeError("tbt.layers, tbt.aliases and tbt.lm_head must be JSON objects")
+        for name, info in layers.items():
+            _check_layer(name, info, tensors)
+        _check_lm_head(lm_head, tensors)
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"packed checkpoint metadata lacks or garbles {e!r}") from e
     return {"header": header, "quant_config": quant_config, "layers": layers,
-            "aliases": aliases, "model_class": md.get("tbt.model_class"),
+            "aliases": aliases, "model_class": md.get("tbt.model_class"), "lm_head": lm_head,
             "tensors": tensors, "path": path}
 
 
-def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a converted model (eval mode) from a :func:`save_packed` directory."""
+def _check_tensor(what: str, key: str, tensors: dict, dtype: str | None, shape: tuple) -> None:
+    got = tensors.get(key)
+    if got is None:
+        raise FormatError(f"{what}: tensor {key} missing")
+    if got[1] != shape or (dtype is not None and got[0] != dtype):
+        raise FormatError(f"{what}: {key} is {got[0]} {list(got[1])}, expected "
+                          f"{dtype or 'float'} {list(shape)}")
+
+
+def _check_layer(name: str, info: dict, tensors: dict) -> None:
+    try:
+        packing = Packing(info["packing"])
+    except ValueError as e:
+        raise FormatError(f"layer {name}: unknown packing {info['packing']!r}") from e
+    n, k = (int(v) for v in info["shape"])
+    if n < 1 or k < 1:
+        raise FormatError(f"layer {name}: shape {info['shape']} must be positive")
+    _check_tensor(f"layer {name} ({packing.value})", info["packed"], tensors, "U8",
+                  (n, packing.row_bytes(k)))
+    group = info.get("group_size")
+    if group is not None and (not isinstance(group, int) or group < 1 or k % group):
+        raise FormatError(f"layer {name}: group_size {group!r} does not divide in_features={k}")
+    scale_shape = (n,) if group is None else (n, k // group)
+    _check_tensor(f"layer {name}", info["scale"], tensors, None, scale_shape)
+    if "offset" in info:
+        _check_tensor(f"layer {name}", info["offset"], tensors, None, scale_shape)
+
+
+def _check_lm_head(entry: dict, tensors: dict) -> None:
+    fmt = entry.get("format")
+    if fmt not in LM_HEAD_FORMATS:
+        raise FormatError(f"tbt.lm_head format {fmt!r} is unknown; this tbt reads "
+                          f"{list(LM_HEAD_FORMATS)}")
+    if fmt == "int8":
+        n, k = (int(v) for v in entry["shape"])
+        _check_tensor("int8 lm_head", entry["weight"], tensors, "I8", (n, k))
+        _check_tensor("int8 lm_head", entry["scale"], tensors, "F32", (n,))
+
+
+def _build_skeleton(config, model_class: str | None, qcfg, lm_head: dict) -> nn.Module:
+    """The converted architecture with empty packed buffers; weights never initialised."""
     import transformers as tf
+    from transformers.initialization import no_init_weights
+
+    from tbt.quant.surgery import quantize_model
+
+    cls = getattr(tf, model_class or "", None)
+    with no_init_weights():  # untouched pages cost no RSS; load_state_dict fills what is kept
+        if cls is None:
+            auto = (tf.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False)
+                    else tf.AutoModelForCausalLM)
+            model = auto.from_config(config)
+        else:
+            model = cls(config)
+    quantize_model(model, qcfg)
+    convert_model(model, skeleton=True)
+    if lm_head.get("format") == "int8":
+        name = lm_head.get("name") or output_embedding_name(model)
+        old = model.get_submodule(name)
+        n, k = lm_head["shape"]
+        _set_submodule(model, name, Int8Linear(k, n, getattr(old, "bias", None) is not None,
+                                               old.weight.dtype))
+    return model
+
+
+def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                backend: str = "auto", kernel_backend: str | None = None) -> nn.Module:
+    """Rebuild a converted model (eval mode) from a :func:`save_packed` directory.
+
+    Args:
+        directory: a :func:`save_packed` directory.
+        device: where to put the model.
+        backend: ``"auto"`` (the integer kernels when the native library loads, else torch),
+            ``"native"`` (kernels for every layer whose format pair has one) or ``"torch"``
+            (dequantized float weights: logits equal the fake-quantized model's bit for bit).
+            See :func:`~tbt.export.convert.set_backend`; layers without a kernel stay on torch
+            with a logged reason.
+        kernel_backend: the kernel implementation for ``"native"`` (``tbt.runtime.kernels``:
+            ``ref``, ``native``, ``scalar``, ``avx2``, ``avx512``; default auto).
+
+    Raises:
+        FormatError: a bad header, a truncated or corrupted file, or tensors that do not fit
+            the layer table.
+    """
+    import transformers as tf
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from tbt.config import QuantConfig
-    from tbt.quant.surgery import quantize_model
 
     directory = Path(directory)
     meta = read_packed_metadata(directory)
@@ -190,20 +368,22 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     config = tf.AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # quantize_model sets it again
-    cls = getattr(tf, meta["model_class"] or "", None)
-    if cls is None:
-        auto = (tf.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False)
-                else tf.AutoModelForCausalLM)
-        model = auto.from_config(config)
-    else:
-        model = cls(config)
-    quantize_model(model, qcfg)
-    convert_model(model)
-    state = load_file(str(meta["path"]))
+    model = _build_skeleton(config, meta["model_class"], qcfg, meta["lm_head"])
+    try:
+        state = load_file(str(meta["path"]))
+    except SafetensorError as e:
+        raise FormatError(f"{meta['path']}: cannot read the tensors ({e}): truncated or "
+                          f"corrupted file") from e
     for alias, stored in meta["aliases"].items():
-        state[alias] = state[stored]
-    model.load_state_dict(state, strict=True)
+        state[alias] = state[stored]  # one tensor object: the modules share it again
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise FormatError(f"{meta['path']} does not fit the architecture of config.json: "
+                          f"{e}") from e
     if (directory / "generation_config.json").is_file():
         model.generation_config = tf.GenerationConfig.from_pretrained(directory)
-    # modules sharing packed tensors share them again after loading (BART's three embeddings)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    set_backend(model, backend if torch.device(device).type == "cpu" else "torch",
+                kernel_backend)
+    return model
