@@ -415,3 +415,25 @@ def test_tequila_gradients():
         assert torch.equal(ql(x), torch.nn.functional.linear(
             x, dequantize(pw.codes, pw.scale), lin.bias + pw.bias))
         torch.testing.assert_close(ql(x), y)
+
+
+@pytest.mark.parametrize("first", ["weight", "weight_learned", "tequila", "weight_bitnet",
+                                   "act_methods", "granularity"])
+def test_any_module_can_be_imported_first(first):
+    import subprocess
+    import sys
+
+    code = (f"import tbt.quant.{first}\n"
+            "from tbt.quant.weight import WEIGHT_METHODS\n"
+            "assert {'bitnet-binary', 'trilm', 'lsq', 'seq', 'seq-int2', 'dlt', 'tequila'}"
+            " <= set(WEIGHT_METHODS), sorted(WEIGHT_METHODS)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tequila_all_zero_group_is_zero_not_nan():
+    w = _w(seed=9)
+    w[3, 8:16] = 0.0
+    q = TequilaQuantizer(2, (12, 40), "group", 8, lam=0.1)
+    pw = q.codes_and_scale(w)
+    assert not pw.codes[3, 8:16].any() and pw.scale[3, 1] == 0
+    assert torch.isfinite(pw.bias).all() and torch.isfinite(q(w)).all()

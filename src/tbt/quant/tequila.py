@@ -42,7 +42,8 @@ def tequila_codes(wu: Tensor) -> tuple[Tensor, Tensor]:
     """Unit view ``(U, n)`` float32 -> (int8 codes ``T`` ``(U, n)``, ``s`` ``(U, 1)``)."""
     s = wu.abs().mean(dim=1, keepdim=True)
     delta = s / 2
-    codes = torch.where(wu >= delta, 1, torch.where(wu <= -delta, -1, 0)).to(torch.int8)
+    # +1 where w ≥ Δ, −1 where w ≤ −Δ (both only in an all-zero unit, Δ = 0: code 0, value 0)
+    codes = (wu >= delta).to(torch.int8) - (wu <= -delta).to(torch.int8)
     return codes, s
 
 

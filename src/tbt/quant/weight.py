@@ -486,5 +486,6 @@ def _uniform(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
 
 
 # Methods defined in sibling modules register themselves on import (they import this module's
-# registry, so they come last): BitNet binary and TriLM, the learned-step family, Tequila.
-from tbt.quant import tequila, weight_bitnet, weight_learned  # noqa: E402, F401
+# registry, so they come last): BitNet binary and TriLM, the learned-step family (which imports
+# Tequila once its base class exists). Any of them may be imported first.
+from tbt.quant import weight_bitnet, weight_learned  # noqa: E402, F401

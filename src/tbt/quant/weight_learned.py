@@ -341,3 +341,7 @@ class DltWeightQuantizer(LearnedStepQuantizer):
     def init_from_(self, w: Tensor) -> None:
         self.alpha.copy_(self.units(w.detach().to(torch.float32)).abs().amax(dim=1, keepdim=True))
         self.shift.zero_()
+
+
+# Tequila subclasses WeightQuantizer: imported (and registered) once the base class exists.
+from tbt.quant import tequila  # noqa: E402, F401
