@@ -122,3 +122,12 @@ def test_billm_layer_bits_follow_the_found_masks_and_gptq_helps():
     gptq = quantize_billm(w, stats, BiLLMConfig(block_size=32, salient_metric="magnitude"))
     out_err = lambda q: float(((x @ (w.double() - q.w_hat.double()).t()) ** 2).sum())  # noqa: E731
     assert out_err(gptq) < out_err(got)
+
+
+def test_billm_split_error_shortcut_equals_direct_error():
+    from tbt.ptq.billm import _braq1_err
+
+    w = _w(out=6, k=20).double()
+    masks = torch.rand(3, 6, 20, generator=torch.Generator().manual_seed(5)) < 0.5
+    direct = (masks * (w - braq(w, masks, 1))).pow(2).sum((-1, -2))
+    torch.testing.assert_close(_braq1_err(w, masks), direct)

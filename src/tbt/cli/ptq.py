@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--save-packed", action="store_true",
                    help="also write OUT/packed, a tbt packed checkpoint (rtn with 1/2 bits)")
+    p.add_argument("--no-save", dest="save", action="store_false",
+                   help="write only the report and the table, not the model (benchmarks)")
     m = p.add_argument_group("method options (only those of --method apply)")
     m.add_argument("--bits", type=int, help="rtn: 2 ternary (default), 1 binary, 3..8 uniform")
     m.add_argument("--rtn-method", help="rtn: weight quantizer absmean (default), tbt, twn, bwn")
@@ -175,10 +177,11 @@ def run_ptq(args: argparse.Namespace) -> int:
         out["packed"] = save_packed_rtn(fp_copy, cfg, os.path.join(args.output_dir, "packed"),
                                         model)
         print(f"packed checkpoint: {out['packed']}")
-    save_ptq_checkpoint(model, tok, cfg, args.output_dir)
+    if args.save:
+        save_ptq_checkpoint(model, tok, cfg, args.output_dir)
     with open(os.path.join(args.output_dir, "ptq_report.json"), "w") as f:
         json.dump(out, f, indent=1)
     with open(os.path.join(args.output_dir, "ptq_table.txt"), "w") as f:
         f.write(report.table() + "\n")
-    print(f"saved the PTQ model to {args.output_dir}")
+    print(f"saved the PTQ {'model' if args.save else 'report'} to {args.output_dir}")
     return 0

@@ -60,53 +60,82 @@ class BiLLMConfig:
 
 
 def braq(x: Tensor, mask: Tensor, order: int) -> Tensor:
-    """Order-``order`` residual binarization of ``x`` over ``mask`` per row; 0 off the mask."""
+    """Order-``order`` residual binarization of ``x (rows, B)`` over ``mask`` per row; 0 off
+    the mask. ``mask`` may carry leading candidate dimensions, e.g. ``(C, 1, B)`` or
+    ``(C, rows, B)``: the result is then ``(C, rows, B)``, one binarization per candidate."""
     m = mask.to(x.dtype)
-    n = m.sum(1, keepdim=True).clamp_min(1.0)
-    r, out = x * m, torch.zeros_like(x)
+    n = m.sum(-1, keepdim=True).clamp_min(1.0)
+    r = x * m
+    out = torch.zeros_like(r)
     for _ in range(order):
-        mu = (r * m).sum(1, keepdim=True) / n
+        mu = (r * m).sum(-1, keepdim=True) / n
         c = r - mu
-        alpha = (c.abs() * m).sum(1, keepdim=True) / n
+        alpha = (c.abs() * m).sum(-1, keepdim=True) / n
         b = (mu + alpha * torch.where(c < 0, -1.0, 1.0).to(x.dtype)) * m
         out, r = out + b, r - b
     return out
 
 
-def _split(wb: Tensor, salient: Tensor, q_sal: Tensor) -> tuple[Tensor, Tensor, float]:
-    """Best bell-shaped split of the non-salient entries: (Q, sparse-group mask, p)."""
+def _braq1_err(x: Tensor, mask: Tensor) -> Tensor:
+    """``‖m ⊙ (x − braq(x, m, 1))‖²`` per candidate without forming the binarization:
+    per row ``Σ m x² − n μ² − n α²`` (since ``α = mean|x − μ|`` over the mask)."""
+    m = mask.to(x.dtype)
+    n = m.sum(-1, keepdim=True)
+    mx = m * x
+    mu = mx.sum(-1, keepdim=True) / n.clamp_min(1.0)
+    alpha = ((x - mu).abs() * m).sum(-1, keepdim=True) / n.clamp_min(1.0)
+    per_row = (mx * x).sum(-1, keepdim=True) - n * (mu * mu + alpha * alpha)
+    return per_row.sum((-1, -2))
+
+
+def _sq_err(x: Tensor, q: Tensor) -> Tensor:
+    return (x - q).pow(2).sum((-1, -2))  # one error per candidate
+
+
+def _search_salient(wb: Tensor, order: Tensor, kmax: int, chunk: int) -> int:
+    """The ``k`` in ``1..kmax`` minimising the error of order-2 BRAQ on the top-k columns
+    plus order-2 BRAQ on the others (all candidates at once, ``chunk`` at a time)."""
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    errs = []
+    for k0 in range(1, kmax + 1, chunk):
+        ks = torch.arange(k0, min(k0 + chunk, kmax + 1), device=wb.device)
+        sal = (rank.unsqueeze(0) < ks.unsqueeze(1)).unsqueeze(1)  # (C, 1, B)
+        errs.append(_sq_err(wb, braq(wb, sal, 2) + braq(wb, ~sal, 2)))
+    return 1 + int(torch.cat(errs).argmin())
+
+
+def _split(wb: Tensor, salient: Tensor, q_sal: Tensor, chunk: int) -> tuple[Tensor, float]:
+    """Best bell-shaped split of the non-salient entries: ``(Q, p)``."""
     rest = ~salient
     a = wb.abs()
     vals = a[rest]
-    best = (float("inf"), None, None, 0.0)
     if vals.numel() == 0:
-        return q_sal, torch.zeros_like(salient), 0.0
-    for p in torch.quantile(vals, torch.tensor(PERCENTILES, dtype=vals.dtype)).tolist():
-        sparse = rest & (a >= p)
-        q = q_sal + braq(wb, rest & ~sparse, 1) + braq(wb, sparse, 1)
-        e = float((wb - q).pow(2).sum())
-        if e < best[0]:
-            best = (e, q, sparse, p)
-    return best[1], best[2], best[3]
+        return q_sal, 0.0
+    ps = torch.quantile(vals, torch.tensor(PERCENTILES, dtype=vals.dtype, device=vals.device))
+    errs = []
+    for i in range(0, ps.numel(), chunk):  # the salient part's error is the same for every p
+        sparse = rest & (a >= ps[i:i + chunk, None, None])  # (C, rows, B)
+        errs.append(_braq1_err(wb, rest & ~sparse) + _braq1_err(wb, sparse))
+    p = ps[int(torch.cat(errs).argmin())]
+    sparse = rest & (a >= p)
+    return q_sal + braq(wb, rest & ~sparse, 1) + braq(wb, sparse, 1), float(p)
 
 
-def billm_block(wb: Tensor, col_score: Tensor, max_salient: int) -> tuple[Tensor, int, float]:
-    """Quantize one block ``(out, B)``: returns ``(Q_b, k salient columns, split p)``."""
+def billm_block(wb: Tensor, col_score: Tensor, max_salient: int, chunk: int = 8
+                ) -> tuple[Tensor, int, float]:
+    """Quantize one block ``(out, B)``: returns ``(Q_b, k salient columns, split p)``.
+
+    The searches and the binarization run in float32 (the result has ``wb``'s dtype)."""
+    dtype, wb = wb.dtype, wb.to(torch.float32)
     width = wb.shape[1]
     order = torch.argsort(col_score, descending=True)
-    best = (float("inf"), 1)
-    for k in range(1, min(max_salient, width)):
-        sal = torch.zeros_like(wb, dtype=torch.bool)
-        sal[:, order[:k]] = True
-        q = braq(wb, sal, 2) + braq(wb, ~sal, 2)
-        e = float((wb - q).pow(2).sum())
-        if e < best[0]:
-            best = (e, k)
-    k = best[1]
+    kmax = min(max_salient, width) - 1
+    k = _search_salient(wb, order, kmax, chunk) if kmax >= 1 else width
     sal = torch.zeros_like(wb, dtype=torch.bool)
     sal[:, order[:k]] = True
-    q, _, p = _split(wb, sal, braq(wb, sal, 2))
-    return q, k, p
+    q, p = _split(wb, sal, braq(wb, sal, 2), chunk)
+    return q.to(dtype), k, p
 
 
 def billm_bits(rows: int, widths: list[int], ks: list[int]) -> tuple[int, int]:

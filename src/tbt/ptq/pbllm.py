@@ -135,8 +135,10 @@ def quantize_pbllm(w: Tensor, stats: LayerStats, cfg: PBLLMConfig) -> LayerQuant
         low = binarize(x, p[0], p[1])
         return torch.where(m, minmax_quantize(x, p[2], p[3], cfg.salient_bits), low)
 
-    if cfg.gptq:
-        q = gptq_columns(w64, u, quantize, cfg.block_size)
+    if cfg.gptq:  # the column loop in float32, as GPTQ runs it
+        p32 = [t.to(torch.float32) for t in (mu, alpha, scale, zero)]
+        mu, alpha, scale, zero = p32
+        q = gptq_columns(w64.to(torch.float32), u.to(torch.float32), quantize, cfg.block_size)
     else:
         q = quantize(slice(None), w64)
     nnz = int(mask.sum())

@@ -12,11 +12,11 @@ The objective is the plain Frobenius error ``‖w − ŵ‖²``: no calibration 
 2. **Alternate** up to ``iters`` times, until the relative error improves by less than ``tol``:
 
    a. *scales*: with ``T = [t¹ t²]`` fixed, the ridge solution
-      ``α = (TᵀT + λI)⁺ Tᵀw`` (a 2×2 system per group, solved in float64; the pseudo-inverse
-      makes a singular system -- an empty or repeated plane -- give the minimum-norm
-      least-squares answer);
+      ``α = (TᵀT + λI)⁻¹ Tᵀw`` (a 2×2 system per group, closed form in float64; a singular
+      system -- an empty or repeated plane -- gets the one-plane least-squares fit);
    b. *trits*: with ``α`` fixed, each element independently takes the best of the 9 pairs
-      ``(t¹, t²)`` -- exact, since the error is separable per element.
+      ``(t¹, t²)`` -- exact, since the error is separable per element (computed as 3
+      candidates: the best ``t²`` for each ``t¹`` is a clipped rounding).
 
    ``λ`` starts at ``ridge`` and is multiplied by ``ridge_decay`` each iteration ("progressive
    regularization"; the paper's schedule is not published). With ``λ = 0`` both steps are exact
@@ -38,9 +38,6 @@ from torch import Tensor
 
 from tbt.ptq.registry import SCALE_BITS, LayerQuant, LayerStats, register_ptq_method
 from tbt.ptq.rtn import code_bits
-
-# the 9 (t1, t2) pairs, (9, 2)
-_PAIRS = torch.tensor([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)], dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -71,19 +68,47 @@ def _ternarize_ls(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def solve_scales(x: Tensor, t1: Tensor, t2: Tensor, lam: float = 0.0) -> Tensor:
-    """Ridge scales ``(n, 2)``: ``argmin_α ‖x − α₁t¹ − α₂t²‖² + λ‖α‖²`` per row (pinv)."""
-    a11, a22, a12 = (t1 * t1).sum(1), (t2 * t2).sum(1), (t1 * t2).sum(1)
-    m = torch.stack([torch.stack([a11 + lam, a12], -1), torch.stack([a12, a22 + lam], -1)], -2)
-    rhs = torch.stack([(t1 * x).sum(1), (t2 * x).sum(1)], -1).unsqueeze(-1)  # (n, 2, 1)
-    return (torch.linalg.pinv(m) @ rhs).squeeze(-1)
+    """Ridge scales ``(n, 2)``: ``argmin_α ‖x − α₁t¹ − α₂t²‖² + λ‖α‖²`` per row.
+
+    The 2×2 normal equations are solved in closed form (Cramer). A singular system (a plane
+    that is empty or a multiple of the other) falls back to the one-plane least-squares fit
+    of the non-empty plane, ``α = (⟨t, x⟩/(⟨t, t⟩ + λ), 0)``, which reaches the same minimum.
+    """
+    a11, a22, a12 = (t1 * t1).sum(1) + lam, (t2 * t2).sum(1) + lam, (t1 * t2).sum(1)
+    b1, b2 = (t1 * x).sum(1), (t2 * x).sum(1)
+    det = a11 * a22 - a12 * a12
+    ok = det.abs() > 1e-9 * (a11 * a22).clamp_min(1e-300)
+    safe = det.masked_fill(~ok, 1.0)
+    s1, s2 = (a22 * b1 - a12 * b2) / safe, (a11 * b2 - a12 * b1) / safe
+    use1 = a11 > lam  # plane 1 not empty: fit it alone; else plane 2
+    f1 = torch.where(use1, b1 / a11.clamp_min(1e-300), torch.zeros_like(b1))
+    f2 = torch.where(use1, torch.zeros_like(b2), b2 / a22.clamp_min(1e-300))
+    return torch.stack([torch.where(ok, s1, f1), torch.where(ok, s2, f2)], -1)
 
 
 def search_trits(x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
-    """Per element the best of the 9 pairs ``(t¹, t²)`` for scales ``alpha (n, 2)``."""
-    levels = alpha @ _PAIRS.to(alpha).t()  # (n, 9)
-    best = (x.unsqueeze(-1) - levels.unsqueeze(1)).abs().argmin(-1)  # (n, G)
-    pairs = _PAIRS.to(x)[best]  # (n, G, 2)
-    return pairs[..., 0], pairs[..., 1]
+    """Per element the best of the 9 pairs ``(t¹, t²)`` for scales ``alpha (n, 2)``.
+
+    For each ``t¹ ∈ {−1, 0, 1}`` the best ``t²`` is ``clip(round((x − α¹t¹)/α²), −1, 1)``
+    (``0`` when ``α² = 0``), so 3 candidates instead of 9 cover the exact optimum.
+    """
+    dtype = x.dtype
+    x, alpha = x.to(torch.float32), alpha.to(torch.float32)  # picks trits only: float32 is enough
+    a1, a2 = alpha[:, :1], alpha[:, 1:]
+    inv = torch.where(a2 == 0, torch.zeros_like(a2), 1.0 / a2.masked_fill(a2 == 0, 1.0))
+    best_err = best_t1 = best_t2 = None
+    for t in (0.0, -1.0, 1.0):
+        r = x - a1 * t
+        t2 = (r * inv).clamp_(-1, 1).round_()
+        err = (r - a2 * t2).abs_()
+        if best_err is None:
+            best_err, best_t1, best_t2 = err, torch.zeros_like(x), t2
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_t1 = best_t1.masked_fill(better, t)
+            best_t2 = torch.where(better, t2, best_t2)
+    return best_t1.to(dtype), best_t2.to(dtype)
 
 
 def ptqtp(w: Tensor, cfg: PTQTPConfig = PTQTPConfig()
@@ -116,7 +141,7 @@ def ptqtp(w: Tensor, cfg: PTQTPConfig = PTQTPConfig()
         new_alpha = solve_scales(x, t1, t2, lam)
         n1, n2 = search_trits(x, new_alpha)
         e = err(n1, n2, new_alpha)
-        if e > history[-1]:  # only possible with λ > 0: undo, continue unregularized
+        if e > history[-1]:  # λ > 0 (or a float32 near-tie): undo, continue unregularized
             if lam == 0:
                 break
             lam = 0.0
