@@ -269,3 +269,23 @@ def test_each_term_alone_trains_a_ternary_student(family, term):
         opt.step()
         losses.append(float(loss.detach()))
     assert min(losses[-2:]) < 0.8 * losses[0], losses
+
+
+def test_distill_config_new_terms_validate_and_round_trip():
+    from tbt.train.config import DistillConfig, TrainConfig
+
+    d = DistillConfig(w_off=0.5, w_attn_scores=1, w_relation=2, relation_layers="0,-1",
+                      relation_heads=4)
+    assert d.relation_layers == (0, -1) and d.needs_teacher and d.needs_capture
+    assert DistillConfig(relation_layers="all").relation_layers is None
+    assert not DistillConfig(w_logits=0, w_hidden=0, w_attn=0).needs_teacher
+    assert DistillConfig(w_logits=0, w_hidden=0, w_attn=0, w_off=1).needs_teacher
+    cfg = TrainConfig.from_flat({"model": "gpt2-tiny", "output_dir": "o", "max_steps": 1,
+                                 "w_relation": 1.0, "relation_layers": [-1, 1],
+                                 "relation_heads": 2, "w_off": 0.1})
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    for bad, match in ((dict(w_off=-1), "w_off"), (dict(relation_heads=0), "relation_heads"),
+                       (dict(relation_layers=""), "relation_layers"),
+                       (dict(relation_layers="x"), "relation_layers")):
+        with pytest.raises(ValueError, match=match):
+            DistillConfig(**bad)

@@ -171,8 +171,6 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     from tbt.train.presets import resolve_recipe
 
     given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
-    if str(given.get("relation_layers", "")).lower() == "all":
-        given["relation_layers"] = None
     file_settings = load_config_file(args.config) if getattr(args, "config", None) else {}
     recipe = getattr(args, "recipe", None) or file_settings.get("recipe")
     return merge_settings(resolve_recipe(recipe) if recipe else {}, file_settings, given)

@@ -61,7 +61,8 @@ class DistillConfig:
         w_relation: MiniLM/BitDistill Q-Q, K-K, V-V relation KL, summed over the three and over
             ``relation_layers`` of each self-attention stack (RELATED.md §12).
         relation_layers: student layers of the relation term (negative counts from the end;
-            default ``(-1,)``: the last layer, MiniLMv2's choice); ``None`` = every layer.
+            default ``(-1,)``: the last layer, MiniLMv2's choice); ``None`` (or ``"all"``) =
+            every layer.
         relation_heads: relation heads ``A`` the Q/K/V features are regrouped into; ``None`` =
             the model's own heads (student and teacher must then have the same count).
     """
@@ -96,6 +97,8 @@ class DistillConfig:
                 if any(i < 0 for i in v):
                     raise ValueError(f"{name}={list(v)}: teacher layer indices must be >= 0")
                 object.__setattr__(self, name, v)
+        if isinstance(self.relation_layers, str) and self.relation_layers.lower() == "all":
+            object.__setattr__(self, "relation_layers", None)
         if self.relation_layers is not None:
             v = _int_tuple(self.relation_layers, "relation_layers")
             if not v:
