@@ -119,6 +119,17 @@ def test_rtn_packed_checkpoint_matches_and_trains_as_student(workspace, capsys):
     assert rc == 0 and os.path.isfile(os.path.join(qat, "config.json"))
 
 
+def test_inspect_reports_the_eora_adapter_cost(workspace, capsys):
+    out, rep = _run(workspace, "rtn-eora", "--method", "rtn", "--compensate", "eora", "--rank",
+                    "2", "--save-packed")
+    capsys.readouterr()
+    assert main(["inspect", os.path.join(out, "packed")]) == 0
+    text = capsys.readouterr().out
+    t = rep["totals"]
+    assert "EoRA adapters: 14 layers" in text
+    assert f"{t['adapter_bits_per_weight']:.3f} bits per weight of the layers" in text
+
+
 def test_bad_options_say_what_to_do(workspace, capsys):
     rc = main(["ptq", "--model", workspace["fp"], "--method", "ptqtp", "--salient-frac", "0.1",
                "--output-dir", str(workspace["root"] / "bad")])

@@ -98,4 +98,29 @@ def run(args: argparse.Namespace) -> int:
         print(f"bits per parameter (quantized weights, scales included): {q_bits / q_params:.3f}")
     if total_params:
         print(f"bits per parameter (overall, incl. FP parts): {total_bits / total_params:.3f}")
+    _print_adapters(args.directory, meta["layers"], q_params, q_bits)
     return 0
+
+
+def _print_adapters(directory: str, layers: dict, q_params: int, q_bits: int) -> None:
+    """EoRA adapters written next to the packed file by ``tbt ptq`` (docs/ptq.md): their cost."""
+    import os
+
+    path = os.path.join(directory, "eora_adapters.safetensors")
+    if not os.path.isfile(path):
+        return
+    from safetensors import safe_open
+
+    bits = 0
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        for key in keys:
+            sl = f.get_slice(key)
+            bits += _numel(sl.get_shape()) * _DTYPE_BYTES.get(sl.get_dtype(), 4) * 8
+    names = {k.removesuffix(".lora_a") for k in keys if k.endswith(".lora_a")}
+    covered = sum(_numel(info["shape"]) for name, info in layers.items() if name in names)
+    print(f"EoRA adapters: {len(names)} layers, {_human(bits / 8)}, "
+          f"{bits / max(covered, 1):.3f} bits per weight of the layers they correct")
+    if q_params:
+        print(f"bits per parameter (quantized weights + adapters): "
+              f"{(q_bits + bits) / q_params:.3f}")
