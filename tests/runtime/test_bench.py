@@ -38,7 +38,7 @@ def test_cli_tiny_run_writes_valid_json(tmp_path):
     llc = B.llc_bytes()
     for r in records:
         assert (r["m"], r["n"], r["k"]) == (1, N, K)
-        for field in ("us", "gops", "weight_gbps", "min_us"):
+        for field in ("us", "gops", "weight_gbps", "min_us", "cpu_us"):
             assert isinstance(r[field], (int, float)) and r[field] > 0, (r["op"], field)
         assert r["samples"] == 2 and r["min_us"] <= r["us"]
         assert r["weight_bytes"] == _expected_weight_bytes(r["op"], N, K)
@@ -78,6 +78,8 @@ def test_table_speedup_is_fp32_time_over_op_time():
     lines = B.format_table(rows).splitlines()
     assert "vs fp32" in lines[0] and len(lines) == 3
     assert lines[1].split()[-1] == "25.0x" and lines[2].split()[-1] == "1.0x"
+    rows[0]["cpu_us"] = 1.5  # the CPU time column follows when the record has it
+    assert B.format_table(rows).splitlines()[1].split()[-2:] == ["25.0x", "1.5"]
 
 
 def test_tbt_ops_run_without_torch():

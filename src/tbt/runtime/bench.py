@@ -22,7 +22,10 @@ are timed round-robin in a few rounds, so drift in machine load hits them alike.
 
 Reported per row: median µs per call (``us``), ``gops = 2·M·N·K / us / 1e3`` and the effective
 weight bandwidth ``weight_gbps = weight_bytes / us / 1e3`` (bytes of the weight in its own
-format, per-row scales included). torch never imports at module level: the tbt ops run without
+format, per-row scales included). ``cpu_us`` is the median CPU time of the process per call
+(all its threads): on a shared machine, wall time also counts the time the OS ran other
+processes instead, while with one thread ``cpu_us`` is what the call itself cost. torch never
+imports at module level: the tbt ops run without
 it (STYLE rule 1).
 """
 
@@ -54,7 +57,8 @@ OPS = TBT_OPS + TORCH_OPS
 CACHES = ("hot", "cold")
 MAX_COPIES = 64  # smaller matrices: the evictor streams 2x LLC after each pass over them
 RECORD_FIELDS = ("op", "m", "k", "n", "cache", "us", "gops", "weight_gbps", "weight_bytes",
-                 "p10_us", "min_us", "samples", "threads", "backend", "copies", "evict")
+                 "p10_us", "min_us", "cpu_us", "samples", "threads", "backend", "copies",
+                 "evict")
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,7 @@ class _OpState:
     evict: Callable[[], None] | None
     pos: int = 0
     samples: list | None = None
+    cpu: list | None = None
 
 
 def _burst(st: _OpState, cache: str, budget_s: float, max_calls: int, min_calls: int) -> None:
@@ -259,9 +264,12 @@ def _burst(st: _OpState, cache: str, budget_s: float, max_calls: int, min_calls:
         if i == 0 and st.evict is not None:
             st.evict()
         f = st.calls[i]
+        c0 = time.process_time_ns()
         t0 = time.perf_counter_ns()
         f()
-        st.samples.append((time.perf_counter_ns() - t0) / 1e3)
+        t1 = time.perf_counter_ns()
+        st.samples.append((t1 - t0) / 1e3)
+        st.cpu.append((time.process_time_ns() - c0) / 1e3)
         st.pos += 1
         got += 1
 
@@ -270,7 +278,7 @@ def _measure_cell(cells: dict[str, _OpState], cache: str, cfg: BenchConfig) -> N
     for st in cells.values():  # warm up: code paths, pool threads, page faults of the outputs
         for f in (st.calls * 3)[:3]:
             f()
-        st.samples = []
+        st.samples, st.cpu = [], []
     rounds = min(cfg.rounds, cfg.repeat) if cfg.repeat else cfg.rounds
     for r in range(rounds):
         for st in cells.values():
@@ -292,7 +300,8 @@ def _record(op: str, m: int, n: int, k: int, cache: str, st: _OpState, threads: 
     return {"op": op, "m": m, "k": k, "n": n, "cache": cache, "us": _sig(us),
             "gops": _sig(2 * m * n * k / us / 1e3), "weight_gbps": _sig(st.nbytes / us / 1e3),
             "weight_bytes": int(st.nbytes), "p10_us": _sig(float(np.percentile(s, 10))),
-            "min_us": _sig(float(s.min())), "samples": int(s.size), "threads": threads,
+            "min_us": _sig(float(s.min())), "cpu_us": _sig(float(np.median(st.cpu))),
+            "samples": int(s.size), "threads": threads,
             "backend": backend, "copies": len(st.calls), "evict": st.evict is not None}
 
 
@@ -369,14 +378,15 @@ def _load() -> str:
 
 def format_table(rows: Sequence[dict], header: bool = True) -> str:
     """One line per record: shape, batch, cache, op, µs, GOP/s, weight GB/s, speed-up vs fp32
-    (of the same shape, batch and cache, when it is among ``rows``)."""
+    (of the same shape, batch and cache, when it is among ``rows``), CPU µs."""
     fp32 = {(r["n"], r["k"], r["m"], r["cache"]): r["us"] for r in rows
             if r["op"] == "torch_fp32"}
     lines = [f"{'N x K':>11} {'M':>3} {'cache':>5} {'op':<13} {'us':>10} {'GOP/s':>9} "
-             f"{'weight GB/s':>11} {'vs fp32':>8}"] if header else []
+             f"{'weight GB/s':>11} {'vs fp32':>8} {'cpu us':>10}"] if header else []
     for r in rows:
         ref = fp32.get((r["n"], r["k"], r["m"], r["cache"]))
         speed = f"{ref / r['us']:>7.1f}x" if ref else f"{'':>8}"
         lines.append(f"{r['n']:>5}x{r['k']:<5} {r['m']:>3} {r['cache']:>5} {r['op']:<13} "
-                     f"{r['us']:>10.1f} {r['gops']:>9.1f} {r['weight_gbps']:>11.2f} {speed}")
+                     f"{r['us']:>10.1f} {r['gops']:>9.1f} {r['weight_gbps']:>11.2f} {speed}"
+                     + (f" {r['cpu_us']:>10.1f}" if "cpu_us" in r else ""))
     return "\n".join(lines)
