@@ -1,0 +1,163 @@
+"""The weight-method registry: what a method returns and how it is registered.
+
+Every weight method of :mod:`tbt.quant` is one entry of :data:`WEIGHT_METHODS`, keyed by its
+``method=`` name: a pure function for a stateless method (:func:`register_weight_method`), or a
+per-layer module class for a method with learned tensors or an output bias
+(:func:`register_weight_quantizer`). :func:`check_weight_method` validates ``(method, bits)``
+pairs with messages that name the valid choices. :mod:`tbt.quant.weight` re-exports every name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from torch import Tensor
+
+from tbt.quant.granularity import GRANULARITIES
+
+__all__ = ["QuantizedWeight", "PackedWeight", "PackedLayout", "QuantFn", "WeightMethod",
+           "WEIGHT_METHODS", "register_weight_method", "register_weight_quantizer",
+           "check_weight_method"]
+
+
+class QuantizedWeight(NamedTuple):
+    """What a registered method returns.
+
+    codes: int8 ``(out, in)``; scale: float32 ``(out, 1)`` or ``(1, 1)``;
+    ste_mask: bool ``(out, in)`` where the gradient passes, or ``None`` for the identity STE
+    (also ``None`` whenever ``want_mask`` was False).
+    """
+
+    codes: Tensor
+    scale: Tensor
+    ste_mask: Tensor | None
+
+
+class PackedWeight(NamedTuple):
+    """What the exporter packs for one matrix (every method, stateless or learned).
+
+    codes: int8 ``(out, in)``; scale: float32 ``(out, G)`` (``G = 1`` per row, ``in/g`` per
+    group; a per-tensor scale is repeated per row); offset: float32 like ``scale``, added after
+    the scale (DLT's shift γ), or ``None``; bias: ``(out,)`` input-independent output bias
+    (Tequila's dead-zone term, folded into the layer bias at export), or ``None``.
+    The weight is ``dequantize(codes, scale, dtype, offset)``.
+    """
+
+    codes: Tensor
+    scale: Tensor
+    offset: Tensor | None = None
+    bias: Tensor | None = None
+
+
+class PackedLayout(NamedTuple):
+    """Shapes of what the exporter stores for a weight, known without reading its values.
+
+    groups: scale columns (1, or in/g per group); has_offset / has_bias: a
+    :class:`PackedWeight` ``offset`` / ``bias`` is present; transposed: the fake-quantized weight
+    is laid out transposed in memory (F.linear's summation order depends on it).
+    """
+
+    groups: int
+    has_offset: bool
+    has_bias: bool
+    transposed: bool
+
+
+# fn(w, bits, *, per_row, variant, clip, want_mask) -> QuantizedWeight;
+# w is a detached float32 2-D tensor; the arguments are already validated.
+QuantFn = Callable[..., QuantizedWeight]
+
+
+@dataclass(frozen=True)
+class WeightMethod:
+    """A registry entry: the quantizer ``fn`` and the bits and default granularity it offers.
+
+    ``quantizer`` is set instead of ``fn`` for a method that keeps per-layer state (a module
+    class with ``from_config``); ``packable`` is False when its codes are not ternary/binary
+    (the exporter then keeps the layer fake-quantized).
+    """
+
+    name: str
+    bits: tuple[int, ...]
+    default_granularity: str
+    fn: QuantFn | None
+    quantizer: type | None = None
+    packable: bool = True
+
+
+WEIGHT_METHODS: dict[str, WeightMethod] = {}
+_BIT_NAMES = {1: "binary", 2: "ternary"}
+
+
+def register_weight_method(
+    name: str, bits: tuple[int, ...], default_granularity: str
+) -> Callable[[QuantFn], QuantFn]:
+    """Decorator: register ``fn`` as weight method ``name`` for ``bits`` (each in 1..8).
+
+    ``fn(w, bits, *, per_row, variant, clip, want_mask) -> QuantizedWeight`` receives a detached
+    float32 ``(out, in)`` tensor and validated arguments; it must not sync with the host.
+    """
+    bits = _check_registration(name, bits, default_granularity)
+
+    def deco(fn: QuantFn) -> QuantFn:
+        WEIGHT_METHODS[name] = WeightMethod(name, bits, default_granularity, fn)
+        return fn
+
+    return deco
+
+
+def register_weight_quantizer(
+    name: str, bits: tuple[int, ...], default_granularity: str, packable: bool = True
+) -> Callable[[type], type]:
+    """Decorator: register a per-layer quantizer *class* as weight method ``name``.
+
+    The class needs ``from_config(cfg, bits, weight) -> module`` (surgery calls it once per
+    layer with the latent ``(out, in)`` weight) and the module protocol of
+    :class:`tbt.quant.weight_learned.WeightQuantizer` (``forward``, ``codes_and_scale``,
+    ``output_bias``).
+    """
+    bits = _check_registration(name, bits, default_granularity)
+
+    def deco(cls: type) -> type:
+        WEIGHT_METHODS[name] = WeightMethod(name, bits, default_granularity, None, cls, packable)
+        return cls
+
+    return deco
+
+
+def _check_registration(name: str, bits, default_granularity: str) -> tuple[int, ...]:
+    bits = tuple(bits)
+    if name in WEIGHT_METHODS:
+        raise ValueError(f"weight method {name!r} is already registered; pick another name")
+    if not bits or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8
+                       for b in bits):
+        raise ValueError(f"bits must be a non-empty tuple of ints in 1..8 (int8 codes); got {bits}")
+    if default_granularity not in GRANULARITIES:
+        raise ValueError(f"default_granularity={default_granularity!r}; choose one of "
+                         f"{list(GRANULARITIES)}")
+    return bits
+
+
+def check_weight_method(method: str, bits: int, what: str = "bits") -> None:
+    """Raise ``ValueError`` (naming the valid choices) unless ``method`` supports ``bits``.
+
+    ``what`` names the bits in the message, e.g. ``"weight bits of bits='2-3-8'"``.
+    """
+    spec = WEIGHT_METHODS.get(method)
+    if spec is None:
+        raise ValueError(f"method={method!r} is unknown; choose one of {sorted(WEIGHT_METHODS)}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in spec.bits:
+        legend = ", ".join(f"{b} = {_BIT_NAMES[b]}" for b in spec.bits if b in _BIT_NAMES)
+        others = sorted(n for n, m in WEIGHT_METHODS.items() if bits in m.bits)
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            hint = "bits must be an int"
+        elif not others:
+            hint = "weight bits must be 1 (binary), 2 (ternary) or 3..8"
+        elif others == ["uniform"]:
+            hint = "use method='uniform' for 3..8 bits"
+        else:
+            hint = f"for {bits}-bit weights use one of {others}"
+        raise ValueError(f"method={method!r} supports {what} in {spec.bits}"
+                         f"{f' ({legend})' if legend else ''}; got {bits!r}; {hint}")
