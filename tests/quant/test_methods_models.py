@@ -119,3 +119,31 @@ def test_torch_free_runtime_refuses_grouped_layers(tmp_path):
     save_packed(m, tmp_path / "p")
     with pytest.raises(ValueError, match="no runtime kernel format; use load_packed"):
         PackedLinearNP.from_packed_dir(tmp_path / "p", "model.layers.0.self_attn.q_proj")
+
+
+@pytest.mark.parametrize("method,bits,extra,native", [
+    ("seq", "fp-2-8", {}, True), ("lsq", "2-2-8", {}, True), ("trilm", "fp-2-8", {}, True),
+    ("bitnet-binary", "fp-1-8", {}, True),
+    ("dlt", "fp-2-8", {"granularity": "group", "group_size": 16}, False),
+    ("tequila", "fp-2-8", {"group_size": 16}, False)])
+def test_native_backend_runs_per_row_methods_and_falls_back_for_groups(
+        method, bits, extra, native, tmp_path):
+    from tbt.runtime.kernels import native as native_lib
+
+    if not native_lib.available():
+        pytest.skip("native kernel library not built")
+    m = make_tiny("llama")
+    quantize_model(m, QuantConfig(bits=bits, method=method, **extra))
+    m.eval()
+    with torch.no_grad():
+        ref = m(input_ids=_ids()).logits
+    save_packed(m, tmp_path / "p")
+    loaded = load_packed(tmp_path / "p", backend="native")
+    backends = {x.backend for x in loaded.modules() if isinstance(x, PackedLinear)}
+    assert backends == ({"native"} if native else {"torch"})
+    with torch.no_grad():
+        got = loaded(input_ids=_ids()).logits
+    # integer accumulation is exact; only the float rescale's rounding order differs
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    if not native:
+        assert torch.equal(got, ref)
