@@ -46,8 +46,8 @@ def test_flags_reach_quant_config(flags, want):
 
 
 def test_bad_method_flag_says_how_to_fix():
-    args = build_parser().parse_args(["train", *BASE, "--bits", "2-2-2", "--act-method", "minmax"])
-    with pytest.raises(ValueError, match=r"act_method='minmax' supports activation bits \(8,\)"):
+    args = build_parser().parse_args(["train", *BASE, "--bits", "1-1-1", "--act-method", "minmax"])
+    with pytest.raises(ValueError, match=r"act_method='minmax' supports activation bits \(2, "):
         TrainConfig.from_flat(resolve_settings(args))
     args = build_parser().parse_args(["train", *BASE, "--bits", "2-2-8", "--method", "tequila",
                                       "--granularity", "group", "--group-size", "0"])

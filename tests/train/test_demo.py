@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -13,15 +14,22 @@ from tbt.train.demo import STUDENTS, format_results, packed_size_bytes
 from train_helpers import tbt_cli
 
 
-def test_demo_quick_end_to_end(tmp_path):
-    out = str(tmp_path / "demo")
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One `tbt demo --quick` run, shared by the demo and ablation tests: (dir, log)."""
+    out = str(tmp_path_factory.mktemp("demo") / "demo")
     proc = tbt_cli("demo", "--quick", "--output-dir", out, "--no-progress")
-    log = proc.communicate(timeout=400)[0]
+    log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, log[-4000:]
+    return out, log
+
+
+def test_demo_quick_end_to_end(quick_demo):
+    out, log = quick_demo
 
     res = json.load(open(os.path.join(out, "results.json")))
     rows = {r["model"]: r for r in res["results"]}
-    assert list(rows) == ["FP teacher"] + [name for name, _, _ in STUDENTS]
+    assert list(rows) == ["FP teacher"] + [sp.name for sp in STUDENTS]
     for r in rows.values():
         for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len", "size_mb", "train_s"):
             assert math.isfinite(r[k]) and r[k] >= 0, (r["model"], k, r[k])
@@ -64,3 +72,35 @@ def test_demo_presets_are_valid(quick, tmp_path):
 
     dc = demo_config(quick, output_dir=str(tmp_path), seed=None)
     assert dc.seed == 0 and (dc.teacher_steps < 100) == quick
+
+
+def test_ablate_quick_from_demo(quick_demo, tmp_path):
+    from tbt.train.ablate import SUITES
+    from tbt.train.demo import StudentSpec
+
+    out = str(tmp_path / "abl")
+    proc = tbt_cli("ablate", "--quick", "--from-demo", quick_demo[0], "--suite", "table3-2-2-2",
+                   "--output-dir", out, "--student-steps", "3", "--eval-samples", "8",
+                   "--no-progress")
+    log = proc.communicate(timeout=400)[0]
+    assert proc.returncode == 0, log[-3000:]
+    rows = list(csv.DictReader(open(os.path.join(out, "ablation.csv"))))
+    assert [r["model"] for r in rows] == [sp.name for sp in SUITES["table3-2-2-2"]]
+    base = float(rows[0]["rouge1"])
+    for r in rows:
+        assert abs(float(r["d_rouge1"]) - (float(r["rouge1"]) - base)) < 1e-9
+    assert "| table3-2-2-2 | TWN 2-2-2 (baseline) | twn | minmax |" in log  # printed table
+    assert json.load(open(os.path.join(out, "ablation.json")))["suites"] == ["table3-2-2-2"]
+    for png in ("ablation.png", "ablation_curves.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    first = os.path.join(out, StudentSpec(rows[0]["model"], "2-2-2").slug, "tbt_config.json")
+    cfg = json.load(open(first))
+    assert cfg["method"] == "twn" and cfg["act_method"] == "minmax"
+
+
+def test_ablate_from_demo_missing_dir(tmp_path):
+    proc = tbt_cli("ablate", "--from-demo", str(tmp_path / "nope"), "--output-dir",
+                   str(tmp_path / "o"))
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2 and "give the output directory of a finished" in log

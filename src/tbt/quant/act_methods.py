@@ -12,7 +12,8 @@ kept as is by the packed export, so a packed model quantizes its inputs exactly 
 ``act_method``     bits    quantizer
 =================  ======  =================================================================
 ``elastic``        1..8    TBT learned step α per tensor (:class:`~tbt.quant.activation.ElasticQuantizer`)
-``minmax``         8       DQ-BART dynamic min/max with clip (:class:`~tbt.quant.activation.MinMaxQuantizer`)
+``minmax``         2..8    DQ-BART dynamic min/max with clip (:class:`~tbt.quant.activation.MinMaxQuantizer`);
+                           below 8 bits the non-learned baseline of the paper's ablation (Table 3)
 ``absmax-token``   2..8    BitNet b1.58 per-token absmax (RELATED.md §1a), identity STE
 ``elastic-shift``  1..8    BiT: elastic on ``x + b`` with a learned per-channel shift ``b`` (§3)
 ``lsq``            2..8    LSQ (Esser et al. 2020, §5): plain learned step, no centring/min shift
@@ -111,7 +112,7 @@ def _elastic(cfg, bits, signed, channels):
     return ElasticQuantizer(bits, signed=signed, variant=cfg.variant)
 
 
-@register_act_method("minmax", bits=(8,))
+@register_act_method("minmax", bits=(2, 3, 4, 5, 6, 7, 8))
 def _minmax(cfg, bits, signed, channels):
     return MinMaxQuantizer(bits=bits, signed=signed, clip=cfg.act_clip)
 

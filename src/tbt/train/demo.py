@@ -28,11 +28,27 @@ from typing import Any
 
 import torch
 
-STUDENTS = (  # (name, E-W-A, weight quantizer)
-    ("TBT 2-2-8", "2-2-8", "tbt"),
-    ("TBT 1-1-8", "1-1-8", "tbt"),
-    ("TBT 2-2-2", "2-2-2", "tbt"),
-    ("TWN 2-2-8", "2-2-8", "twn"),
+@dataclass(frozen=True)
+class StudentSpec:
+    """One distilled student: its name, E-W-A bits, weight and activation methods, and any
+    other ``TrainConfig.from_flat`` keys (e.g. ``(("tequila_lambda", 1e-3),)``)."""
+
+    name: str
+    bits: str
+    method: str = "tbt"
+    act_method: str = "auto"
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() or c in "-." else "-" for c in self.name.lower())
+
+
+STUDENTS = (
+    StudentSpec("TBT 2-2-8", "2-2-8"),
+    StudentSpec("TBT 1-1-8", "1-1-8"),
+    StudentSpec("TBT 2-2-2", "2-2-2"),
+    StudentSpec("TWN 2-2-8", "2-2-8", method="twn"),
 )
 HIST_LAYER = "model.encoder.layers.0.fc1"
 
@@ -139,33 +155,43 @@ def format_results(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(dc: DemoConfig) -> dict[str, Any]:
-    """Run every stage; returns ``{"results": [row per model], "plots": [...], ...}``."""
-    from tbt.train.corpus import build_copy_warmup_file, build_docstring_corpus
-    from tbt.train.data import DataConfig, load_raw_splits
-    from tbt.train.loop import train
-    from tbt.train.plots import layer_tensors, save_all
+class _Stages:
+    """Numbered progress lines with the elapsed time."""
+
+    def __init__(self, total: int) -> None:
+        self.t0, self.total = time.time(), total
+
+    def __call__(self, k: int, msg: str) -> None:
+        print(f"[{time.time() - self.t0:6.0f}s] [{k}/{self.total}] {msg}", flush=True)
+
+
+def prepare_data(dc: DemoConfig, stage: _Stages) -> tuple[dict[str, str], str, Any]:
+    """Stages 1-2: the docstring corpus and its tokenizer; ``(paths, tokenizer_dir, tok)``."""
+    from tbt.train.corpus import build_docstring_corpus
     from tbt.train.tokenizer import train_tokenizer
 
-    t0 = time.time()
-
-    def stage(msg: str) -> None:
-        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
-
     out = dc.output_dir
-    os.makedirs(out, exist_ok=True)
-    stage(f"[1/6] corpus: Python docstrings -> first sentence, style {dc.style} ({out}/data)")
+    stage(1, f"corpus: Python docstrings -> first sentence, style {dc.style} ({out}/data)")
     paths = build_docstring_corpus(os.path.join(out, "data"), dc.max_examples, dc.seed,
                                    style=dc.style)
-    stage(f"[2/6] tokenizer: byte-level BPE, {dc.vocab_size} tokens")
+    stage(2, f"tokenizer: byte-level BPE, {dc.vocab_size} tokens")
     tok_dir = os.path.join(out, "tokenizer")
     tok = train_tokenizer([paths["train"]], ["document", "summary"], dc.vocab_size, tok_dir)
+    return paths, tok_dir, tok
 
-    stage(f"[3/6] teacher: full-precision {dc.architecture} from scratch, {dc.warmup_steps} "
-          f"steps of copy warm-up, then {dc.teacher_steps} steps on the summaries")
+
+def train_teacher(dc: DemoConfig, paths: dict[str, str], tok_dir: str, tok,
+                  stage: _Stages) -> tuple[dict[str, Any], dict[str, str]]:
+    """Stage 3: the FP teacher from scratch; ``(run, {phase: log path})``."""
+    from tbt.train.corpus import build_copy_warmup_file
+    from tbt.train.loop import train
+
+    stage(3, f"teacher: full-precision {dc.architecture} from scratch, {dc.warmup_steps} "
+             f"steps of copy warm-up, then {dc.teacher_steps} steps on the summaries")
     # The warm-up teaches the encoder-decoder to copy through cross attention; without it a
     # tiny model first learns the summaries' language model and ignores its input for a long
     # time (tbt.train.corpus documents the measurement).
+    out = dc.output_dir
     warm_dir, teacher_dir = os.path.join(out, "teacher-warmup"), os.path.join(out, "teacher")
     copy_file = build_copy_warmup_file(os.path.join(out, "data", "copy_warmup.jsonl"), tok,
                                        n_examples=dc.warmup_steps * dc.batch_size,
@@ -176,20 +202,35 @@ def run_demo(dc: DemoConfig) -> dict[str, Any]:
     teacher = train(_train_cfg(dc, paths, teacher_dir, model=warm_dir, bits="fp",
                                max_steps=dc.teacher_steps, lr=dc.teacher_lr))
     teacher["train_time_s"] += warm["train_time_s"]
-    teacher_logs = {"warm-up": warm["log"], "summaries": teacher["log"]}
-    runs: dict[str, dict[str, Any]] = {"FP teacher": dict(bits="fp", dir=teacher_dir,
-                                                          result=teacher)}
-    for i, (name, bits, method) in enumerate(STUDENTS, 1):
-        stage(f"[4/6] student {i}/{len(STUDENTS)}: {name} ({method}), {dc.student_steps} "
-              "steps of distillation")
-        sdir = os.path.join(out, name.lower().replace(" ", "-"))
-        runs[name] = dict(bits=bits, dir=sdir, result=train(_train_cfg(
-            dc, paths, sdir, teacher=teacher_dir, bits=bits, method=method,
-            variant=dc.variant, max_steps=dc.student_steps, lr=dc.student_lr)))
+    run = dict(bits="fp", dir=teacher_dir, result=teacher)
+    return run, {"warm-up": warm["log"], "summaries": teacher["log"]}
 
-    stage(f"[5/6] evaluation: {dc.eval_samples} test documents, ROUGE")
-    test = load_raw_splits(DataConfig(test_file=paths["test"],
-                                      max_eval_samples=dc.eval_samples), ("test",))["test"]
+
+def train_students(dc: DemoConfig, paths: dict[str, str], teacher_dir: str,
+                   students: tuple[StudentSpec, ...], stage: _Stages,
+                   k: int = 4) -> dict[str, dict[str, Any]]:
+    """Stage ``k``: distil each student from the teacher (same data, loss and steps)."""
+    from tbt.train.loop import train
+
+    runs = {}
+    for i, sp in enumerate(students, 1):
+        stage(k, f"student {i}/{len(students)}: {sp.name} (weights {sp.method}, activations "
+                 f"{sp.act_method}), {dc.student_steps} steps of distillation")
+        sdir = os.path.join(dc.output_dir, sp.slug)
+        cfg = _train_cfg(dc, paths, sdir, teacher=teacher_dir, bits=sp.bits, method=sp.method,
+                         act_method=sp.act_method, variant=dc.variant,
+                         max_steps=dc.student_steps, lr=dc.student_lr, **dict(sp.options))
+        runs[sp.name] = dict(bits=sp.bits, dir=sdir, result=train(cfg), spec=sp)
+    return runs
+
+
+def evaluate_runs(dc: DemoConfig, runs: dict[str, dict[str, Any]], tok,
+                  test_file: str) -> list[dict[str, Any]]:
+    """ROUGE, generated length, packed size and train time of every run (table rows)."""
+    from tbt.train.data import DataConfig, load_raw_splits
+
+    test = load_raw_splits(DataConfig(test_file=test_file, max_eval_samples=dc.eval_samples),
+                           ("test",))["test"]
     results = []
     for name, run in runs.items():
         model = run["result"]["model"]
@@ -198,15 +239,34 @@ def run_demo(dc: DemoConfig) -> dict[str, Any]:
             "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len")},
             "size_mb": packed_size_bytes(model) / 1e6,
             "train_s": run["result"]["train_time_s"]})
+    return results
 
-    stage("[6/6] table and plots")
+
+def run_demo(dc: DemoConfig) -> dict[str, Any]:
+    """Run every stage; returns ``{"results": [row per model], "plots": [...], ...}``."""
+    from tbt.train.data import DataConfig, load_raw_splits
+    from tbt.train.plots import layer_tensors, save_all
+
+    stage = _Stages(6)
+    out = dc.output_dir
+    os.makedirs(out, exist_ok=True)
+    paths, tok_dir, tok = prepare_data(dc, stage)
+    teacher, teacher_logs = train_teacher(dc, paths, tok_dir, tok, stage)
+    runs = {"FP teacher": teacher, **train_students(dc, paths, teacher["dir"], STUDENTS, stage)}
+
+    stage(5, f"evaluation: {dc.eval_samples} test documents, ROUGE")
+    results = evaluate_runs(dc, runs, tok, paths["test"])
+
+    stage(6, "table and plots")
+    test = load_raw_splits(DataConfig(test_file=paths["test"], max_eval_samples=16),
+                           ("test",))["test"]
     batch = _plot_batch(tok, test, dc)
     tensors = {name: layer_tensors(run["result"]["model"], HIST_LAYER, batch)
                for name, run in runs.items() if name != "FP teacher"}
     student_logs = {n: r["result"]["log"] for n, r in runs.items() if n != "FP teacher"}
     plots = save_all(out, teacher_logs, student_logs, tensors, HIST_LAYER)
     table = format_results(results)
-    total = time.time() - t0
+    total = time.time() - stage.t0
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(f"# tbt demo results\n\n{table}\n\nTotal time {total:.0f} s. Settings: "
                 f"`{json.dumps(asdict(dc))}`\n")
@@ -232,5 +292,6 @@ def demo_config(quick: bool, **kw: Any) -> DemoConfig:
     return DemoConfig.quick(**kw) if quick else DemoConfig.full(**kw)
 
 
-__all__ = ["DemoConfig", "STUDENTS", "demo_config", "format_results", "packed_size_bytes",
+__all__ = ["DemoConfig", "STUDENTS", "StudentSpec", "demo_config", "evaluate_runs",
+           "prepare_data", "train_students", "train_teacher", "format_results", "packed_size_bytes",
            "run_demo"]
