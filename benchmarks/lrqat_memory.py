@@ -10,6 +10,9 @@ Reported per mode:
   last step, summed from the tensors themselves (what a GPU would also hold persistently);
 * the loss of the first and last step (a sanity check that each mode trains).
 
+With ``--device cuda`` the peak column is ``torch.cuda.max_memory_allocated`` during training
+minus the allocation before the model was built.
+
     python benchmarks/lrqat_memory.py                      # default shape, prints Markdown
     python benchmarks/lrqat_memory.py --quick              # small shape for a smoke run
     python benchmarks/lrqat_memory.py --out benchmarks/results/lrqat_memory.md
@@ -53,26 +56,37 @@ def _tensor_bytes(model, opt) -> int:
     return total
 
 
-def _warm_up(mode: str, bits: str, rank: int) -> None:
+def _warm_up(mode: str, bits: str, rank: int, device: str) -> None:
     tiny = dict(vocab=64, d=32, ff=64, layers=1, heads=2, seq=8, batch=1)
-    _train(mode, tiny, 1, bits, rank)
+    _train(mode, tiny, 1, bits, rank, device)
 
 
-def run_one(mode: str, shape: dict, steps: int, bits: str, rank: int) -> dict:
+def run_one(mode: str, shape: dict, steps: int, bits: str, rank: int, device: str = "cpu"
+            ) -> dict:
     import gc
 
-    _warm_up(mode, bits, rank)
+    import torch
+
+    _warm_up(mode, bits, rank, device)
     gc.collect()
-    base = _rss_mib()
-    params, model, opt, losses = _train(mode, shape, steps, bits, rank)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _rss_mib()
+    params, model, opt, losses = _train(mode, shape, steps, bits, rank, device)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     return {"mode": mode, "peak_rss_mib": peak - base,
             "state_mib": _tensor_bytes(model, opt) / 2**20,
             "trainable_m": sum(p.numel() for p in params) / 1e6,
             "first_loss": losses[0], "last_loss": losses[-1]}
 
 
-def _train(mode: str, shape: dict, steps: int, bits: str, rank: int) -> tuple:
+def _train(mode: str, shape: dict, steps: int, bits: str, rank: int, device: str) -> tuple:
     import torch
     import transformers as tf
 
@@ -85,13 +99,15 @@ def _train(mode: str, shape: dict, steps: int, bits: str, rank: int) -> tuple:
                          intermediate_size=shape["ff"], num_hidden_layers=shape["layers"],
                          num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
                          max_position_embeddings=shape["seq"])
-    model = tf.LlamaForCausalLM(cfg)
+    model = tf.LlamaForCausalLM(cfg).to(device)
     quantize_model(model, QuantConfig(bits=bits))
     if MODES[mode]:
         apply_lrqat(model, LRQATConfig(rank=rank, alpha=float(rank), **MODES[mode]))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]))
+    gen = torch.Generator().manual_seed(1)  # same batch in every mode (B's init uses the RNG)
+    ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=gen)
+    ids = ids.to(device)
     model.train()
     losses = []
     for _ in range(steps):
@@ -99,7 +115,7 @@ def _train(mode: str, shape: dict, steps: int, bits: str, rank: int) -> tuple:
         opt.zero_grad(set_to_none=False)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return params, model, opt, losses
 
 
@@ -109,26 +125,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--bits", default="2-2-8")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--out", help="also write the Markdown table here")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     shape = (dict(vocab=512, d=128, ff=352, layers=2, heads=4, seq=64, batch=2) if a.quick else
              dict(vocab=2048, d=768, ff=2048, layers=4, heads=12, seq=128, batch=4))
     if a._child:
-        print(json.dumps(run_one(a._child, shape, a.steps, a.bits, a.rank)))
+        print(json.dumps(run_one(a._child, shape, a.steps, a.bits, a.rank, a.device)))
         return 0
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     for mode in MODES:
         cmd = [sys.executable, __file__, "--_child", mode, "--steps", str(a.steps), "--bits",
-               a.bits, "--rank", str(a.rank)] + (["--quick"] if a.quick else [])
+               a.bits, "--rank", str(a.rank), "--device", a.device] + (["--quick"] if a.quick
+                                                                        else [])
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     lines = [f"Llama d={shape['d']} ff={shape['ff']} layers={shape['layers']} "
              f"vocab={shape['vocab']}"
              f", batch {shape['batch']}x{shape['seq']}, bits {a.bits}, rank {a.rank}, "
-             f"{a.steps} AdamW steps, CPU, torch {__import__('torch').__version__}", "",
-             "| mode | trainable (M) | state MiB (params+buffers+grads+Adam) | peak RSS − baseline "
+             f"{a.steps} AdamW steps, {a.device}, torch {__import__('torch').__version__}", "",
+             "| mode | trainable (M) | state MiB (params+buffers+grads+Adam) | "
+             f"{'peak RSS' if a.device == 'cpu' else 'max_memory_allocated'} − baseline "
              "MiB | loss first → last |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['trainable_m']:.2f} | {r['state_mib']:.1f} | "
