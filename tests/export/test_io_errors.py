@@ -121,3 +121,22 @@ def test_header_corruption_property(packed, tmp_path):
 
     check()
     assert seen["error"] > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_corrupted_code_bytes(packed, tmp_path, backend):
+    """Tensor bytes carry no checksum; an invalid ternary code (3) still fails clearly."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    d, _ = packed
+    dst, f = _copy(d, tmp_path / backend)
+    with safe_open(str(f), "pt") as fh:
+        md = dict(fh.metadata())
+    state = load_file(str(f))
+    name = json.loads(md["tbt.layers"])["transformer.h.0.mlp.c_fc"]["packed"]
+    state[name][0, 0] = 0xFF  # four codes 3
+    save_file(state, str(f), metadata=md)
+    model = load_packed(dst, backend=backend, kernel_backend="ref")
+    with pytest.raises(FormatError, match="code 3"), torch.no_grad():
+        model(input_ids=IDS)
