@@ -73,7 +73,8 @@ class QuantConfig:
         bits: E-W-A setting, e.g. ``"2-2-8"``; normalised on construction (``32`` -> ``fp``).
         method: weight quantizer for embeddings and linears: ``tbt``, ``twn``, ``bwn``,
             ``absmean``, ``uniform``, ``bitnet-binary``, ``trilm`` (stateless) or ``lsq``,
-            ``seq``, ``seq-int2``, ``dlt``, ``tequila`` (per-layer modules); ``docs/methods.md``.
+            ``seq``, ``seq-int2``, ``dlt``, ``dlt-centred``, ``tequila`` (per-layer modules);
+            ``docs/methods.md``.
         variant: ``"paper"`` (Eq. 8-14: centred weights, clipped STE, zero-mean signed
             activations) or ``"released"`` (the authors' code, METHOD.md §0).
         granularity: ``"row"`` (one scale per output channel, TBT), ``"tensor"``, ``"group"``

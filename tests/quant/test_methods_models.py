@@ -21,6 +21,7 @@ CASES = [
     ("seq", "fp-2-8", {}),
     ("dlt", "2-2-8", {"granularity": "group", "group_size": 16}),
     ("dlt", "fp-2-fp", {}),
+    ("dlt-centred", "2-2-8", {"granularity": "group", "group_size": 16}),
     ("tequila", "fp-2-8", {"group_size": 16}),
     ("tequila", "2-2-8", {"granularity": "row", "tequila_lambda": 0.05}),
     ("trilm", "fp-2-fp", {"num_shards": 2}),

@@ -437,3 +437,40 @@ def test_tequila_all_zero_group_is_zero_not_nan():
     pw = q.codes_and_scale(w)
     assert not pw.codes[3, 8:16].any() and pw.scale[3, 1] == 0
     assert torch.isfinite(pw.bias).all() and torch.isfinite(q(w)).all()
+
+
+def test_dlt_centred_forward_gradients_and_init():
+    from tbt.quant.weight_learned import DltCentredWeightQuantizer
+
+    w = _w(seed=11) + 0.4  # a non-zero mean: what the centred reading is for
+    q = make_weight_quantizer(QuantConfig(bits="fp-2-fp", method="dlt-centred"), 2, w)
+    assert isinstance(q, DltCentredWeightQuantizer)
+    x = w.double().numpy()
+    gamma = x.mean(axis=1, keepdims=True)
+    c = np.abs(x - gamma)
+    keep = c > 0.7 * c.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(q.shift.detach().numpy(), gamma, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q.alpha.detach().numpy()[:, 0],
+                               (c * keep).sum(1) / keep.sum(1), rtol=1e-5)
+    a, b = q.alpha.detach().double().numpy(), q.shift.detach().double().numpy()
+    ref = a * np.clip(np.rint((x - b) / a), -1, 1) + b
+    with torch.no_grad():
+        np.testing.assert_allclose(q(w).double().numpy(), ref, rtol=1e-6, atol=1e-6)
+    # gradients vs the float64 surrogate α·round_pass(clip((W − γ)/α)) + γ
+    with torch.no_grad():
+        q.alpha.mul_(0.5)  # make some weights clip, so γ's outside-only gradient is non-zero
+    wg = w.clone().requires_grad_()
+    g = torch.randn(12, 40, generator=torch.Generator().manual_seed(12))
+    q(wg).backward(g)
+    w64 = w.double().requires_grad_()
+    a64 = q.alpha.detach().double().clone().requires_grad_()
+    b64 = q.shift.detach().double().clone().requires_grad_()
+    s = 1.0 / math.sqrt(w.numel())
+    a_eff = a64 * s + (a64 - a64 * s).detach()
+    out = a_eff * _round_pass(((w64 - b64) / a_eff).clamp(-1, 1)) + b64
+    (g.double() * out).sum().backward()
+    np.testing.assert_allclose(wg.grad.double().numpy(), w64.grad.numpy(), rtol=1e-12)
+    torch.testing.assert_close(q.alpha.grad.double(), a64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q.shift.grad.double(), b64.grad, rtol=0,
+                               atol=1e-7 * g.abs().sum().item())
+    assert q.shift.grad.abs().sum() > 0

@@ -461,7 +461,7 @@ def test_dequantize():
 def test_unknown_method_message():
     # the core methods and those of tbt.quant.weight_bitnet / weight_learned / tequila
     with pytest.raises(ValueError, match=r"method='foo' is unknown; choose one of "
-                                         r"\['absmean', 'bitnet-binary', 'bwn', 'dlt', 'lsq', "
+                                         r"\['absmean', 'bitnet-binary', 'bwn', 'dlt', 'dlt-centred', 'lsq', "
                                          r"'seq', 'seq-int2', 'tbt', 'tequila', 'trilm', 'twn', "
                                          r"'uniform'\]"):
         weight_codes(torch.ones(2, 2), 2, method="foo")
@@ -472,8 +472,8 @@ def test_unknown_method_message():
                r"for 3-bit weights use one of \['lsq', 'uniform'\]"),
     ("twn", 1, r"supports bits in \(2,\) \(2 = ternary\); got 1; .*"
                r"\['bitnet-binary', 'bwn', 'lsq', 'tbt'\]"),
-    ("bwn", 2, r"got 2; .*\['absmean', 'dlt', 'lsq', 'seq', 'seq-int2', 'tbt', 'tequila', "
-               r"'trilm', 'twn'\]"),
+    ("bwn", 2, r"got 2; .*\['absmean', 'dlt', 'dlt-centred', 'lsq', 'seq', 'seq-int2', 'tbt', "
+               r"'tequila', 'trilm', 'twn'\]"),
     ("uniform", 2, r"supports bits in \(3, 4, 5, 6, 7, 8\); got 2"),
     ("absmean", 9, r"got 9; weight bits must be 1 \(binary\), 2 \(ternary\) or 3\.\.8"),
     ("tbt", True, r"got True; bits must be an int"),

@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="embedding-weight-activation bits, e.g. 2-2-8, 1-1-1, or fp (default)")
     q.add_argument("--method", metavar="NAME",
                    help="weight quantizer: tbt (default), twn, bwn, absmean, uniform, "
-                        "bitnet-binary, trilm, lsq, seq, seq-int2, dlt, tequila "
+                        "bitnet-binary, trilm, lsq, seq, seq-int2, dlt, dlt-centred, tequila "
                         "(docs/methods.md)")
     q.add_argument("--variant", choices=("paper", "released"),
                    help="paper equations (default) or the authors' released code")

@@ -24,6 +24,7 @@ method          bits    codes ``k`` (int8)                              value   
 ``seq-int2``    2       ``2·round(clip(r, ±0.99)·2 − 0.5) + 1``         ``(α/4)·k``         1
                         ∈ {−3, −1, 1, 3} (4 levels, no zero)
 ``dlt``         2       ``clip(round(r), −1, 1)``                       ``α·k + γ``         1
+``dlt-centred``  2      same on ``r = (W_u − γ)/α_c``                   ``α·k + γ``         1
 ==============  ======  =============================================  ==================  =====
 
 Gradients (:class:`_LearnedStep`, explicit because the α gradient *is* the method), with ``G``
@@ -37,7 +38,7 @@ ParetoQ's code):
   ``sign(r)`` for ``seq`` and ``0.75·sign(r)`` for ``seq-int2`` (ParetoQ's ``Qp = (n−shift)/n``;
   for ternary that is 1, not the level 2/3: the released code's choice, kept). Binary LSQ:
   ``step = sign(W)`` everywhere;
-* ``∂L/∂γ = Σ_unit G`` (DLT, no gradient scale).
+* ``∂L/∂γ = Σ_unit G`` (DLT, no gradient scale); ``dlt-centred``: ``Σ_unit G·(1 − inside)``.
 
 Initialisation (from the latent weight at surgery): ``lsq`` ``α₀ = 2·mean|W_u|/√Qp`` (LSQ paper;
 binary ``mean|W_u|`` as ParetoQ); ``seq`` and ``dlt`` ``α₀ = max|W_u|`` (ParetoQ; AngelSlim's
@@ -63,7 +64,7 @@ from tbt.quant.weight import (WEIGHT_METHODS, PackedLayout, PackedWeight, check_
                               dequantize, register_weight_quantizer)
 
 __all__ = ["WeightQuantizer", "LsqWeightQuantizer", "SeqWeightQuantizer",
-           "SeqInt2WeightQuantizer", "DltWeightQuantizer", "make_weight_quantizer", "STEP_EPS"]
+           "SeqInt2WeightQuantizer", "DltWeightQuantizer", "DltCentredWeightQuantizer", "make_weight_quantizer", "STEP_EPS"]
 
 STEP_EPS = 1e-5  # α_c = max(α, 1e-5) (ParetoQ, LSQ codes)
 SEQ_CLIP = 0.99  # ParetoQ's released clip 1 − 1e-2 (RELATED.md §10: the Eq. 5 trap)
@@ -217,6 +218,8 @@ def _step_forward(q: LearnedStepQuantizer, w: Tensor, alpha: Tensor, shift: Tens
     cdt = torch.promote_types(w.dtype, torch.float32)
     wu = q.units(w.detach().to(cdt))
     a = torch.where(alpha > STEP_EPS, alpha, STEP_EPS).detach().to(cdt)  # α_c (U, 1)
+    if q.centred:  # dlt-centred: quantize W − γ, add γ back
+        wu = wu - shift.detach().to(cdt)
     r = wu / a
     inside = (r >= q.grid.lo) & (r <= q.grid.hi)
     k = q.grid.codes(r)
@@ -232,8 +235,10 @@ class _LearnedStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, alpha, shift, q):  # type: ignore[override]
         value, k, inside, a, _ = _step_forward(q, w, alpha, shift)
-        ctx.q, ctx.has_shift, ctx.w_dtype, ctx.a_dtype = q, shift is not None, w.dtype, alpha.dtype
+        ctx.q, ctx.has_shift = q, shift is not None
+        ctx.w_dtype, ctx.a_dtype = w.dtype, alpha.dtype
         ctx.save_for_backward(w, a, k.to(torch.int8), inside)
+        ctx.shift = None if shift is None else shift.detach().to(a.dtype)
         return value
 
     @staticmethod
@@ -245,12 +250,15 @@ class _LearnedStep(torch.autograd.Function):
             if ctx.needs_input_grad[0] else None
         grad_alpha = grad_shift = None
         if ctx.needs_input_grad[1]:
-            r = q.units(w.detach().to(a.dtype)) / a
+            wu = q.units(w.detach().to(a.dtype))
+            r = (wu - ctx.shift) / a if q.centred else wu / a
             step = q.grid.alpha_step(k.to(a.dtype), r, inside)
             scale = 1.0 / math.sqrt(w.numel() * q.grid.qp_grad)
             grad_alpha = ((gu * step).sum(dim=1, keepdim=True) * scale).to(ctx.a_dtype)
         if ctx.has_shift and ctx.needs_input_grad[2]:
-            grad_shift = gu.sum(dim=1, keepdim=True).to(ctx.a_dtype)
+            # γ added after the grid: Σ G; centred (also subtracted before): Σ G·(1 − inside)
+            gs = torch.where(inside, 0.0, gu) if q.centred else gu
+            grad_shift = gs.sum(dim=1, keepdim=True).to(ctx.a_dtype)
         return grad_w, grad_alpha, grad_shift, None
 
 
@@ -258,6 +266,7 @@ class LearnedStepQuantizer(WeightQuantizer):
     """Shared machinery of the learned-step methods: ``alpha`` ``(U, 1)`` float32 Parameter."""
 
     grid: Grid
+    centred = False
 
     def __init__(self, bits: int, shape: tuple[int, int], granularity: str,
                  group_size: int = 128, num_shards: int = 1) -> None:
@@ -342,6 +351,30 @@ class DltWeightQuantizer(LearnedStepQuantizer):
         self.alpha.copy_(self.units(w.detach().to(torch.float32)).abs().amax(dim=1, keepdim=True))
         self.shift.zero_()
 
+
+
+@register_weight_quantizer("dlt-centred", bits=(2,), default_granularity="row")
+class DltCentredWeightQuantizer(DltWeightQuantizer):
+    """DLT, the "centred" reading of TernaryLLM's abstract (RELATED.md §6 variant 2, unverified):
+    ``Ŵ = α·clip(round((W − γ)/α), −1, 1) + γ``; ``∂L/∂γ = Σ G·1[outside]`` (the round STE
+    cancels γ inside the window), ``r = (W − γ)/α`` everywhere else.
+
+    Init: ``γ₀ = mean(W_u)``, ``α₀`` = TWN's scale of ``W_u − γ₀`` (mean ``|W−γ|`` over
+    ``|W−γ| > 0.7·mean|W−γ|``).
+    """
+
+    method = "dlt-centred"
+    centred = True
+
+    @torch.no_grad()
+    def init_from_(self, w: Tensor) -> None:
+        wu = self.units(w.detach().to(torch.float32))
+        gamma = wu.mean(dim=1, keepdim=True)
+        c = (wu - gamma).abs()
+        keep = c > 0.7 * c.mean(dim=1, keepdim=True)
+        alpha = (c * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1)
+        self.alpha.copy_(alpha)
+        self.shift.copy_(gamma)
 
 # Tequila subclasses WeightQuantizer: imported (and registered) once the base class exists.
 from tbt.quant import tequila  # noqa: E402, F401
