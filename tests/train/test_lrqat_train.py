@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+
 import pytest
 import torch
 
@@ -19,10 +22,15 @@ def test_tbt_train_with_lrqat_writes_a_packed_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     cfg = TrainConfig.from_flat(flat_settings(ws, out, model=start, bits="2-2-8", max_steps=6,
                                               w_logits=0, w_hidden=0, w_attn=0, lrqat_rank=4,
-                                              lrqat_alpha=4.0, lrqat_checkpoint=True))
+                                              lrqat_alpha=4.0, lrqat_checkpoint=True,
+                                              save_every=3, keep_checkpoints=3))
     assert TrainConfig.from_json(cfg.to_json()) == cfg
     result = train(cfg)
     model = result["model"]
+    # mid-run checkpoints hold the LR-QAT layers: resuming from step 3 gives the same result
+    shutil.rmtree(f"{out}/checkpoints/step-000006")
+    again = train(dataclasses.replace(cfg, resume=True))["model"].state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
     assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 8
     loaded = _load_torch(f"{out}/packed")
     ids = torch.randint(3, 100, (1, 10))
