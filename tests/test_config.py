@@ -45,7 +45,7 @@ def test_normalises_and_derives():
     (dict(method="nope"), "choose one of"),
     (dict(variant="code"), "paper"),
     (dict(granularity="col"), "row"),
-    (dict(bits="2-2-2", act_method="minmax"), "elastic"),
+    (dict(bits="2-2-1", act_method="minmax"), "elastic"),  # min/max is 2..8-bit
     (dict(act_clip=0), "positive"),
 ])
 def test_bad_input_names_the_fix(kwargs, match):
