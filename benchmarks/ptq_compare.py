@@ -25,10 +25,12 @@ RUNS: dict[str, list[str]] = {
     "rtn-absmean-tensor": ["--method", "rtn"],
     "rtn-absmean-row": ["--method", "rtn", "--granularity", "row"],
     "ptqtp-row": ["--method", "ptqtp"],
+    # also reports PTQTP without the adapters (perplexity_after_uncompensated)
     "ptqtp-row+eora16": ["--method", "ptqtp", "--compensate", "eora", "--rank", "16"],
     "pbllm-10%": ["--method", "pbllm", "--salient-frac", "0.1"],
     "billm": ["--method", "billm"],
 }
+CALIBRATION_FREE = ("rtn-absmean-tensor", "rtn-absmean-row", "ptqtp-row")
 
 
 def prepare_model(model: str, work: str) -> str:
@@ -55,10 +57,13 @@ def prepare_data(work: str) -> dict[str, str]:
 
 
 def run_one(label: str, extra: list[str], model_dir: str, data: dict[str, str],
-            args: argparse.Namespace) -> dict:
+            args: argparse.Namespace, first: bool) -> dict:
     out = os.path.join(args.work, "runs", label)
-    cmd = [sys.executable, "-m", "tbt", "ptq", "--model", model_dir, *extra,
-           "--calib-file", data["train"], "--eval-file", data["test"], "--text-column",
+    # calibration-free methods get no calibration text (it would only measure layer errors)
+    calib = [] if label in CALIBRATION_FREE else ["--calib-file", data["train"]]
+    before = [] if first else ["--no-eval-before"]  # the FP perplexity is measured once
+    cmd = [sys.executable, "-m", "tbt", "ptq", "--model", model_dir, *extra, *calib, *before,
+           "--eval-file", data["test"], "--text-column",
            "document", "--calib-samples", str(args.calib_samples), "--eval-samples",
            str(args.eval_samples), "--max-length", str(args.max_length), "--batch-size",
            str(args.batch_size), "--output-dir", out, "--no-save"]
@@ -70,8 +75,9 @@ def run_one(label: str, extra: list[str], model_dir: str, data: dict[str, str],
     with open(os.path.join(out, "ptq_report.json")) as f:
         rep = json.load(f)
     t = rep["totals"]
-    row = {"run": label, "ppl_fp": rep["metrics"]["perplexity_before"],
-           "ppl": rep["metrics"]["perplexity_after"], "bpw": t["bits_per_weight_with_adapters"],
+    row = {"run": label, "ppl_fp": rep["metrics"].get("perplexity_before"),
+           "ppl": rep["metrics"]["perplexity_after"],
+           "ppl_uncompensated": rep["metrics"].get("perplexity_after_uncompensated"), "bpw": t["bits_per_weight_with_adapters"],
            "bpw_codes_scales": t["bits_per_weight"], "bpw_reported": t["bits_per_weight_reported"],
            "adapter_bpw": t["adapter_bits_per_weight"], "quant_s": rep["seconds"],
            "wall_s": wall, "peak_rss_mib": rep["peak_rss_mib"], "layers": len(rep["layers"])}
@@ -84,13 +90,20 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
              f"Calibration: {args.calib_samples} rows, eval: {args.eval_samples} rows of the "
              f"stdlib docstring corpus (`document`, <= {args.max_length} tokens). "
              f"{rows[0]['layers']} linears quantized (LM head and embeddings FP). "
-             "CPU, shared machine: times are indicative.", "",
+             "Quantize s includes the sequential calibration passes (methods marked * get no "
+             "calibration). CPU, 2 cores shared with other jobs: times are indicative.", "",
              f"FP perplexity: {rows[0]['ppl_fp']:.2f}", "",
              "| run | ppl | bits/weight (all) | codes+scales | as reported by the method | "
              "adapter | quantize s | wall s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['ppl']:.2f} | {r['bpw']:.3f} | "
+        if r.get("ppl_uncompensated") is not None:
+            lines.append(f"| {r['run'].split('+')[0]} (adapters off) | "
+                         f"{r['ppl_uncompensated']:.2f} | {r['bpw_codes_scales']:.3f} | "
+                         f"{r['bpw_codes_scales']:.3f} | {r['bpw_reported']:.3f} | 0 | - | - "
+                         "| - |")
+        star = "*" if r["run"] in CALIBRATION_FREE else ""
+        lines.append(f"| {r['run']}{star} | {r['ppl']:.2f} | {r['bpw']:.3f} | "
                      f"{r['bpw_codes_scales']:.3f} | {r['bpw_reported']:.3f} | "
                      f"{r['adapter_bpw']:.3f} | {r['quant_s']:.0f} | {r['wall_s']:.0f} | "
                      f"{r['peak_rss_mib']:.0f} |")
@@ -111,17 +124,23 @@ def main() -> int:
     os.makedirs(args.work, exist_ok=True)
     model_dir = prepare_model(args.model, args.work)
     data = prepare_data(args.work)
-    rows = [run_one(label, RUNS[label], model_dir, data, args) for label in args.runs.split(",")]
+    rows = []
+    for i, label in enumerate(args.runs.split(",")):
+        rows.append(run_one(label, RUNS[label], model_dir, data, args, first=i == 0))
+        write_results(rows, args)
+    print(markdown(rows, args))
+    return 0
+
+
+def write_results(rows: list[dict], args: argparse.Namespace) -> None:
+    """Rewritten after every run, so an interrupted benchmark keeps what it measured."""
     name = args.name or os.path.basename(args.model.rstrip("/")).replace("gguf:", "")
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(here, exist_ok=True)
     with open(os.path.join(here, f"ptq_compare_{name}.json"), "w") as f:
         json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
-    table = markdown(rows, args)
     with open(os.path.join(here, f"ptq_compare_{name}.md"), "w") as f:
-        f.write(table)
-    print(table)
-    return 0
+        f.write(markdown(rows, args))
 
 
 if __name__ == "__main__":

@@ -97,6 +97,9 @@ def test_eora_lowers_error_and_is_merged_in_the_checkpoint(workspace):
     assert os.path.isfile(os.path.join(out, "eora_adapters.safetensors"))
     ppl, _ = _ppl(out, workspace)  # merged W_q + BA computes what the adapters computed
     assert ppl == pytest.approx(rep["metrics"]["perplexity_after"], rel=1e-4)
+    # with the adapters switched off it is the plain PTQTP model
+    assert rep["metrics"]["perplexity_after_uncompensated"] == pytest.approx(
+        base["metrics"]["perplexity_after"], rel=1e-5)
 
 
 def test_rtn_packed_checkpoint_matches_and_trains_as_student(workspace, capsys):

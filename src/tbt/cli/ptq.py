@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--save-packed", action="store_true",
                    help="also write OUT/packed, a tbt packed checkpoint (rtn with 1/2 bits)")
+    p.add_argument("--no-eval-before", dest="eval_before", action="store_false",
+                   help="skip the full-precision perplexity (benchmarks that measured it once)")
     p.add_argument("--no-save", dest="save", action="store_false",
                    help="write only the report and the table, not the model (benchmarks)")
     m = p.add_argument_group("method options (only those of --method apply)")
@@ -134,6 +136,14 @@ def _ptq_config(args: argparse.Namespace):
                      skip_modules=tuple(args.skip))
 
 
+def _set_adapters(model, enabled: bool) -> None:
+    from tbt.ptq import LowRankAdapter
+
+    for m in model.modules():
+        if isinstance(m, LowRankAdapter):
+            m.enabled = enabled
+
+
 def run_ptq(args: argparse.Namespace) -> int:
     import copy
     import json
@@ -157,12 +167,17 @@ def run_ptq(args: argparse.Namespace) -> int:
     eval_loader = _loader(args.eval_file, args.eval_samples, args, tok, causal)[0] \
         if args.eval_file else None
     metrics: dict[str, float] = {}
-    if eval_loader is not None:
+    if eval_loader is not None and args.eval_before:
         metrics["perplexity_before"] = perplexity(model, eval_loader, args.device)
     fp_copy = copy.deepcopy(model) if args.save_packed else None
 
     report = quantize_model_ptq(model, cfg, batches)
     if eval_loader is not None:
+        if cfg.eora is not None:  # the same PTQ weights without their adapters
+            _set_adapters(model, False)
+            metrics["perplexity_after_uncompensated"] = perplexity(model, eval_loader,
+                                                                   args.device)
+            _set_adapters(model, True)
         metrics["perplexity_after"] = perplexity(model, eval_loader, args.device)
     print(report.table())
     for k, v in metrics.items():

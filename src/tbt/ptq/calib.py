@@ -71,21 +71,33 @@ class _GramHooks:
         self.mask: Tensor | None = None
         self.seen: set[str] = set()
         self.stop = stop
+        self.cache: dict[int, tuple[Tensor, Tensor, int]] = {}
         self.handles = [mod.register_forward_pre_hook(self._hook(name)) for name, mod in modules]
 
     def new_batch(self, mask: Tensor | None) -> None:
         self.mask, self.seen = (None if mask is None else mask.bool()), set()
+        self.cache: dict[int, tuple[Tensor, Tensor, int]] = {}
+
+    def _gram(self, x: Tensor) -> tuple[Tensor, int]:
+        # q/k/v (gate/up) receive the same input tensor object: one Gram per distinct input
+        # and batch. The cache holds the tensor itself, so its id cannot be reused meanwhile.
+        hit = self.cache.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1], hit[2]
+        xs = x
+        if self.mask is not None and x.shape[:-1] == self.mask.shape:
+            xs = x[self.mask]  # (tokens, in): only real tokens
+        xs = xs.reshape(-1, xs.shape[-1]).to(torch.float64)
+        g = xs.t() @ xs
+        self.cache[id(x)] = (x, g, xs.shape[0])
+        return g, xs.shape[0]
 
     def _hook(self, name: str):
         def hook(mod, args):
-            x = args[0].detach()
-            if self.mask is not None and x.shape[:-1] == self.mask.shape:
-                x = x[self.mask]  # (tokens, in): only real tokens
-            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            g, n = self._gram(args[0].detach())
             st = self.stats[name]
-            g = x.t() @ x
-            st.gram = g if st.gram is None else st.gram + g
-            st.n_tokens += x.shape[0]
+            st.gram = g.clone() if st.gram is None else st.gram + g
+            st.n_tokens += n
             self.seen.add(name)
             if self.stop and len(self.seen) == len(self.stats):
                 raise _Stop

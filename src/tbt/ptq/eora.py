@@ -88,12 +88,15 @@ class LowRankAdapter(nn.Module):
         self.base = base
         self.register_buffer("lora_a", a)  # (r, in)
         self.register_buffer("lora_b", b)  # (out, r)
+        self.enabled = True  # False: the base layer alone (to measure the uncompensated model)
 
     @property
     def weight(self) -> Tensor:  # what generic code reads (dtype/device); the base's weight
         return self.base.weight
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return self.base(x)
         # the branch runs in float32 whatever the storage dtype of A and B
         low = F.linear(F.linear(x.float(), self.lora_a.float()), self.lora_b.float())
         return self.base(x) + low.to(x.dtype)
