@@ -325,7 +325,7 @@ static void minmax_fwd_range(void *p, int64_t lo, int64_t hi, int tid) {
     }
 }
 
-/* Signed: s = qp / max|clamp(x)| (1 when that is 0); y = rint(xc*s)/s.  Unsigned: lo = min xc,
+/* Signed: s = qp * (1 / max|clamp(x)|) (1 when that is 0); y = rint(xc*s)/s.  Unsigned: lo = min xc,
  * rng = max xc - lo + eps; y = rint((xc-lo)/rng*levels)/levels*rng + lo.  inside = 1[-c < x < c].
  * A NaN in x propagates as in torch (the caller checks nothing). */
 API int tbt_minmax_fwd_f32(const float *x, int64_t n, int bits, int is_signed, float clip,
@@ -344,7 +344,8 @@ API int tbt_minmax_fwd_f32(const float *x, int64_t n, int bits, int is_signed, f
     mfwd_t c = {x, y, inside, clip, 1.0f, 0.0f, 1.0f, 0.0f, is_signed};
     if (is_signed) {
         float max_abs = fabsf(mn) > fabsf(mx) ? fabsf(mn) : fabsf(mx);
-        c.s = max_abs > 0.0f ? (float)((1 << (bits - 1)) - 1) / max_abs : 1.0f;
+        /* torch evaluates `qp / t` (Python number over a tensor) as qp * reciprocal(t) */
+        c.s = max_abs > 0.0f ? (float)((1 << (bits - 1)) - 1) * (1.0f / max_abs) : 1.0f;
     } else {
         c.lo = mn;
         c.rng = (mx - mn) + eps;
