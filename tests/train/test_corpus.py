@@ -117,32 +117,3 @@ def test_copy_warmup_batch():
     again = copy_warmup_batch(4, 300, source_length=10, target_length=3,
                               generator=torch.Generator().manual_seed(0))
     assert torch.equal(again["input_ids"], b["input_ids"])
-
-
-def test_copy_warmup_file(tmp_path):
-    from tbt.train.corpus import build_copy_warmup_file
-    from tbt.train.tokenizer import train_tokenizer
-
-    words = [f"word{chr(97 + i)}{chr(97 + j)}" for i in range(8) for j in range(8)]
-    src = tmp_path / "train.jsonl"
-    src.write_text("".join(json.dumps({"document": " ".join(words[i:] + words[:i]) * 3,
-                                       "summary": "s"}) + "\n" for i in range(64)),
-                   encoding="utf-8")
-    tok = train_tokenizer([str(src)], ["document"], 400, str(tmp_path / "tok"))
-    a = read(build_copy_warmup_file(str(tmp_path / "a.jsonl"), tok, n_examples=40,
-                                    source_tokens=20, target_tokens=6))
-    b = read(build_copy_warmup_file(str(tmp_path / "b.jsonl"), tok, n_examples=40,
-                                    source_tokens=20, target_tokens=6))
-    assert a == b and len(a) == 40  # deterministic in the seed
-    for row in a:
-        doc = tok(row["document"], add_special_tokens=False)["input_ids"]
-        summ = tok(row["summary"], add_special_tokens=False)["input_ids"]
-        # the first word (no leading space) may split in two; the other 19 are single tokens
-        assert len(doc) in (20, 21) and doc[:len(summ)] == summ
-        assert len(summ) - len(doc) == 6 - 20 and len(row["document"].split()) == 20
-    tiny_src = tmp_path / "tiny.jsonl"
-    tiny_src.write_text(json.dumps({"document": "a b c", "summary": "a"}) + "\n",
-                        encoding="utf-8")
-    tiny = train_tokenizer([str(tiny_src)], ["document"], 300, str(tmp_path / "tok2"))
-    with pytest.raises(ValueError, match="whole-word tokens"):
-        build_copy_warmup_file(str(tmp_path / "c.jsonl"), tiny, n_examples=1)

@@ -31,7 +31,7 @@ training                              lead           api            xsum
 the summaries' language model and ignores its encoder (the test loss was the same with the
 encoder inputs shuffled between examples); the switch to copying is sudden and did not come
 within ~600-1300 steps in 6 of 7 runs. A short warm-up on a synthetic copy task
-(:func:`copy_warmup_batch`) makes it reliable, after which the lead task is learned in ~50
+(:func:`copy_warmup_batch`; its docstring says in which settings it worked) gets it copying, after which the lead task is learned in ~50
 steps and the gap to 100 left by a quantized student measures how much of the copy mechanism
 (attention precision, what TBT's activation quantizers protect) survived. ``"api"`` leaves
 headroom for generation quality to show; ``"xsum"`` needs far more than minutes of CPU.
@@ -244,11 +244,16 @@ def copy_warmup_batch(batch_size: int, vocab_size: int, source_length: int = 62,
 
     A small BART trained from random weights on real text learns the summaries' language model
     first and ignores its encoder for hundreds to thousands of steps (the switch to copying is
-    sudden and its timing varies by seed, see the module docstring). About 250 steps on this
-    task first (random token ids, labels = ``<s>`` + the first ``target_length`` source tokens +
-    ``</s>``) teach position-to-position cross-attention reliably (loss < 0.4 by step 250 in our
-    runs, two seeds); training on the docstring corpus afterwards reaches ROUGE ≈ 98 in 350
-    more steps. It is a warm-up for the teacher only, never evaluated.
+    sudden and its timing varies, see the module docstring). Training on this task first
+    (random token ids, labels = ``<s>`` + the first ``target_length`` source tokens + ``</s>``)
+    teaches position-to-position cross attention. Measured on ``bart-tiny`` (no dropout,
+    AdamW 1e-3, batch 32, bf16 autocast, sources of 62 tokens), one run each: with a vocabulary
+    of 1000 the loss fell from 6.4 to 0.34 by step 225 (the earlier runs behind the module
+    docstring agree); with a vocabulary of 2000 only from step ~200 (0.92 at step 275); at
+    batch 16 / lr 2e-3, with sinusoidal positions, or with the same task written as text of
+    whole-word tokens and run through the training loop (warm-up + linear decay), it had not
+    started after 300-500 steps. Hence the demo's vocabulary of 1000 and this recipe. It is a
+    warm-up for the teacher only, never evaluated.
 
     Returns ``{"input_ids": (B, source_length + 2), "attention_mask", "labels": (B,
     target_length + 2)}`` long tensors; ids 0/2 are ``<s>``/``</s>``, the tokens are drawn
@@ -264,35 +269,3 @@ def copy_warmup_batch(batch_size: int, vocab_size: int, source_length: int = 62,
     ids = torch.cat([bos, body, eos], dim=1)  # (B, S + 2)
     labels = torch.cat([ids[:, : target_length + 1], eos], dim=1)  # (B, T + 2)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
-def build_copy_warmup_file(path: str, tokenizer, n_examples: int = 8000, seed: int = 0,
-                           source_tokens: int = 62, target_tokens: int = 24) -> str:
-    """Write :func:`copy_warmup_batch`'s task as a ``.jsonl`` file, for loops that read files.
-
-    Each ``document`` is ``source_tokens`` random whole-word tokens of ``tokenizer`` (tokens
-    that decode to a space plus letters and encode back to themselves, so the text re-tokenizes
-    to those ids, except that the first word loses its leading space and may split in two); its
-    ``summary`` is the first ``target_tokens`` of them. Random
-    *tokens* matter: a version drawing random *words* (several BPE pieces each, predictable
-    from their first piece) did not start copying within 250 steps. Deterministic in ``seed``.
-    """
-    import random
-
-    pieces = []
-    for i in range(len(tokenizer)):
-        text = tokenizer.decode([i])
-        if len(text) > 2 and text[0] == " " and text[1:].isalpha() and \
-                tokenizer(text, add_special_tokens=False)["input_ids"] == [i]:
-            pieces.append(text)
-    if len(pieces) < 50:
-        raise ValueError(f"the tokenizer has only {len(pieces)} whole-word tokens; need >= 50")
-    rng = random.Random(seed)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(n_examples):
-            words = rng.choices(pieces, k=source_tokens)
-            row = {"document": "".join(words).strip(),
-                   "summary": "".join(words[:target_tokens]).strip()}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
