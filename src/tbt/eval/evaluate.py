@@ -79,6 +79,13 @@ def _generate(model: Any, tokenizer: Any, sources: Sequence[str], gen_kwargs: di
     causal = not getattr(model.config, "is_encoder_decoder", False)
     kw = _causal_kwargs(gen_kwargs) if causal else dict(gen_kwargs)
     limit = max_source_length or _max_source_length(model, tokenizer)
+    if causal:  # prompt and new tokens share the position table: leave room for the answer
+        room = _max_source_length(model, tokenizer) - int(kw.get("max_new_tokens", 0))
+        if room < 1:
+            raise ValueError(f"max_new_tokens={kw.get('max_new_tokens')} leaves no room for a "
+                             f"prompt within the model's {_max_source_length(model, tokenizer)} "
+                             "positions; lower --max-length")
+        limit = min(limit, room)
     _ensure_pad_token(tokenizer)
     pad_id = tokenizer.pad_token_id
     if causal:
