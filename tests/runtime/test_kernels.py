@@ -267,3 +267,23 @@ def test_minmax_quantizer_matches_torch(signed):
     got = ref.quantize_a8(x.numpy(), 2.5, signed).dequantize()
     # same codes; the value d·a + b differs from torch's a/s (or u/255·r + β) by float rounding
     np.testing.assert_allclose(got, want, rtol=0, atol=4 * np.spacing(np.float32(2.5)))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_minmax_codes_match_torch_over_many_scales(signed):
+    # torch computes 127 / max|x| as 127 * (1 / max|x|); a scale one ulp off moves codes at
+    # near-ties, so compare the integer codes over many maxima
+    torch = pytest.importorskip("torch")
+    from tbt.quant.activation import minmax_quantize
+
+    for seed in range(100):
+        x = torch.randn(2, 64, generator=torch.Generator().manual_seed(seed)) * (0.1 + seed / 40)
+        want = minmax_quantize(x, 8, signed, 2.5).numpy()
+        qa = ref.quantize_a8(x.numpy(), 2.5, signed)
+        if signed:  # the scale is 1/s with torch's s = 127 * (1/max|x_c|), bit for bit
+            xc = np.clip(x.numpy(), np.float32(-2.5), np.float32(2.5))
+            s = np.float32(127) * (np.float32(1) / np.abs(xc).max())
+            assert (qa.scale == np.float32(1) / s).all(), seed
+            np.testing.assert_array_equal(qa.codes, np.rint(xc * s).astype(np.int8))
+        np.testing.assert_allclose(qa.dequantize(), want, rtol=0,
+                                   atol=4 * np.spacing(np.float32(2.5)))

@@ -121,17 +121,7 @@ def register_act_quantizer(kind: str, bits: int, fmt: str):
 
 @register_act_quantizer("minmax", 8, "a8")
 def _minmax8(x: np.ndarray, spec: ActSpec, shift: float | None) -> QuantizedActivation:
-    if not spec.signed:  # AsymQuantizer: ref.quantize_a8 does torch's ops exactly
-        return quantize_a8(x, clip=spec.clip, signed=False)
-    # SymQuantizer. torch evaluates ``127 / max_abs`` (a Python scalar over a tensor) as
-    # ``127 · reciprocal(max_abs)``: two roundings, which ref.quantize_a8's single division
-    # does not reproduce, so at an exact .5 tie of x·s one code would differ. Same ops here.
-    xc = np.clip(x, np.float32(-spec.clip), np.float32(spec.clip))
-    max_abs = np.abs(xc).max()
-    s = np.float32(127) * (np.float32(1) / max_abs) if max_abs > 0 else np.float32(1)
-    codes = np.rint(xc * s).astype(np.int8)
-    m = x.shape[0]
-    return QuantizedActivation("a8", codes, np.full(m, np.float32(1) / s, dtype=np.float32))
+    return quantize_a8(x, clip=spec.clip, signed=spec.signed)  # torch's ops exactly
 
 
 @register_act_quantizer("elastic", 2, "a2")

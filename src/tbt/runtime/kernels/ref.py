@@ -129,7 +129,7 @@ def quantize_a8(x: np.ndarray, clip: float = 2.5, signed: bool = True,
     Args:
         x: float ``(M, K)`` or ``(K,)``; computed in float32.
         clip: ``c``; ``x`` is clamped to ``[−c, c]`` first (TBT: 2.5).
-        signed: True = ``SymQuantizer`` (``s = 127/max|x_c|``, codes ``rint(x_c·s)``, scale
+        signed: True = ``SymQuantizer`` (``s = 127·(1/max|x_c|)``, codes ``rint(x_c·s)``, scale
             ``1/s``); False = ``AsymQuantizer`` (codes ``u = rint((x_c − β)/r·255)`` with
             ``β = min x_c``, ``r = max x_c − β + 1e-8``; stored as ``a = u − 128``, scale
             ``r/255``, offset ``β + 128·r/255``).
@@ -143,8 +143,10 @@ def quantize_a8(x: np.ndarray, clip: float = 2.5, signed: bool = True,
     axis = 1 if per_row else None
     if signed:
         max_abs = np.abs(xc).max(axis=axis, keepdims=True)
-        s = np.where(max_abs > 0, np.float32(127) / np.where(max_abs > 0, max_abs, 1),
-                     np.float32(1)).astype(np.float32)
+        # torch evaluates ``127 / max_abs`` (a Python number over a tensor) as
+        # ``127 · reciprocal(max_abs)``: two roundings, reproduced here so codes match at ties
+        inv = (np.float32(1) / np.where(max_abs > 0, max_abs, 1)).astype(np.float32)
+        s = np.where(max_abs > 0, np.float32(127) * inv, np.float32(1)).astype(np.float32)
         codes = np.rint(xc * s).astype(np.int8)
         return QuantizedActivation("a8", codes, _full(np.float32(1) / s, m))
     lo = xc.min(axis=axis, keepdims=True)
