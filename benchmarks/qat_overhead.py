@@ -49,7 +49,12 @@ def main(argv=None) -> None:
     ap.add_argument("--variant", default="paper", choices=["paper", "released"])
     ap.add_argument("--steps", type=int, default=3, help="timed steps per setting")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's; 1 is the fair choice on a "
+                         "shared machine, where OpenMP barriers stall under contention)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from tbt import QuantConfig, quantize_model
 

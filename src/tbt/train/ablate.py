@@ -116,7 +116,7 @@ def run_ablation(dc: DemoConfig, suites: tuple[str, ...] = DEFAULT_SUITES,
                          "act_method": sp.act_method, **{m: r[m] for m in METRICS},
                          **{f"d_{m}": r[m] - base[m] for m in METRICS},
                          "gen_len": r["gen_len"], "train_s": r["train_s"]})
-    paths_out = _write(out, rows, dc, suites, time.time() - stage.t0)
+    paths_out = _write(out, rows, dc, suites, time.time() - stage.t0, from_demo)
     curves = os.path.join(out, "ablation_curves.png")
     plot_training_curves(teacher_logs, {n: r["result"]["log"] for n, r in runs.items()}, curves)
     plots = [plot_bars(rows, os.path.join(out, "ablation.png")), curves]
@@ -138,11 +138,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _write(out: str, rows: list[dict[str, Any]], dc: DemoConfig, suites: tuple[str, ...],
-           total_s: float) -> list[str]:
+           total_s: float, from_demo: str | None) -> list[str]:
     md, csv_path, js = (os.path.join(out, f"ablation.{e}") for e in ("md", "csv", "json"))
+    origin = (f"reused from {from_demo} (its corpus style applies)" if from_demo
+              else "trained here")
     with open(md, "w", encoding="utf-8") as f:
         f.write(f"# tbt ablation\n\n{format_table(rows)}\n\nSuites {', '.join(suites)}; "
                 f"{dc.student_steps} distillation steps per student; total {total_s:.0f} s. "
+                f"Teacher, corpus and tokenizer: {origin}. "
                 f"Settings: `{json.dumps(asdict(dc))}`\n")
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -150,7 +153,7 @@ def _write(out: str, rows: list[dict[str, Any]], dc: DemoConfig, suites: tuple[s
         w.writerows(rows)
     with open(js, "w", encoding="utf-8") as f:
         json.dump({"rows": rows, "suites": list(suites), "total_s": total_s,
-                   "config": asdict(dc)}, f, indent=2)
+                   "from_demo": from_demo, "config": asdict(dc)}, f, indent=2)
     return [md, csv_path, js]
 
 
@@ -166,9 +169,14 @@ def plot_bars(rows: list[dict[str, Any]], path: str) -> str:
         xs = range(len(rs))
         ax.bar([x - 0.2 for x in xs], [r["rouge1"] for r in rs], 0.4, label="ROUGE-1")
         ax.bar([x + 0.2 for x in xs], [r["rougeLsum"] for r in rs], 0.4, label="ROUGE-Lsum")
+        for x, r in zip(xs, rs):
+            ax.annotate(f"{r['rouge1']:.1f}", (x - 0.2, r["rouge1"]), ha="center",
+                        va="bottom", fontsize=7)
         ax.set_xticks(list(xs), [r["model"] for r in rs], rotation=35, ha="right", fontsize=8)
         ax.set_title(suite)
-        ax.set_ylim(0, 100)
+        vals = [v for r in rs for v in (r["rouge1"], r["rougeLsum"])]
+        ax.set_ylim(max(0.0, min(vals) - 5), max(vals) + 2)  # differences, not the 0-100 range
+        ax.set_ylabel("ROUGE (F1 x 100)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

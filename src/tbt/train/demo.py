@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -41,7 +42,8 @@ class StudentSpec:
 
     @property
     def slug(self) -> str:
-        return "".join(c if c.isalnum() or c in "-." else "-" for c in self.name.lower())
+        """Directory name: ``"+ both (TBT 2-2-2)"`` -> ``"both-tbt-2-2-2"``."""
+        return re.sub(r"[^a-z0-9.]+", "-", self.name.lower()).strip("-")
 
 
 STUDENTS = (
