@@ -35,7 +35,10 @@ def test_tbt_train_with_lrqat_writes_a_packed_checkpoint(tmp_path):
     loaded = _load_torch(f"{out}/packed")
     ids = torch.randint(3, 100, (1, 10))
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+        got, want = loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits
+    # same weights and ops; with 2+ torch threads the GEMM may split sums differently between two
+    # model instances (bit-equal with 1 thread), so float32 rounding is the tolerance
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="ternary or binary"):
         TrainConfig.from_flat(flat_settings(ws, out, model=start, max_steps=1, lrqat_rank=4))
 
