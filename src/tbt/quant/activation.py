@@ -166,9 +166,9 @@ class _ElasticQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, spec: ElasticSpec):  # type: ignore[override]
         ctx.spec, ctx.alpha_dtype, ctx.x_dtype, ctx.numel = spec, alpha.dtype, x.dtype, x.numel()
-        ctx.fused = _use_fused(x, spec)
+        ctx.fused = _fused.applies(x, spec)
         if ctx.fused:  # one C pass; same values (tbt.quant.fused)
-            y, saved, a, offset = _fused_forward(x, alpha, spec)
+            y, saved, a, offset = _fused.elastic_step(x, _alpha_c(alpha), spec)
             ctx.save_for_backward(saved, x.contiguous(), a, offset)
             return y
         xs, code, a, offset = _elastic_codes(x, alpha, spec)
@@ -182,7 +182,7 @@ class _ElasticQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         if ctx.fused:
-            return _fused_backward(ctx, grad)
+            return _fused.elastic_step_backward(ctx, grad)
         code, inside, x, a, offset = ctx.saved_tensors
         spec: ElasticSpec = ctx.spec
         g = grad.to(a.dtype)
@@ -204,33 +204,9 @@ class _ElasticQuantize(torch.autograd.Function):
         return grad_x, grad_alpha, None
 
 
-def _use_fused(x: Tensor, spec: ElasticSpec) -> bool:
-    return spec.qp <= 63 and spec.qn >= -63 and _fused.enabled(x)
-
-
-def _fused_forward(x: Tensor, alpha: Tensor, spec: ElasticSpec):
-    """(y, saved int8, α_c 0-dim, offset 0-dim or None) through the C kernel (CPU float32)."""
-    a = torch.where(alpha > ALPHA_EPS, alpha, ALPHA_EPS).to(torch.float32).detach()
-    offset = x.min() if spec.shift_min else x.mean() if spec.center else None
-    y, saved = _fused.elastic_forward(x, a, offset, spec.shift_min, spec.qn, spec.qp,
-                                      spec.use_sign)
-    return y, saved, a, offset
-
-
-def _fused_backward(ctx, grad: Tensor):
-    saved, x, a, offset = ctx.saved_tensors
-    spec: ElasticSpec = ctx.spec
-    gx, sums = _fused.elastic_backward(grad.to(torch.float32), saved, x)
-    grad_alpha = None
-    if ctx.needs_input_grad[1]:
-        grad_alpha = sums[0]  # Σ G·code (signed binary: Σ G·sign(x̃), no range term)
-        if not spec.use_sign:
-            gx_xs = sums[1] if offset is None else sums[1] - offset.double() * sums[2]
-            grad_alpha = grad_alpha - gx_xs / a.double()
-        if spec.grad_scale:
-            grad_alpha = grad_alpha * (1.0 / math.sqrt(ctx.numel * spec.qp))
-        grad_alpha = grad_alpha.to(ctx.alpha_dtype)
-    return (gx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None), grad_alpha, None
+def _alpha_c(alpha: Tensor) -> Tensor:
+    """α_c = max(α, 1e-5) as a detached 0-dim float32 tensor (the fused kernels read it)."""
+    return torch.where(alpha > ALPHA_EPS, alpha, ALPHA_EPS).to(torch.float32).detach()
 
 
 def elastic_quantize(x: Tensor, alpha: Tensor, bits: int, signed: bool,
@@ -244,8 +220,8 @@ def elastic_quantize(x: Tensor, alpha: Tensor, bits: int, signed: bool,
     spec = elastic_spec(bits, signed, variant)
     if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
         return _ElasticQuantize.apply(x, alpha, spec)
-    if _use_fused(x, spec):
-        return _fused_forward(x, alpha, spec)[0]
+    if _fused.applies(x, spec):
+        return _fused.elastic_step(x, _alpha_c(alpha), spec)[0]
     return _elastic_value(x, alpha, spec)[0].to(x.dtype)
 
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import math
 import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "enabled", "elastic_forward", "elastic_backward", "minmax_forward"]
+__all__ = ["available", "enabled", "applies", "elastic_forward", "elastic_backward",
+           "elastic_step", "elastic_step_backward", "minmax_forward"]
 
 _ABI = 1
 _lib: ctypes.CDLL | None = None
@@ -108,3 +110,37 @@ def minmax_forward(x: Tensor, bits: int, signed: bool, clip: float,
                                  y.data_ptr(), inside.data_ptr(), torch.get_num_threads())
     _check(rc, "min/max forward")
     return y, inside
+
+
+# ---- the elastic quantizer's autograd step (tbt.quant.activation._ElasticQuantize) -----------
+
+def applies(x: Tensor, spec) -> bool:
+    """The fused kernel serves ``x`` under ``spec`` (an ``ElasticSpec``): codes fit in 6 bits
+    and :func:`enabled`."""
+    return spec.qp <= 63 and spec.qn >= -63 and enabled(x)
+
+
+def elastic_step(x: Tensor, a: Tensor, spec):
+    """``(y, saved int8, a, offset 0-dim or None)``: the forward of the elastic quantizer
+    through the C kernel, ``a`` = α_c (0-dim float32; CPU float32 ``x``; the offset is torch's
+    own min/mean)."""
+    offset = x.min() if spec.shift_min else x.mean() if spec.center else None
+    y, saved = elastic_forward(x, a, offset, spec.shift_min, spec.qn, spec.qp, spec.use_sign)
+    return y, saved, a, offset
+
+
+def elastic_step_backward(ctx, grad: Tensor):
+    """``(∂L/∂x, ∂L/∂α, None)`` from what :func:`elastic_step` saved on ``ctx`` (LSQ rule)."""
+    saved, x, a, offset = ctx.saved_tensors
+    spec = ctx.spec
+    gx, sums = elastic_backward(grad.to(torch.float32), saved, x)
+    grad_alpha = None
+    if ctx.needs_input_grad[1]:
+        grad_alpha = sums[0]  # Σ G·code (signed binary: Σ G·sign(x̃), no range term)
+        if not spec.use_sign:
+            gx_xs = sums[1] if offset is None else sums[1] - offset.double() * sums[2]
+            grad_alpha = grad_alpha - gx_xs / a.double()
+        if spec.grad_scale:
+            grad_alpha = grad_alpha * (1.0 / math.sqrt(ctx.numel * spec.qp))
+        grad_alpha = grad_alpha.to(ctx.alpha_dtype)
+    return (gx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None), grad_alpha, None
