@@ -133,6 +133,33 @@ def test_inspect_reports_the_eora_adapter_cost(workspace, capsys):
     assert f"{t['adapter_bits_per_weight']:.3f} bits per weight of the layers" in text
 
 
+def test_packed_runtime_runs_the_eora_adapters(workspace):
+    """load_packed attaches the adapters saved next to a packed RTN checkpoint: its logits equal
+    the PTQ checkpoint's (adapters merged into W there), on both backends; without the adapter
+    file they equal plain RTN."""
+    import shutil
+
+    from tbt.export.io import load_packed
+    from tbt.ptq.eora import LowRankAdapter
+
+    out, _ = _run(workspace, "rtn-eora-rt", "--method", "rtn", "--granularity", "row",
+                  "--compensate", "eora", "--rank", "2", "--save-packed")
+    _, merged = _ppl(out, workspace)  # HF checkpoint: W = RTN(W) + B·A
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = merged(ids).logits
+        for backend in ("torch", "native"):
+            packed = load_packed(os.path.join(out, "packed"), backend=backend)
+            assert sum(isinstance(m, LowRankAdapter) for m in packed.modules()) == 14
+            torch.testing.assert_close(packed(ids).logits, want, atol=1e-4, rtol=1e-4)
+        bare = str(workspace["root"] / "rtn-eora-bare")
+        shutil.copytree(os.path.join(out, "packed"), bare)
+        os.remove(os.path.join(bare, "eora_adapters.safetensors"))
+        plain = load_packed(bare, backend="torch")
+        assert not any(isinstance(m, LowRankAdapter) for m in plain.modules())
+        assert (plain(ids).logits - want).abs().max() > 1e-3  # the adapters do something
+
+
 def test_bad_options_say_what_to_do(workspace, capsys):
     rc = main(["ptq", "--model", workspace["fp"], "--method", "ptqtp", "--salient-frac", "0.1",
                "--output-dir", str(workspace["root"] / "bad")])

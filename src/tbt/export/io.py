@@ -386,4 +386,7 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     model = model.to(device).eval()
     set_backend(model, backend if torch.device(device).type == "cpu" else "torch",
                 kernel_backend)
+    from tbt.ptq.save import attach_adapters  # EoRA adapters saved next to the weights
+
+    attach_adapters(model, directory)
     return model

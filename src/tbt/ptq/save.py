@@ -56,6 +56,44 @@ def save_adapters(state: dict[str, torch.Tensor], directory: str) -> None:
               metadata={"tbt.eora.ranks": json.dumps(ranks, sort_keys=True)})
 
 
+def attach_adapters(model: nn.Module, directory: str | os.PathLike) -> int:
+    """Wrap every layer named in ``directory/eora_adapters.safetensors`` in a
+    :class:`LowRankAdapter` (``y = layer(x) + B(A x)``, the branch in float32); returns how many.
+
+    ``load_packed`` calls this, so a packed RTN checkpoint with EoRA adapters runs them on the
+    packed runtime. A name that matches no layer, or factors whose shapes do not fit it, raise
+    ``ValueError`` naming the layer.
+    """
+    from safetensors.torch import load_file
+
+    path = os.path.join(os.fspath(directory), ADAPTERS_NAME)
+    if not os.path.isfile(path):
+        return 0
+    state = load_file(path)
+    names = sorted(k[: -len(".lora_a")] for k in state if k.endswith(".lora_a"))
+    modules = dict(model.named_modules())
+    for name in names:
+        base = modules.get(name)
+        a, b = state[f"{name}.lora_a"], state.get(f"{name}.lora_b")
+        if base is None or b is None:
+            raise ValueError(f"{path}: adapter {name!r} has no layer (or no lora_b) in the model")
+        out_f, in_f = getattr(base, "out_features", None), getattr(base, "in_features", None)
+        if (b.shape[0], a.shape[1]) != (out_f, in_f) or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{path}: adapter {name!r} has A {tuple(a.shape)}, B "
+                             f"{tuple(b.shape)}; the layer is {in_f} -> {out_f}")
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child,
+                LowRankAdapter(base, a.to(_device(base)), b.to(_device(base))))
+    return len(names)
+
+
+def _device(mod: nn.Module) -> torch.device:
+    t = next(iter(mod.buffers()), None)
+    if t is None:
+        t = next(iter(mod.parameters()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
 def save_ptq_checkpoint(model: nn.Module, tokenizer: Any, cfg: PTQConfig, directory: str) -> None:
     """Adapters to ``eora_adapters.safetensors``, then merge them and ``save_pretrained``."""
     os.makedirs(directory, exist_ok=True)
