@@ -84,6 +84,7 @@ class QuantConfig:
         group_size: inputs per scale with ``granularity="group"`` (must divide in_features).
         num_shards: row blocks with ``granularity="shard"`` (TriLM's model-parallel shards).
         tequila_lambda: Tequila's dead-zone bias factor λ (RELATED.md §7; fixed, 1e-3).
+        salient_frac: PB-LLM's (``method="pbllm"``) fraction of weights kept frozen at 8 bits.
         weight_clip: clip of the TWN baseline's inputs (METHOD.md §1c), in weight units.
         act_method: ``"elastic"`` (learned α, TBT), ``"minmax"`` (dynamic 8-bit, DQ-BART),
             ``"absmax-token"`` (BitNet), ``"elastic-shift"`` (BiT), ``"lsq"``, ``"lsq-plus"``
@@ -104,6 +105,7 @@ class QuantConfig:
     group_size: int = 128
     num_shards: int = 1
     tequila_lambda: float = 1e-3
+    salient_frac: float = 0.1
     act_method: str = "auto"
     act_clip: float = 2.5
     quantize_attention: bool = True
@@ -131,6 +133,9 @@ class QuantConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int; got {v!r}")
+        if not 0.0 <= self.salient_frac <= 1.0:
+            raise ValueError(f"salient_frac must be in [0, 1] (PB-LLM uses 0.1); got "
+                             f"{self.salient_frac!r}")
         if not self.tequila_lambda >= 0:
             raise ValueError(f"tequila_lambda must be >= 0 (Tequila uses 1e-3); "
                              f"got {self.tequila_lambda!r}")

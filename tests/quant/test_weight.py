@@ -459,11 +459,11 @@ def test_dequantize():
 # ---- validation and registry -----------------------------------------------------------------
 
 def test_unknown_method_message():
-    # the core methods and those of tbt.quant.weight_bitnet / weight_learned / tequila
+    # the core methods and those of tbt.quant.weight_bitnet / weight_learned / tequila / pbllm
     with pytest.raises(ValueError, match=r"method='foo' is unknown; choose one of "
-                                         r"\['absmean', 'bitnet-binary', 'bwn', 'dlt', 'dlt-centred', 'lsq', "
-                                         r"'seq', 'seq-int2', 'tbt', 'tequila', 'trilm', 'twn', "
-                                         r"'uniform'\]"):
+                                         r"\['absmean', 'bitnet-binary', 'bwn', 'dlt', "
+                                         r"'dlt-centred', 'lsq', 'pbllm', 'seq', 'seq-int2', "
+                                         r"'tbt', 'tequila', 'trilm', 'twn', 'uniform'\]"):
         weight_codes(torch.ones(2, 2), 2, method="foo")
 
 
@@ -471,7 +471,7 @@ def test_unknown_method_message():
     ("tbt", 3, r"method='tbt' supports bits in \(1, 2\) \(1 = binary, 2 = ternary\); got 3; "
                r"for 3-bit weights use one of \['lsq', 'uniform'\]"),
     ("twn", 1, r"supports bits in \(2,\) \(2 = ternary\); got 1; .*"
-               r"\['bitnet-binary', 'bwn', 'lsq', 'tbt'\]"),
+               r"\['bitnet-binary', 'bwn', 'lsq', 'pbllm', 'tbt'\]"),
     ("bwn", 2, r"got 2; .*\['absmean', 'dlt', 'dlt-centred', 'lsq', 'seq', 'seq-int2', 'tbt', "
                r"'tequila', 'trilm', 'twn'\]"),
     ("uniform", 2, r"supports bits in \(3, 4, 5, 6, 7, 8\); got 2"),

@@ -52,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="embedding-weight-activation bits, e.g. 2-2-8, 1-1-1, or fp (default)")
     q.add_argument("--method", metavar="NAME",
                    help="weight quantizer: tbt (default), twn, bwn, absmean, uniform, "
-                        "bitnet-binary, trilm, lsq, seq, seq-int2, dlt, dlt-centred, tequila "
-                        "(docs/methods.md)")
+                        "bitnet-binary, trilm, lsq, seq, seq-int2, dlt, dlt-centred, tequila, "
+                        "pbllm (docs/methods.md)")
     q.add_argument("--variant", choices=("paper", "released"),
                    help="paper equations (default) or the authors' released code")
     q.add_argument("--granularity", choices=("row", "tensor", "group", "shard"),
@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="row shards with --granularity shard (TriLM; default 1)")
     q.add_argument("--tequila-lambda", type=float, metavar="L",
                    help="Tequila's dead-zone bias factor (default 1e-3)")
+    q.add_argument("--salient-frac", type=float, metavar="F",
+                   help="--method pbllm: fraction of weights kept frozen at 8 bits, the rest "
+                        "binarized (PB-LLM QAT; default 0.1)")
     q.add_argument("--act-method", metavar="NAME",
                    help="activation quantizer: auto (default: minmax for 8 bits, else "
                         "elastic), elastic, minmax, absmax-token, elastic-shift, lsq, lsq-plus")

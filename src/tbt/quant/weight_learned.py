@@ -377,4 +377,4 @@ class DltCentredWeightQuantizer(DltWeightQuantizer):
         self.shift.copy_(gamma)
 
 # Tequila subclasses WeightQuantizer: imported (and registered) once the base class exists.
-from tbt.quant import tequila  # noqa: E402, F401
+from tbt.quant import pbllm, tequila  # noqa: E402, F401
