@@ -133,6 +133,31 @@ def test_inspect_reports_the_eora_adapter_cost(workspace, capsys):
     assert f"{t['adapter_bits_per_weight']:.3f} bits per weight of the layers" in text
 
 
+def test_int8_adapters_run_in_the_packed_runtime(workspace):
+    """--adapter-dtype int8: codes + row scales on disk, cost counted, same logits as merged."""
+    from safetensors.torch import load_file
+
+    from tbt.export.io import load_packed
+    from tbt.ptq.eora import LowRankAdapter
+
+    out, rep = _run(workspace, "rtn-eora-i8", "--method", "rtn", "--granularity", "row",
+                    "--compensate", "eora", "--rank", "2", "--adapter-dtype", "int8",
+                    "--save-packed")
+    state = load_file(os.path.join(out, "packed", "eora_adapters.safetensors"))
+    a_keys = [k for k in state if k.endswith(".lora_a")]
+    assert a_keys and all(state[k].dtype == torch.int8 for k in a_keys)
+    assert all(state[k[:-len("lora_a")] + "lora_a_scale"].dtype == torch.float32 for k in a_keys)
+    row = next(r for r in rep["layers"] if r.get("adapter_bits"))
+    out_f, in_f = row["shape"]
+    assert row["adapter_bits"] == 2 * (in_f + out_f) * 8 + 32 * (2 + out_f)  # hand count
+    _, merged = _ppl(out, workspace)
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        packed = load_packed(os.path.join(out, "packed"), backend="torch")
+        assert sum(isinstance(m, LowRankAdapter) for m in packed.modules()) == 14
+        torch.testing.assert_close(packed(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_packed_runtime_runs_the_eora_adapters(workspace):
     """load_packed attaches the adapters saved next to a packed RTN checkpoint: its logits equal
     the PTQ checkpoint's (adapters merged into W there), on both backends; without the adapter

@@ -61,11 +61,20 @@ def test_adapter_module_computes_base_plus_low_rank():
     base = nn.Linear(10, 12)
     with torch.no_grad():
         base.weight.copy_(wq.float())
-    a, b = adapter_from_delta(w - wq, x.t() @ x, EoRAConfig(rank=3, adapter_dtype="float32"))
-    ad = LowRankAdapter(base, a, b)
+    f = adapter_from_delta(w - wq, x.t() @ x, EoRAConfig(rank=3, adapter_dtype="float32"))
+    a, b = f["a"], f["b"]
+    ad = LowRankAdapter(base, **f)
     xin = torch.randn(2, 5, 10)
     ref = base(xin) + (xin.double() @ a.double().t() @ b.double().t()).float()
     torch.testing.assert_close(ad(xin), ref, atol=1e-5, rtol=1e-5)
+    # int8 storage: per-row codes and scales, within half a step per entry of the float factors
+    q = adapter_from_delta(w - wq, x.t() @ x, EoRAConfig(rank=3, adapter_dtype="int8"))
+    assert q["a"].dtype == torch.int8 and q["a_scale"].shape == (3, 1)
+    a8, b8 = LowRankAdapter(base, **q).factors()
+    assert ((a8 - a).abs() <= q["a_scale"] / 2 + 1e-7).all()
+    assert ((b8 - b).abs() <= q["b_scale"] / 2 + 1e-7).all()
+    with pytest.raises(ValueError, match="need their per-row scales"):
+        LowRankAdapter(base, q["a"], q["b"])
 
 
 def test_rank_must_be_positive():

@@ -73,8 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--compensate", choices=("none", "eora"), default="none",
                    help="eora: fit a rank-R adapter y = W_q x + B(A x) per layer")
     c.add_argument("--rank", type=int, default=16, help="EoRA rank (16)")
-    c.add_argument("--adapter-dtype", choices=("float16", "bfloat16", "float32"),
-                   default="float16", help="storage dtype of A and B (float16)")
+    c.add_argument("--adapter-dtype", choices=("float16", "bfloat16", "float32", "int8"),
+                   default="float16", help="storage dtype of A and B (float16; int8: per-row "
+                                           "symmetric codes + float32 row scales)")
     d = p.add_argument_group("data")
     d.add_argument("--calib-file", metavar="F",
                    help="calibration text (.txt lines, .jsonl/.json/.csv/.parquet rows)")

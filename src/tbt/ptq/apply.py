@@ -132,11 +132,12 @@ def _quantize_layer(name: str, mod: nn.Module, stats: LayerStats, cfg: PTQConfig
         row["out_rel_err"] = _rel(weighted_error(delta, stats.gram), ref)
     set_weight(mod, lq.w_hat)
     if cfg.eora is not None:
-        a, b = adapter_from_delta(delta, stats.gram, cfg.eora)
+        factors = adapter_from_delta(delta, stats.gram, cfg.eora)
+        new = LowRankAdapter(mod, **{k: v.to(w.device) for k, v in factors.items()})
+        a, b = new.factors()  # as stored (rounded to the adapter dtype)
         comp = delta.double() - b.double() @ a.double()
         row["out_rel_err_eora"] = _rel(weighted_error(comp, stats.gram), ref)
         row["adapter_bits"] = adapter_bits(*w.shape, cfg.eora)
-        new = LowRankAdapter(mod, a.to(w.device), b.to(w.device))
     if cfg.keep_tensors:
         report.tensors[name] = dict(lq.tensors)
     report.layers.append(row)
@@ -189,6 +190,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     for name, mod in list(model.named_modules()):
         if isinstance(mod, LowRankAdapter):
             w = get_weight(mod.base).detach().to(torch.float32)
-            set_weight(mod.base, w + mod.lora_b.float() @ mod.lora_a.float())
+            a, b = mod.factors()
+            set_weight(mod.base, w + b @ a)
             _set_submodule(model, name, mod.base)
     return model

@@ -19,7 +19,8 @@ error falls monotonically with ``r`` and vanishes at full rank; scaling ``C`` ch
 At inference :class:`LowRankAdapter` computes ``y = base(x) + B·(A·x)`` next to any quantized
 layer (an ``nn.Linear`` holding ``W_c``, a ``QuantLinear``, a ``PackedLinear``). ``A`` and ``B``
 are stored at ``adapter_dtype`` (float16 by default): the adapter costs
-``16·r·(in + out)`` bits, i.e. ``16·r·(in + out)/(in·out)`` bits per weight of the layer.
+``16·r·(in + out)`` bits, i.e. ``16·r·(in + out)/(in·out)`` bits per weight of the layer; with
+``int8`` (per-row symmetric codes) ``8·r·(in + out) + 32·(r + out)``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ADAPTER_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+ADAPTER_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                  "int8": torch.int8}  # int8: per-row symmetric codes + a float32 scale per row
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class EoRAConfig:
 
     @property
     def adapter_bits(self) -> int:
-        return torch.finfo(ADAPTER_DTYPES[self.adapter_dtype]).bits
+        dt = ADAPTER_DTYPES[self.adapter_dtype]
+        return 8 if dt == torch.int8 else torch.finfo(dt).bits
 
 
 def _eigh_clamped(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -81,37 +84,67 @@ def weighted_error(delta_w: Tensor, gram: Tensor) -> float:
 
 
 class LowRankAdapter(nn.Module):
-    """``y = base(x) + F.linear(F.linear(x, A), B)``: a rank-r branch beside a quantized layer."""
+    """``y = base(x) + F.linear(F.linear(x, A), B)``: a rank-r branch beside a quantized layer.
 
-    def __init__(self, base: nn.Module, a: Tensor, b: Tensor) -> None:
+    ``A`` ``(r, in)`` and ``B`` ``(out, r)`` are stored at their dtype; int8 factors come with a
+    float32 scale per row (``lora_a_scale`` ``(r, 1)``, ``lora_b_scale`` ``(out, 1)``).
+    """
+
+    def __init__(self, base: nn.Module, a: Tensor, b: Tensor, a_scale: Tensor | None = None,
+                 b_scale: Tensor | None = None) -> None:
         super().__init__()
+        if (a.dtype == torch.int8) != (a_scale is not None) or \
+                (b.dtype == torch.int8) != (b_scale is not None):
+            raise ValueError("int8 adapter factors need their per-row scales (and only they)")
         self.base = base
         self.register_buffer("lora_a", a)  # (r, in)
         self.register_buffer("lora_b", b)  # (out, r)
+        self.register_buffer("lora_a_scale", a_scale)
+        self.register_buffer("lora_b_scale", b_scale)
         self.enabled = True  # False: the base layer alone (to measure the uncompensated model)
 
     @property
     def weight(self) -> Tensor:  # what generic code reads (dtype/device); the base's weight
         return self.base.weight
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` in float32 (int8 codes times their row scales)."""
+        a, b = self.lora_a.float(), self.lora_b.float()
+        if self.lora_a_scale is not None:
+            a = a * self.lora_a_scale
+        if self.lora_b_scale is not None:
+            b = b * self.lora_b_scale
+        return a, b
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return self.base(x)
-        # the branch runs in float32 whatever the storage dtype of A and B
-        low = F.linear(F.linear(x.float(), self.lora_a.float()), self.lora_b.float())
-        return self.base(x) + low.to(x.dtype)
+        a, b = self.factors()  # the branch runs in float32 whatever the storage dtype
+        return self.base(x) + F.linear(F.linear(x.float(), a), b).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"rank={self.lora_a.shape[0]}, dtype={self.lora_a.dtype}"
 
 
-def adapter_from_delta(delta_w: Tensor, gram: Tensor, cfg: EoRAConfig) -> tuple[Tensor, Tensor]:
-    """EoRA factors rounded to the storage dtype: ``(A, B)`` at ``cfg.adapter_dtype``."""
+def int8_rows(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8: ``(codes int8, scale (rows, 1) float32)``, ``t ≈ codes·scale``."""
+    from tbt.quant.weight import weight_codes
+
+    return weight_codes(t.to(torch.float32), 8, "uniform")
+
+
+def adapter_from_delta(delta_w: Tensor, gram: Tensor, cfg: EoRAConfig) -> dict[str, Tensor]:
+    """EoRA factors at the storage dtype: the :class:`LowRankAdapter` keyword arguments
+    (``a``, ``b``, and for int8 ``a_scale``, ``b_scale``)."""
     b, a = eora_factors(delta_w, gram, cfg.rank)
     dt = ADAPTER_DTYPES[cfg.adapter_dtype]
-    return a.to(dt), b.to(dt)
+    if dt != torch.int8:
+        return {"a": a.to(dt), "b": b.to(dt)}
+    (qa, sa), (qb, sb) = int8_rows(a), int8_rows(b)
+    return {"a": qa, "b": qb, "a_scale": sa, "b_scale": sb}
 
 
 def adapter_bits(out_features: int, in_features: int, cfg: EoRAConfig) -> int:
     r = min(cfg.rank, out_features, in_features)
-    return r * (in_features + out_features) * cfg.adapter_bits
+    scales = 32 * (r + out_features) if cfg.adapter_dtype == "int8" else 0  # per-row scales
+    return r * (in_features + out_features) * cfg.adapter_bits + scales

@@ -42,8 +42,10 @@ def adapters_state(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, LowRankAdapter):
-            out[f"{name}.lora_a"] = mod.lora_a.detach().cpu().contiguous()
-            out[f"{name}.lora_b"] = mod.lora_b.detach().cpu().contiguous()
+            for key in ("lora_a", "lora_b", "lora_a_scale", "lora_b_scale"):
+                t = getattr(mod, key)
+                if t is not None:
+                    out[f"{name}.{key}"] = t.detach().cpu().contiguous()
     return out
 
 
@@ -82,8 +84,11 @@ def attach_adapters(model: nn.Module, directory: str | os.PathLike) -> int:
             raise ValueError(f"{path}: adapter {name!r} has A {tuple(a.shape)}, B "
                              f"{tuple(b.shape)}; the layer is {in_f} -> {out_f}")
         parent, _, child = name.rpartition(".")
+        dev = _device(base)
+        scales = {f"{k}_scale": state[f"{name}.lora_{k}_scale"].to(dev) for k in ("a", "b")
+                  if f"{name}.lora_{k}_scale" in state}
         setattr(modules[parent] if parent else model, child,
-                LowRankAdapter(base, a.to(_device(base)), b.to(_device(base))))
+                LowRankAdapter(base, a.to(dev), b.to(dev), **scales))
     return len(names)
 
 
