@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     print(f"BART d_model={args.d_model} {args.layers}+{args.layers} layers ({n_params:.1f}M params), "
           f"batch {args.batch}x{args.seq}, device={args.device}, {torch.get_num_threads()} threads, "
           f"median of {args.steps} steps, variant={args.variant}")
-    print(f"| setting | step (s) | ratio vs fp |\n|---|---|---|")
+    print("| setting | step (s) | ratio vs fp |\n|---|---|---|")
     for n in models:
         t = statistics.median(times[n])
         print(f"| {n} | {t:.3f} | {t / fp:.2f}x |")

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import make_tiny
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny
+
 from tbt import QuantConfig, quantize_model
 from tbt.quant.pbllm import PbllmQuantizer, pbllm_bits, salient_mask
 

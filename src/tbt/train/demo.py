@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+
 @dataclass(frozen=True)
 class StudentSpec:
     """One distilled student: its name, E-W-A bits, weight and activation methods, and any
@@ -190,9 +191,9 @@ def copy_warmup(dc: DemoConfig, tok, out_dir: str) -> dict[str, Any]:
     (:func:`tbt.train.corpus.copy_warmup_batch`, fresh random batches, no dropout), from a
     random ``dc.architecture``; saved to ``out_dir`` (with the preset's dropout restored) for
     ``tbt train`` to continue. Returns ``{"log": log.jsonl path, "train_time_s": s}``."""
-    from tbt.train.corpus import copy_warmup_batch
     from tqdm.auto import tqdm
 
+    from tbt.train.corpus import copy_warmup_batch
     from tbt.train.presets import ARCHITECTURES, build_from_scratch
 
     t0 = time.time()
