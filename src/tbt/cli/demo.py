@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "a small full-precision BART teacher, distil TBT students at 2-2-8, 1-1-8 "
                     "and 2-2-2 and a TWN 2-2-8 baseline, evaluate all (ROUGE) and save a table "
                     "and plots. No network needed; about 4 minutes on 2 idle CPU cores "
-                    "(--quick: about 2; longer on a busy machine).")
+                    "(--quick: a ~25 s smoke test; longer on a busy machine).")
     p.add_argument("--quick", action="store_true",
                    help="a small version for a smoke test (about 2 minutes)")
     p.add_argument("--output-dir", default="tbt-demo", metavar="DIR",
