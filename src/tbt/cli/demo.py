@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and plots. No network needed; about 4 minutes on 2 idle CPU cores "
                     "(--quick: a ~25 s smoke test; longer on a busy machine).")
     p.add_argument("--quick", action="store_true",
-                   help="a small version for a smoke test (about 2 minutes)")
+                   help="a small version for a smoke test (about 25 s on 2 idle cores)")
     p.add_argument("--output-dir", default="tbt-demo", metavar="DIR",
                    help="where everything is written (default: tbt-demo)")
     p.add_argument("--teacher-steps", type=int, default=None, metavar="N",
