@@ -39,14 +39,6 @@ from conftest import make_tiny
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _reference_quantizers(monkeypatch):
-    """Compare with torch's own quantizer ops, not the fused C ones (tbt.quant.fused): that
-    library computes the min/max scale ``127/max|x|`` as one division, torch (and the runtime,
-    ``ref.quantize_a8``) as ``127·(1/max|x|)``, so at an exact .5 tie one code differs."""
-    monkeypatch.setenv("TBT_FUSED_QUANT", "0")
-
-
 def _inputs(family: str) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 128, (2, 9), generator=g)

@@ -40,10 +40,9 @@ def _torch_quantizer(spec: ActSpec):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}{s.bits}-{s.signed}-{s.variant}")
-def test_act_quantizers_match_torch(spec, monkeypatch):
+def test_act_quantizers_match_torch(spec):
     """Lattice inputs (many exact .5 ties): the codes must be torch's, not just close."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setenv("TBT_FUSED_QUANT", "0")  # torch's ops, the trained quantizer's spec
     q = _torch_quantizer(spec)
     for seed in range(40):
         g = torch.Generator().manual_seed(seed)
