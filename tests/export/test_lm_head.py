@@ -93,3 +93,59 @@ def test_inspect_counts_the_head(tmp_path, capsys):
     assert "lm_head: int8" in out and "128x32" in out
     assert main(["inspect", str(save_packed(m, tmp_path / "b"))]) == 0
     assert "lm_head: fp" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["bart", "gpt2"])
+@pytest.mark.parametrize("bits", ["2-2-8", "1-1-8"])
+def test_quantized_tied_head_shares_the_embedding_codes(tmp_path, family, bits):
+    """skip_modules=() quantizes the tied LM head with the embedding's quantizer: the packed
+    checkpoint stores its codes once (aliases), logits match the fake-quantized model and the
+    head runs on the integer kernels."""
+    m = make_tiny(family)
+    quantize_model(m, QuantConfig(bits=bits, skip_modules=()))
+    head = m.get_output_embeddings()
+    assert head.weight is m.get_input_embeddings().weight  # still tied
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    kw = {} if family == "gpt2" else {"decoder_input_ids": ids[:, :5]}
+    m.train()
+    with torch.no_grad():
+        m(input_ids=ids, **kw)
+    m.eval()
+    d = save_packed(m, tmp_path / "q")
+    meta = read_packed_metadata(d)
+    assert meta["lm_head"] == {"name": "lm_head", "format": "packed"}
+    table = meta["layers"]
+    emb = m.get_input_embeddings()
+    emb_name = next(n for n, mod in m.named_modules() if mod is emb)
+    assert table["lm_head"]["packed"] == table[emb_name]["packed"]  # one stored copy
+    d_fp = save_packed(make_fp_quant(family, bits, m), tmp_path / "fp")  # FP head, same rest
+    head_bytes = head.weight.numel() * 4
+    size = (d / WEIGHTS_NAME).stat().st_size
+    assert (d_fp / WEIGHTS_NAME).stat().st_size - size >= head_bytes - 4096
+    with pytest.raises(ValueError, match="already quantized"):
+        save_packed(m, tmp_path / "x", lm_head="int8")
+
+    with torch.no_grad():
+        want = m(input_ids=ids, **kw).logits
+    for backend in ("torch", "native"):
+        loaded = load_packed(d, backend=backend)
+        got_head = loaded.get_output_embeddings()
+        assert got_head.packed is loaded.get_input_embeddings().packed  # shared after load
+        assert got_head.backend == backend
+        with torch.no_grad():
+            got = loaded(input_ids=ids, **kw).logits
+        tol = 0 if backend == "torch" else 1e-5 * float(want.abs().max())
+        assert float((got - want).abs().max()) <= tol
+        gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        with torch.no_grad():
+            a = m.generate(input_ids=ids[:1], **gen)
+            b = loaded.generate(input_ids=ids[:1], **gen)
+        assert torch.equal(a, b)
+
+
+def make_fp_quant(family, bits, like):
+    """The same model quantized with the default FP head (latent weights copied)."""
+    m = make_tiny(family)
+    quantize_model(m, QuantConfig(bits=bits))
+    m.load_state_dict(like.state_dict(), strict=False)
+    return m.eval()

@@ -117,3 +117,14 @@ def test_cli_errors_are_reported_not_raised(capsys):
     rc = main(["train", "--model", "bart-tiny", "--output-dir", "o", "--train-file", "t.jsonl"])
     assert rc == 2
     assert "exactly one of --max-steps" in capsys.readouterr().err
+
+
+def test_skip_modules_flag_quantizes_the_lm_head():
+    base = ["--model", "bart-tiny", "--train-file", "t.jsonl", "--output-dir", "o",
+            "--bits", "2-2-8", "--max-steps", "3"]
+    assert TrainConfig.from_flat(resolve_settings(_args(*base))).quant.skip_modules == ("lm_head",)
+    cfg = TrainConfig.from_flat(resolve_settings(_args(*base, "--skip-modules")))
+    assert cfg.quant.skip_modules == ()  # nothing skipped: the head is quantized too
+    cfg = TrainConfig.from_flat(resolve_settings(_args(*base, "--skip-modules", "lm_head",
+                                                       "*fc2")))
+    assert cfg.quant.skip_modules == ("lm_head", "*fc2")

@@ -74,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
 
     aliases = meta["aliases"]
     head = meta.get("lm_head") or {"format": "fp"}
+    if head["format"] == "packed":  # a layer of the table above (tied: the embedding's codes)
+        info = meta["layers"].get(head.get("name"), {})
+        owner = str(info.get("packed", "")).removesuffix(".packed")  # the stored copy's layer
+        tied = [n for n, v in sorted(meta["layers"].items(), key=lambda kv: kv[0] != owner)
+                if n != head.get("name") and v.get("packed") == info.get("packed")]
+        print(f"lm_head: packed {info.get('packing')} ({head.get('name')}"
+              + (f", shares the codes of {tied[0]}" if tied else "") + ")")
     head_keys = ([head["weight"], head["scale"]] if head["format"] == "int8"
                  else [aliases.get(f"{head.get('name')}.weight", f"{head.get('name')}.weight")])
     head_keys = [k for k in head_keys if k in tensors and k not in counted]

@@ -71,6 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--act-method", metavar="NAME",
                    help="activation quantizer: auto (default: minmax for 8 bits, else "
                         "elastic), elastic, minmax, absmax-token, elastic-shift, lsq, lsq-plus")
+    q.add_argument("--skip-modules", nargs="*", metavar="PATTERN",
+                   help="fnmatch patterns of layers kept in full precision (default: lm_head, "
+                        "TBT). Give the flag with no pattern to quantize the LM head too: tied "
+                        "to the token embedding it then shares its ternary/binary codes, and "
+                        "the packed checkpoint stores no separate head (tbt export)")
     lr = p.add_argument_group("LR-QAT (low-rank QAT, docs/lrqat.md)")
     lr.add_argument("--lrqat-rank", type=int, metavar="R",
                     help="train only a rank-R update inside the rounding of frozen int8 "

@@ -270,10 +270,20 @@ class PackedLinear(_PackedBase):
 
     def _native_forward(self, x: Tensor) -> Tensor:
         rt = self.runtime_linear()
+        x32 = x.detach()
+        if x32.dtype != torch.float32:
+            x32 = x32.to(torch.float32)
+        x32 = x32.contiguous()
         # the paper's signed quantizers centre by the tensor mean: use torch's value (same codes)
-        shift = float(x.to(torch.float32).mean()) if rt.act.needs_mean else None
-        x32 = x.detach().to(torch.float32).contiguous()
-        y = torch.from_numpy(rt(x32.numpy(), shift))  # (..., N) float32
+        shift = float(x32.mean()) if rt.act.needs_mean else None
+        fused = rt.fused
+        m = x32.numel() // self.k
+        if fused is None or m == 0:
+            y = torch.from_numpy(rt(x32.numpy(), shift))  # (..., N) float32
+        else:  # one C call: quantizer + kernel, on torch's buffers (no numpy round trip)
+            y = torch.empty(*x32.shape[:-1], self.out_features, dtype=torch.float32)
+            if fused.run_ptr(x32.data_ptr(), m, 0.0 if shift is None else shift, y.data_ptr()):
+                rt.undo_binary_zeros(y.numpy().reshape(m, -1), x32.numpy().reshape(m, -1), shift)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -370,20 +380,30 @@ def convert_model(model: nn.Module, skeleton: bool = False) -> nn.Module:
     build the packed modules with zero buffers, without quantizing the latent weights (what
     ``load_packed`` loads a checkpoint into). Returns ``model``.
     """
-    shared: dict[int, tuple] = {}
+    shared: dict[int, tuple] = {}  # id(latent Parameter) -> (spec, (packed, scale, offset))
     n = 0
     for name, mod in list(model.named_modules()):
         spec = getattr(mod, "weight_spec", None)
         if spec is None or spec.bits not in (1, 2) or not spec.packable:
             continue  # FP, 3..8-bit, or 4-level codes (seq-int2): stay fake-quantized
+        if not isinstance(mod, (QuantLinear, QuantEmbedding)):
+            continue
+        tied = shared.get(id(mod.weight))
+        if tied is not None and tied[0] is not spec:
+            tied = None  # the same Parameter under another quantizer: packed on its own
+        transposed = isinstance(mod, QuantLinear) and mod.transposed
         if isinstance(mod, QuantLinear):
-            _set_submodule(model, name, PackedLinear.from_quant(mod, skeleton))
-            n += 1
-        elif isinstance(mod, QuantEmbedding):
-            new = PackedEmbedding.from_quant(mod, shared.get(id(mod.weight)), skeleton)
-            shared[id(mod.weight)] = (new.packed, new.scale, new.offset)
-            _set_submodule(model, name, new)
-            n += 1
+            new = PackedLinear.from_quant(mod, skeleton)
+            if tied is not None and not transposed:
+                # a quantized LM head tied to the token embedding: same matrix, same quantizer,
+                # so the same codes and scales, stored once (save_packed aliases them)
+                new.packed, new.scale, new.offset = tied[1]
+        else:
+            new = PackedEmbedding.from_quant(mod, None if tied is None else tied[1], skeleton)
+        if tied is None and not transposed:
+            shared[id(mod.weight)] = (spec, (new.packed, new.scale, new.offset))
+        _set_submodule(model, name, new)
+        n += 1
     if n == 0:
         raise ValueError("convert_model found no 1/2-bit QuantLinear/QuantEmbedding to pack")
     return model

@@ -18,8 +18,10 @@ A packed checkpoint is a directory:
     shaped like the scale) when the weight is ``α·code + γ``;
   - ``tbt.aliases``: JSON ``{alias tensor name: stored tensor name}``;
   - ``tbt.model_class``: the transformers class name (``BartForConditionalGeneration``);
-  - ``tbt.lm_head``: JSON ``{"name", "format": "fp"|"int8"}`` (+ ``"shape"``, ``"weight"``,
-    ``"scale"`` tensor names for int8; :mod:`tbt.export.lm_head`).
+  - ``tbt.lm_head``: JSON ``{"name", "format": "fp"|"int8"|"packed"}`` (+ ``"shape"``,
+    ``"weight"``, ``"scale"`` tensor names for int8; :mod:`tbt.export.lm_head`). ``"packed"``:
+    the head was quantized in training (``QuantConfig.skip_modules`` without it) and is a
+    packed linear entry of ``tbt.layers``; tied to the token embedding, it shares its codes.
 
 Each linear entry of ``tbt.layers`` also records its activation quantizer under ``"act"``
 (:class:`~tbt.runtime.linear.ActSpec` fields; the learned α as the tensor name
@@ -104,6 +106,8 @@ def _lm_head_entry(model: nn.Module) -> dict[str, Any]:
     if isinstance(head, Int8Linear):
         return {"name": name, "format": "int8", "shape": [head.out_features, head.in_features],
                 "weight": f"{name}.weight_int8", "scale": f"{name}.scale"}
+    if isinstance(head, PackedLinear):  # quantized in training: an entry of tbt.layers
+        return {"name": name, "format": "packed"}
     return {"name": name, "format": "fp"}
 
 
@@ -121,6 +125,7 @@ def _quantize_lm_head(model: nn.Module) -> None:
     _set_submodule(model, name, Int8Linear.from_float(head))
 
 
+LM_HEAD_READ_FORMATS = (*LM_HEAD_FORMATS, "packed")  # "packed": a layer of tbt.layers
 CHECKSUM_KEY = "tbt.checksum"
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.float64: "F64", torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16",
@@ -146,9 +151,11 @@ def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "
     """Write ``model`` (fake-quantized or already converted) as a packed checkpoint.
 
     A fake-quantized model is converted on a copy; ``model`` itself is not modified.
-    ``lm_head``: ``"fp"`` keeps the output projection in full precision (TBT; tied to the
-    latent embedding matrix), ``"int8"`` stores it per-row symmetric int8 + float32 scale
-    (:mod:`tbt.export.lm_head`). Returns the directory path.
+    ``lm_head``: ``"fp"`` stores the output projection as the model has it: in full precision
+    (TBT; tied to the latent embedding matrix), or packed when training quantized it (a
+    ``QuantConfig`` whose ``skip_modules`` leaves out ``lm_head``; tied, it shares the token
+    embedding's codes and costs no bytes). ``"int8"`` stores an FP head per-row symmetric int8
+    + float32 scale (:mod:`tbt.export.lm_head`). Returns the directory path.
     """
     import copy
 
@@ -163,6 +170,9 @@ def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "
     elif lm_head == "int8" and not isinstance(head, Int8Linear):
         model = copy.deepcopy(model)
     if lm_head == "int8" and not isinstance(model.get_output_embeddings(), Int8Linear):
+        if isinstance(model.get_output_embeddings(), PackedLinear):
+            raise ValueError("lm_head='int8': this model's LM head is already quantized (it was "
+                             "trained with the quantized head); save it with lm_head='fp'")
         _quantize_lm_head(model)
     qcfg = _quant_config(model)
     layers = layer_table(model)
@@ -299,9 +309,9 @@ def _check_layer(name: str, info: dict, tensors: dict) -> None:
 
 def _check_lm_head(entry: dict, tensors: dict) -> None:
     fmt = entry.get("format")
-    if fmt not in LM_HEAD_FORMATS:
+    if fmt not in LM_HEAD_READ_FORMATS:
         raise FormatError(f"tbt.lm_head format {fmt!r} is unknown; this tbt reads "
-                          f"{list(LM_HEAD_FORMATS)}")
+                          f"{list(LM_HEAD_READ_FORMATS)}")
     if fmt == "int8":
         n, k = (int(v) for v in entry["shape"])
         _check_tensor("int8 lm_head", entry["weight"], tensors, "I8", (n, k))

@@ -50,7 +50,8 @@ import numpy as np
 
 from tbt.export.format import FormatHeader, Packing
 from tbt.runtime.kernels import get_kernel
-from tbt.runtime.kernels.ref import QuantizedActivation, quantize_a1, quantize_a2, quantize_a8
+from tbt.runtime.kernels.ref import (ALPHA_EPS, QuantizedActivation, quantize_a1, quantize_a2,
+                                     quantize_a8)
 
 __all__ = ["ActSpec", "PackedLinearNP", "register_act_quantizer", "quantize_activation",
            "kernel_unavailable_reason", "weight_format_of", "WEIGHTS_NAME"]
@@ -163,6 +164,25 @@ def kernel_unavailable_reason(packing: Packing | str, act: ActSpec | None,
     return None
 
 
+def fused_act(spec: ActSpec) -> tuple[str, float, str]:
+    """``(act_kind, act_param, shift_mode)`` of the C quantizer (``tbt_linear``) for ``spec``.
+
+    The same quantizers as :func:`quantize_activation` (``tbt.runtime.kernels.ref``): 8-bit
+    min/max symmetric or asymmetric with the clip ``c``; elastic with ``α_c = max(α, 1e-5)``,
+    minus the tensor mean for the paper's signed quantizers (``"given"``: the caller passes
+    the mean) or minus the minimum for the released non-negative ternary one (``"min"``).
+    """
+    if spec.kind == "minmax":
+        return ("minmax-sym" if spec.signed else "minmax-asym"), float(np.float32(spec.clip)), "none"
+    alpha = float(max(np.float32(spec.alpha), ALPHA_EPS))
+    kind = {2: "ternary", 1: "binary"}[spec.bits] + ("" if spec.signed else "-nonneg")
+    if spec.signed:
+        shift = "given" if spec.variant == "paper" else "none"
+    else:
+        shift = "min" if (spec.variant == "released" and spec.bits == 2) else "none"
+    return kind, alpha, shift
+
+
 def _binary_columns(packed: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Codes ``q ∈ {−1, 1}`` of columns ``cols`` of a ``binary_1bit`` matrix: int8 (N, |cols|)."""
     bits = (packed[:, cols // 8] >> (cols % 8).astype(np.uint8)) & 1
@@ -202,6 +222,11 @@ class PackedLinearNP:
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         if self.bias is not None and self.bias.shape != (self.out_features,):
             raise ValueError(f"bias has shape {self.bias.shape}, expected ({self.out_features},)")
+        self.fused = None  # one C call per forward (quantizer + kernel) on the native kernels
+        if getattr(self.kernel, "backend", "ref") != "ref" and hasattr(self.kernel, "_lib"):
+            from tbt.runtime.kernels.native import FusedLinear
+
+            self.fused = FusedLinear(self.kernel, self.weight, self.bias, *fused_act(act))
 
     def __repr__(self) -> str:
         return (f"PackedLinearNP(in={self.in_features}, out={self.out_features}, "
@@ -215,14 +240,22 @@ class PackedLinearNP:
                              f"in_features={self.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:
+            return np.zeros((*lead, self.out_features), dtype=np.float32)
+        if self.fused is not None:
+            if self.act.needs_mean and shift is None:
+                shift = float(x2.mean(dtype=np.float32))  # as quantize_a2/a1 compute it
+            y, zeros = self.fused.run(x2, shift)
+            if zeros:
+                self.undo_binary_zeros(y, x2, shift)
+            return y.reshape(*lead, self.out_features)
         qa = quantize_activation(x2, self.act, shift)
         y = self.kernel.run(self.weight, qa, self.bias)
         if self.act.kind == "elastic" and self.act.bits == 1 and self.act.signed:
-            self._undo_binary_zeros(y, x2, qa, shift)
+            self.undo_binary_zeros(y, x2, shift)
         return y.reshape(*lead, self.out_features)
 
-    def _undo_binary_zeros(self, y: np.ndarray, x2: np.ndarray, qa: QuantizedActivation,
-                           shift: float | None) -> None:
+    def undo_binary_zeros(self, y: np.ndarray, x2: np.ndarray, shift: float | None) -> None:
         """Signed binary: ``a1`` stores an exact ``x̃ = 0`` as +1, torch's ``sign(0) = 0``.
 
         The kernel's accumulator then holds ``Σ_{k: x̃=0} q[n, k]`` too much; subtract
@@ -238,7 +271,8 @@ class PackedLinearNP:
         cols = np.flatnonzero(zero.any(axis=0))
         q = _binary_columns(self._packed, cols)  # (N, |cols|) int8 ±1
         c = zero[:, cols].astype(np.float32) @ q.T.astype(np.float32)  # (M, N), exact ints
-        y -= (c * qa.scale[:, None]) * self.weight.scale[None, :]
+        d = np.float32(max(np.float32(self.act.alpha), ALPHA_EPS))  # the a1 scale, α_c
+        y -= (c * d) * self.weight.scale[None, :]
 
     @classmethod
     def from_packed_dir(cls, directory: str | os.PathLike, name: str,

@@ -40,7 +40,7 @@ extern "C" {
 #define TBT_API
 #endif
 
-#define TBT_ABI_VERSION 1
+#define TBT_ABI_VERSION 2
 #define TBT_KBLOCK 256
 
 /* kernel formats (weight x activation) */
@@ -99,6 +99,47 @@ TBT_API int tbt_gemm_b1a1(TBT_GEMM_ARGS);
 TBT_API int tbt_prepare_a8(const int8_t *codes, int64_t M, int64_t K, int64_t Kpad, int8_t *out);
 TBT_API int tbt_prepare_a2(const int8_t *codes, int64_t M, int64_t K, int64_t Kpad, uint8_t *out);
 TBT_API int tbt_prepare_a1(const int8_t *codes, int64_t M, int64_t K, int64_t Kpad, uint8_t *out);
+
+/* ---- one call per layer: float32 x -> activation quantizer -> kernel -> float32 y --------- */
+
+/* activation quantizers (the trained ones, tbt/runtime/linear.py ActSpec) */
+enum {
+  TBT_ACT_MINMAX_SYM = 0,     /* a8: clip to [-c, c], s = 127 * (1 / max|x|), rint(x s)      */
+  TBT_ACT_MINMAX_ASYM = 1,    /* a8: clip, u = rint((x - min) / range * 255), stored u - 128  */
+  TBT_ACT_TERNARY = 2,        /* a2: clip(rint((x - shift) / alpha), -1, 1)                   */
+  TBT_ACT_TERNARY_NONNEG = 3, /* a2: c = clip(rint((x - shift) / alpha), 0, 2); + shift back  */
+  TBT_ACT_BINARY = 4,         /* a1: sign(x - shift), 0 -> +1                                  */
+  TBT_ACT_BINARY_NONNEG = 5   /* a1: clip(rint(x / alpha), 0, 1)                               */
+};
+/* what is subtracted before quantizing: nothing, the caller's value (the paper's signed
+ * quantizers: the tensor mean as torch computed it), or the tensor minimum (released code,
+ * non-negative inputs; added back as the offset) */
+enum { TBT_SHIFT_NONE = 0, TBT_SHIFT_GIVEN = 1, TBT_SHIFT_MIN = 2 };
+
+/* A layer: its prepared weight (tbt_gemm's arguments) and its activation quantizer.
+ * act_param: the clip c (8-bit) or alpha_c = max(alpha, 1e-5) (2/1-bit), as float32. */
+typedef struct tbt_plan {
+  int32_t fmt, isa;
+  const uint8_t *w;
+  int64_t w_stride;
+  const int32_t *wsum;
+  const float *w_scale, *bias; /* bias may be NULL */
+  int64_t N, K, Kpad;
+  int32_t act_kind, shift_mode;
+  float act_param, reserved;
+} tbt_plan;
+
+/* bytes of `work` tbt_linear needs for M rows */
+TBT_API int64_t tbt_linear_workspace(const tbt_plan *p, int64_t M);
+/* y (M x N) = epilogue(Q(x) . W^T): x is M x K float32, contiguous, quantized as ONE tensor
+ * (one scale/offset, as the trained quantizer). zeros (may be NULL) receives, for
+ * TBT_ACT_BINARY, the count of exact zeros of x - shift (coded +1; torch's sign gives 0). */
+TBT_API int tbt_linear(const tbt_plan *p, const float *x, int64_t M, float shift, void *work,
+                       int64_t work_bytes, float *y, int64_t *zeros);
+/* The quantizer alone: int8 codes (M x K; a8 codes, or a2/a1 codes in {-1,0,1}/{-1,1}) and the
+ * per-row scale/offset (offset 0 where the format has none). For tests against the reference. */
+TBT_API int tbt_quantize_act(const tbt_plan *p, const float *x, int64_t M, float shift,
+                             int8_t *codes, float *scale, float *offset, int64_t *zeros);
 
 #ifdef __cplusplus
 }

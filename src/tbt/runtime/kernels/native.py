@@ -37,7 +37,8 @@ from tbt.runtime.kernels.ref import (PreparedWeight, QuantizedActivation, _packi
 __all__ = ["KBLOCK", "ISAS", "available", "unavailable_reason", "load_library", "isa_available",
            "resolve_isa", "cpu_features", "threading_model", "set_num_threads",
            "get_num_threads", "set_parallel_threshold", "NativeKernel", "PreparedAct",
-           "padded_k", "aligned_empty", "repack_t2_interleaved", "repack_t2_planes", "repack_b1"]
+           "padded_k", "aligned_empty", "repack_t2_interleaved", "repack_t2_planes", "repack_b1",
+           "FusedLinear", "ACT_KINDS", "SHIFT_MODES"]
 
 KBLOCK = 256  # TBT_KBLOCK
 ISAS = {"native": 0, "scalar": 1, "avx2": 2, "avx512": 3}
@@ -45,7 +46,7 @@ _ISA_NAMES = {v: k for k, v in ISAS.items()}
 _FORMAT_IDS = {"t2a8": 0, "b1a8": 1, "t2a2": 2, "b1a1": 3}
 _FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vpopcntdq",
              "popcnt", "fma")
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _ERRORS = {-1: "invalid arguments (shapes, strides or padding)",
            -2: "instruction set not supported by this CPU or build"}
 
@@ -113,6 +114,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         ("tbt_prepare_a8", c_int, [_P, _I64, _I64, _I64, _P]),
         ("tbt_prepare_a2", c_int, [_P, _I64, _I64, _I64, _P]),
         ("tbt_prepare_a1", c_int, [_P, _I64, _I64, _I64, _P]),
+        ("tbt_linear_workspace", _I64, [_P, _I64]),
+        ("tbt_linear", c_int, [_P, _P, _I64, ctypes.c_float, _P, _I64, _P, _P]),
+        ("tbt_quantize_act", c_int, [_P, _P, _I64, ctypes.c_float, _P, _P, _P, _P]),
     ):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -346,3 +350,120 @@ class NativeKernel:
         acc = np.empty((a.m, w.n), dtype=np.int32)
         self._call(w, a, None, y, acc)
         return acc
+
+
+# ---- one C call per layer: float32 x -> activation quantizer -> kernel -> float32 y ---------
+
+ACT_KINDS = {"minmax-sym": 0, "minmax-asym": 1, "ternary": 2, "ternary-nonneg": 3, "binary": 4,
+             "binary-nonneg": 5}  # TBT_ACT_* of tbt_kernels.h
+SHIFT_MODES = {"none": 0, "given": 1, "min": 2}  # TBT_SHIFT_*
+_KIND_FORMAT = {0: "a8", 1: "a8", 2: "a2", 3: "a2", 4: "a1", 5: "a1"}
+
+
+class _Plan(ctypes.Structure):
+    """``tbt_plan`` of ``tbt_kernels.h`` (same field order and types)."""
+
+    _fields_ = [("fmt", ctypes.c_int32), ("isa", ctypes.c_int32), ("w", _P), ("w_stride", _I64),
+                ("wsum", _P), ("w_scale", _P), ("bias", _P), ("N", _I64), ("K", _I64),
+                ("Kpad", _I64), ("act_kind", ctypes.c_int32), ("shift_mode", ctypes.c_int32),
+                ("act_param", ctypes.c_float), ("reserved", ctypes.c_float)]
+
+
+class _Workspace:
+    """One growing, 64-byte-aligned scratch buffer per thread (tbt_linear's ``work``)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._local = threading.local()
+
+    def get(self, nbytes: int) -> tuple[int, int]:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.nbytes < nbytes:
+            buf = self._local.buf = aligned_empty((max(int(nbytes), 1 << 16),), np.uint8)
+        return _ptr(buf), int(buf.nbytes)
+
+
+_WORKSPACE = _Workspace()
+
+
+class FusedLinear:
+    """A prepared weight + bias + activation quantizer run by one ``tbt_linear`` call.
+
+    ``act_kind`` (:data:`ACT_KINDS`), ``act_param`` (the clip ``c`` of the 8-bit quantizer or
+    ``α_c = max(α, 1e-5)``, rounded to float32) and ``shift_mode`` (:data:`SHIFT_MODES`)
+    describe the quantizer; :class:`tbt.runtime.linear.PackedLinearNP` derives them from its
+    ``ActSpec``. The C code quantizes with the float32 operations of the numpy reference, so
+    the result equals ``kernel.run(w, quantize_*(x), bias)`` exactly (tests hold it to that).
+    """
+
+    def __init__(self, kernel: NativeKernel, w: PreparedWeight, bias: np.ndarray | None,
+                 act_kind: str, act_param: float, shift_mode: str = "none") -> None:
+        if act_kind not in ACT_KINDS or shift_mode not in SHIFT_MODES:
+            raise ValueError(f"act_kind={act_kind!r} / shift_mode={shift_mode!r}; choose from "
+                             f"{list(ACT_KINDS)} / {list(SHIFT_MODES)}")
+        if _KIND_FORMAT[ACT_KINDS[act_kind]] != kernel.act_format:
+            raise ValueError(f"{act_kind} activations do not feed kernel {kernel.name}")
+        if w.kernel != kernel.name or w.backend != "native":
+            raise ValueError(f"weight prepared for {w.kernel} ({w.backend}), not {kernel.name}")
+        kernel._check_weight(w)
+        self.kernel, self.weight = kernel, w
+        self.n, self.k = w.n, w.k
+        self.bias = None if bias is None else _aligned(np.asarray(bias, np.float32).reshape(-1))
+        if self.bias is not None and self.bias.shape != (w.n,):
+            raise ValueError(f"bias must be ({w.n},), got {self.bias.shape}")
+        self._lib = kernel._lib
+        self._plan = _Plan(kernel._fmt_id, kernel._isa_id, _ptr(w.data), w.data.shape[1],
+                           _ptr(w.wsum), _ptr(w.scale), _ptr(self.bias) or 0, w.n, w.k, w.kpad,
+                           ACT_KINDS[act_kind], SHIFT_MODES[shift_mode],
+                           float(np.float32(act_param)), 0.0)
+        self._plan_p = ctypes.addressof(self._plan)
+        self._zeros = ctypes.c_int64(0)
+        self._zeros_p = ctypes.addressof(self._zeros)
+        self.act_kind, self.act_param, self.shift_mode = act_kind, act_param, shift_mode
+
+    def __repr__(self) -> str:
+        return (f"FusedLinear({self.kernel.name}, n={self.n}, k={self.k}, act={self.act_kind}, "
+                f"shift={self.shift_mode})")
+
+    def run_ptr(self, x_ptr: int, m: int, shift: float, y_ptr: int) -> int:
+        """Raw call: ``x_ptr`` float32 ``(m, K)`` contiguous, ``y_ptr`` float32 ``(m, N)``.
+
+        Returns the number of exact zeros of a signed binary input (coded +1; the caller
+        corrects them, see ``PackedLinearNP``), else 0. The caller keeps both buffers alive.
+        """
+        lib = self._lib
+        work, nbytes = _WORKSPACE.get(lib.tbt_linear_workspace(self._plan_p, m))
+        rc = lib.tbt_linear(self._plan_p, x_ptr, m, shift, work, nbytes, y_ptr, self._zeros_p)
+        if rc != 0:
+            raise RuntimeError(f"tbt_linear({self.kernel.name}): {_ERRORS.get(rc, rc)}")
+        return self._zeros.value
+
+    def run(self, x: np.ndarray, shift: float | None = None,
+            out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """float32 ``(M, K)`` → (float32 ``(M, N)``, zero count); ``shift`` for mode "given"."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.k or x.shape[0] < 1:
+            raise ValueError(f"x must be float32 (M >= 1, {self.k}), got {x.shape}")
+        if self.shift_mode == "given" and shift is None:
+            raise ValueError("this quantizer subtracts a given shift (the tensor mean): pass it")
+        if out is None:
+            out = np.empty((x.shape[0], self.n), dtype=np.float32)
+        elif out.shape != (x.shape[0], self.n) or out.dtype != np.float32 \
+                or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous float32 ({x.shape[0]}, {self.n})")
+        zeros = self.run_ptr(_ptr(x), x.shape[0], 0.0 if shift is None else shift, _ptr(out))
+        return out, zeros
+
+    def quantize(self, x: np.ndarray, shift: float | None = None):
+        """The C quantizer alone: (int8 codes (M, K), scale (M,), offset (M,), zero count)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        m = x.shape[0]
+        codes = np.empty((m, self.k), np.int8)
+        scale, offset = np.empty(m, np.float32), np.empty(m, np.float32)
+        rc = self._lib.tbt_quantize_act(self._plan_p, _ptr(x), m,
+                                        0.0 if shift is None else shift, _ptr(codes),
+                                        _ptr(scale), _ptr(offset), self._zeros_p)
+        if rc != 0:
+            raise RuntimeError(f"tbt_quantize_act: {_ERRORS.get(rc, rc)}")
+        return codes, scale, offset, self._zeros.value
