@@ -62,6 +62,8 @@ def _head_bytes(d: Path) -> int:
     meta = read_packed_metadata(d)
     entry = meta["lm_head"]
     size = {"F32": 4, "I8": 1, "F16": 2, "BF16": 2, "U8": 1}
+    if entry["format"] == "packed":
+        return 0  # quantized in training, tied: the token embedding's codes (stored once)
     keys = ([f"{entry['name']}.weight"] if entry["format"] == "fp"
             else [entry["weight"], entry["scale"]])
     out = 0
@@ -75,7 +77,11 @@ def _head_bytes(d: Path) -> int:
     return out
 
 
-def build(work: Path, quick: bool, settings: tuple[str, ...]) -> dict[str, dict]:
+HEADS = ("fp", "int8", "packed")
+
+
+def build(work: Path, quick: bool, settings: tuple[str, ...],
+          heads: tuple[str, ...] = HEADS) -> dict[str, dict]:
     """Write the fp32 and packed checkpoints; returns {name: {dir, kind, bytes, ...}}."""
     import copy
 
@@ -94,17 +100,20 @@ def build(work: Path, quick: bool, settings: tuple[str, ...]) -> dict[str, dict]
     runs = {"fp32": {"dir": str(fp_dir), "kind": "fp32", "bytes": fp_bytes}}
     src = torch.randint(3, fp.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     for bits in settings:
-        m = quantize_model(copy.deepcopy(fp), QuantConfig(bits=bits)).train()
-        with torch.no_grad():
-            m(input_ids=src, decoder_input_ids=src[:, :8])  # α from one batch
-        m.eval()
-        for head in ("fp", "int8"):
+        for head in heads:
+            # "packed": the head quantized with the embedding (skip_modules=(), trained so);
+            # "fp"/"int8": TBT's FP head, stored as is or post-training int8
+            qcfg = QuantConfig(bits=bits, skip_modules=() if head == "packed" else ("lm_head",))
+            m = quantize_model(copy.deepcopy(fp), qcfg).train()
+            with torch.no_grad():
+                m(input_ids=src, decoder_input_ids=src[:, :8])  # α from one batch
+            m.eval()
             d = work / f"{bits}-{head}"
-            save_packed(m, d, lm_head=head)
+            save_packed(m, d, lm_head="int8" if head == "int8" else "fp")
             size = (d / "tbt_packed.safetensors").stat().st_size
             runs[f"{bits} head={head}"] = {"dir": str(d), "kind": "packed", "bytes": size,
                                           "bytes_no_head": size - _head_bytes(d)}
-        del m
+            del m
     return runs
 
 
@@ -223,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed runs per worker (best kept)")
     p.add_argument("--rounds", type=int, default=2,
                    help="worker processes per model, interleaved (the best run is reported)")
+    p.add_argument("--heads", default=",".join(HEADS),
+                   help="LM heads of the packed models: fp (TBT: FP, tied to the latent "
+                        "embedding), int8 (post-training int8 of that FP head), packed (quantized "
+                        "in training with the embedding, skip_modules=(): shares its codes)")
     p.add_argument("--profile", action="store_true", help="cProfile the packed 2-2-8 run")
     p.add_argument("--out", help="also write the Markdown report to this file")
     p.add_argument("--workdir", help="keep the checkpoints here and reuse them on the next run "
@@ -242,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = json.loads(index.read_text())
         else:
             work.mkdir(parents=True, exist_ok=True)
-            runs = build(work, args.quick, settings)
+            runs = build(work, args.quick, settings,
+                         tuple(h for h in args.heads.split(",") if h))
             index.write_text(json.dumps(runs))
         build_s = time.perf_counter() - t
         profiles: dict[str, str] = {}

@@ -312,16 +312,30 @@ typedef struct {
     int is_signed;
 } mfwd_t;
 
+/* The rounded values are bounded (|xc * s| <= qp + 1/2, (xc - lo) / rng * levels <= levels,
+ * bits <= 16), so the magic-number rounding (RNE_MAGIC) equals rintf; without the libm call the
+ * loops vectorise (3-5x faster on the small attention tensors of a decoding step). */
 static void minmax_fwd_range(void *p, int64_t lo, int64_t hi, int tid) {
     (void)tid;
     const mfwd_t *c = (const mfwd_t *)p;
-    const float clip = c->clip;
-    for (int64_t i = lo; i < hi; i++) {
-        float v = c->x[i];
-        c->inside[i] = (v > -clip) & (v < clip);
-        float xc = v < -clip ? -clip : (v > clip ? clip : v);
-        if (c->is_signed) c->y[i] = rintf(xc * c->s) / c->s;
-        else c->y[i] = rintf((xc - c->lo) / c->rng * c->levels) / c->levels * c->rng + c->lo;
+    const float clip = c->clip, s = c->s, mn = c->lo, rng = c->rng, levels = c->levels;
+    const float *x = c->x;
+    float *y = c->y;
+    uint8_t *inside = c->inside;
+    if (c->is_signed) {
+        for (int64_t i = lo; i < hi; i++) {
+            const float v = x[i];
+            inside[i] = (uint8_t)((v > -clip) & (v < clip));
+            const float xc = v < -clip ? -clip : (v > clip ? clip : v);
+            y[i] = (((xc * s) + RNE_MAGIC) - RNE_MAGIC) / s;
+        }
+    } else {
+        for (int64_t i = lo; i < hi; i++) {
+            const float v = x[i];
+            inside[i] = (uint8_t)((v > -clip) & (v < clip));
+            const float xc = v < -clip ? -clip : (v > clip ? clip : v);
+            y[i] = (((((xc - mn) / rng) * levels) + RNE_MAGIC) - RNE_MAGIC) / levels * rng + mn;
+        }
     }
 }
 
