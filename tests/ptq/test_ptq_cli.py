@@ -1,4 +1,4 @@
-"""`tbt ptq` end to end on a tiny Llama-style model: every method, EoRA, packed RTN, QAT init."""
+"""`tbt ptq` end to end on a tiny Llama-style model: every method (packed too), EoRA, QAT init."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _ppl(model_dir, ws):
     ("billm", ("--block-size", "32")),
 ])
 def test_every_method_end_to_end(workspace, method, extra):
-    out, rep = _run(workspace, method, "--method", method, *extra)
+    out, rep = _run(workspace, method, "--method", method, "--save-packed", *extra)
     assert len(rep["layers"]) == 14  # 2 blocks x (q, k, v, o, gate, up, down); lm_head skipped
     assert all(0 < r["weight_rel_err"] < 1 and 0 < r["out_rel_err"] < 1.5 for r in rep["layers"])
     m = rep["metrics"]
@@ -79,8 +79,16 @@ def test_every_method_end_to_end(workspace, method, extra):
     bpw = rep["totals"]["bits_per_weight"]
     assert {"rtn": 2.0, "ptqtp": 4.0, "pbllm": 1.0, "billm": 1.0}[method] < bpw < 8
     # the saved checkpoint is the PTQ model: same perplexity when reloaded
-    ppl, _ = _ppl(out, workspace)
+    ppl, hf = _ppl(out, workspace)
     assert ppl == pytest.approx(m["perplexity_after"], rel=1e-5)
+    # every method writes OUT/packed (docs/format.md §9): the same logits as the checkpoint
+    from tbt.export.io import load_packed
+
+    assert rep["packed"] == os.path.join(out, "packed")
+    packed = load_packed(rep["packed"])
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_eora_lowers_error_and_is_merged_in_the_checkpoint(workspace):

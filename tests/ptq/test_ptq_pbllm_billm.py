@@ -105,10 +105,16 @@ def test_billm_searched_k_minimises_the_search_error():
 def test_billm_storage_accounting_hand_count():
     # 4 rows; block 0: 128 columns, 3 salient; block 1: 72 columns, no salient column
     honest, paper = billm_bits(4, [128, 72], [3, 0])
-    # signs, group bits, column bitmap, 8 fp16 scales per row
-    block0 = 4 * 3 * 2 + 4 * 125 * 1 + 4 * 125 * 1 + 128 + 4 * 8 * 16
-    block1 = 4 * 72 * 1 + 4 * 72 * 1 + 72 + 4 * 4 * 16
-    assert honest == block0 + block1 == 2568
+    # as the packed export stores it (docs/format.md §9), K = 200, S = 3 salient columns:
+    # order-1 signs of all 200 columns (25 bytes per row), order-2 signs of the 3 salient ones
+    # (1 byte per row), group bits of the other 197 (25 bytes per row), the 200-bit column
+    # bitmap (25 bytes), 4 (mu, alpha) pairs = 8 fp16 values per row per block
+    signs = 4 * 25 * 8 + 4 * 1 * 8
+    group = 4 * 25 * 8
+    assert honest == signs + group + 25 * 8 + 4 * 2 * 8 * 16 == 2856
+    # unpadded, the same bits as the per-block hand count (2 signs per salient weight, sign +
+    # group bit per other weight, bitmap), without the scales
+    assert signs + group - (4 * 5 + 4 * 3) == 4 * 3 * 2 + 4 * 197 * 2  # 5 + 3 pad bits per row
     assert paper == (4 * 3 * 2 + 4 * 125 + 128) + (4 * 72 + 72) == 1012
 
 

@@ -1,4 +1,5 @@
-"""``tbt inspect DIR``: the header, per-layer formats and sizes of a packed checkpoint."""
+"""``tbt inspect DIR``: the header, per-layer formats, sizes and bits per weight of a packed
+checkpoint (plane layers and packed PTQ scheme layers, ``docs/format.md`` §9)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 _DTYPE_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4,
                 "F64": 8, "I64": 8}
+
+
+def _bits16(keys, tensors) -> int:
+    """Bits of ``keys`` with every float tensor (scales, offsets) counted at 16 bits per value,
+    as ``tbt ptq``'s accounting does (``tbt.ptq.registry.SCALE_BITS``)."""
+    return sum(_numel(tensors[k][1]) * (16 if tensors[k][0] in ("F32", "F16", "BF16", "F64")
+                                        else _DTYPE_BYTES.get(tensors[k][0], 4) * 8)
+               for k in keys)
 
 
 def _numel(shape) -> int:
@@ -53,24 +62,29 @@ def run(args: argparse.Namespace) -> int:
     print(f"quant config: bits={qc.get('bits')} method={qc.get('method')} "
           f"variant={qc.get('variant')}")
 
-    print("packed layers:")
-    print(f"  {'name':56s} {'shape':>12s} {'packing':14s} {'bits':>4s} {'bytes':>10s}")
-    q_params = q_bits = 0
+    print("packed layers (bpw: stored bits per weight, scales as stored):")
+    print(f"  {'name':56s} {'shape':>12s} {'format':14s} {'bits':>4s} {'bytes':>10s} "
+          f"{'bpw':>7s}")
+    q_params = q_bits = q_bits16 = 0
     counted: set[str] = set()
     for name, info in sorted(meta["layers"].items()):
         n, k = info["shape"]
         size = 0
-        for key in (info["packed"], info["scale"]):
+        # a packed PTQ layer (scheme) lists its tensors; a plane layer has packed + scale
+        keys = list(info["tensors"].values()) if "scheme" in info else [info["packed"],
+                                                                         info["scale"]]
+        for key in keys:
             if key not in counted:  # shared tensors (tied embeddings) count once
                 counted.add(key)
                 size += nbytes[key]
         if size:
             q_params += n * k
             q_bits += size * 8
+            q_bits16 += _bits16(keys, tensors)
         shape = f"{n}x{k}"
         shared = "" if size else " (shared)"
         print(f"  {name:56s} {shape:>12s} {info['packing']:14s} {info['bits']:>4d} "
-              f"{size:>10d}{shared}")
+              f"{size:>10d} {size * 8 / (n * k):7.3f}{shared}")
 
     aliases = meta["aliases"]
     head = meta.get("lm_head") or {"format": "fp"}
@@ -103,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"file size: {_human(meta['path'].stat().st_size)}")
     if q_params:
         print(f"bits per parameter (quantized weights, scales included): {q_bits / q_params:.3f}")
+        print(f"bits per weight as tbt ptq counts them (float scales at 16 bits): "
+              f"{q_bits16 / q_params:.3f}")
     if total_params:
         print(f"bits per parameter (overall, incl. FP parts): {total_bits / total_params:.3f}")
     _print_adapters(args.directory, meta["layers"], q_params, q_bits)

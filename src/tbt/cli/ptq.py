@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fnmatch patterns of linears left in full precision (default: lm_head)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--save-packed", action="store_true",
-                   help="also write OUT/packed, a tbt packed checkpoint (rtn with 1/2 bits)")
+                   help="also write OUT/packed, a tbt packed checkpoint (rtn with 1/2 bits, "
+                        "ptqtp, pbllm, billm; tbt inspect OUT/packed shows its bits)")
     p.add_argument("--no-eval-before", dest="eval_before", action="store_false",
                    help="skip the full-precision perplexity (benchmarks that measured it once)")
     p.add_argument("--no-save", dest="save", action="store_false",
@@ -134,7 +135,8 @@ def _ptq_config(args: argparse.Namespace):
     mcfg = make_method_config(args.method, options)
     eora = EoRAConfig(args.rank, args.adapter_dtype) if args.compensate == "eora" else None
     return PTQConfig(method=args.method, method_config=mcfg, eora=eora,
-                     skip_modules=tuple(args.skip))
+                     skip_modules=tuple(args.skip),
+                     keep_tensors=bool(args.save_packed) and args.method != "rtn")
 
 
 def _set_adapters(model, enabled: bool) -> None:
@@ -153,7 +155,7 @@ def run_ptq(args: argparse.Namespace) -> int:
 
     from tbt.eval.metrics import perplexity
     from tbt.ptq import quantize_model_ptq
-    from tbt.ptq.save import save_packed_rtn, save_ptq_checkpoint
+    from tbt.ptq.save import save_packed_ptq, save_packed_rtn, save_ptq_checkpoint
 
     cfg = _ptq_config(args)  # validate the options before loading anything
     model, tok = _load(args)
@@ -170,7 +172,8 @@ def run_ptq(args: argparse.Namespace) -> int:
     metrics: dict[str, float] = {}
     if eval_loader is not None and args.eval_before:
         metrics["perplexity_before"] = perplexity(model, eval_loader, args.device)
-    fp_copy = copy.deepcopy(model) if args.save_packed else None
+    # RTN is packed from the FP model through quantize_model; the others from the PTQ codes
+    fp_copy = copy.deepcopy(model) if args.save_packed and cfg.method == "rtn" else None
 
     report = quantize_model_ptq(model, cfg, batches)
     if eval_loader is not None:
@@ -189,9 +192,10 @@ def run_ptq(args: argparse.Namespace) -> int:
     out = report.to_dict()
     out.update(metrics=metrics, model=args.model,
                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    if fp_copy is not None:
-        out["packed"] = save_packed_rtn(fp_copy, cfg, os.path.join(args.output_dir, "packed"),
-                                        model)
+    if args.save_packed:
+        packed_dir = os.path.join(args.output_dir, "packed")
+        out["packed"] = (save_packed_rtn(fp_copy, cfg, packed_dir, model) if fp_copy is not None
+                         else save_packed_ptq(model, report, cfg, packed_dir))
         print(f"packed checkpoint: {out['packed']}")
     if args.save:
         save_ptq_checkpoint(model, tok, cfg, args.output_dir)

@@ -424,9 +424,11 @@ def set_backend(model: nn.Module, backend: str = "auto",
         from tbt.runtime.kernels import native
 
         backend = "native" if native.available() else "torch"
+    from tbt.export.ptq_layers import SchemeLinear  # packed PTQ layers: always torch, says why
+
     fallback: dict[str, str] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, PackedLinear):
+        if isinstance(mod, (PackedLinear, SchemeLinear)):
             reason = mod.set_backend(backend, kernel_backend)
             if reason is not None:
                 fallback[name] = reason

@@ -59,8 +59,12 @@ WEIGHTS_NAME = "tbt_packed.safetensors"
 
 def _quant_config(model: nn.Module):
     from tbt.config import QuantConfig
+    from tbt.export.ptq_layers import SchemeLinear
 
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None and any(isinstance(m, SchemeLinear) for m in model.modules()):
+        # packed PTQ layers only: nothing for quantize_model to rebuild (docs/format.md §9)
+        return QuantConfig(bits="fp-fp-fp", quantize_attention=False)
     if qc is None:
         raise ValueError("model has no config.quantization_config: run quantize_model first")
     if hasattr(qc, "to_quant_config"):
@@ -83,9 +87,13 @@ def _act_entry(name: str, mod: PackedLinear) -> dict[str, Any] | None:
 
 def layer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{layer: {kind, packing, bits, shape, packed, scale[, act]}}`` of a converted model."""
+    from tbt.export.ptq_layers import SchemeLinear
+
     out: dict[str, dict[str, Any]] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, (PackedLinear, PackedEmbedding)):
+        if isinstance(mod, SchemeLinear):  # a packed PTQ layer (docs/format.md §9)
+            out[name] = mod.layer_entry(name)
+        elif isinstance(mod, (PackedLinear, PackedEmbedding)):
             kind = "linear" if isinstance(mod, PackedLinear) else "embedding"
             n = mod.out_features if kind == "linear" else mod.num_embeddings
             out[name] = {"kind": kind, "packing": mod.packing.value, "bits": mod.bits,
@@ -163,7 +171,10 @@ def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "
 
     if lm_head not in LM_HEAD_FORMATS:
         raise ValueError(f"lm_head={lm_head!r}; choose one of {list(LM_HEAD_FORMATS)}")
-    converted = any(isinstance(m, (PackedLinear, PackedEmbedding)) for m in model.modules())
+    from tbt.export.ptq_layers import SchemeLinear
+
+    converted = any(isinstance(m, (PackedLinear, PackedEmbedding, SchemeLinear))
+                    for m in model.modules())
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not converted:
         model = convert_model(copy.deepcopy(model))
@@ -190,6 +201,9 @@ def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "
         seen[key] = name
         tensors[name] = t.cpu().contiguous()
     for info in layers.values():  # point the layer table at the stored copies
+        if "scheme" in info:
+            info["tensors"] = {r: aliases.get(t, t) for r, t in info["tensors"].items()}
+            continue
         info["packed"] = aliases.get(info["packed"], info["packed"])
         info["scale"] = aliases.get(info["scale"], info["scale"])
         if "offset" in info:
@@ -289,6 +303,10 @@ def _check_tensor(what: str, key: str, tensors: dict, dtype: str | None, shape: 
 
 
 def _check_layer(name: str, info: dict, tensors: dict) -> None:
+    if "scheme" in info:  # a packed PTQ layer: the scheme's own tensor list (docs/format.md §9)
+        from tbt.export.ptq_layers import check_scheme_layer
+
+        return check_scheme_layer(name, info, tensors, _check_tensor)
     try:
         packing = Packing(info["packing"])
     except ValueError as e:
@@ -318,11 +336,17 @@ def _check_lm_head(entry: dict, tensors: dict) -> None:
         _check_tensor("int8 lm_head", entry["scale"], tensors, "F32", (n,))
 
 
-def _build_skeleton(config, model_class: str | None, qcfg, lm_head: dict) -> nn.Module:
-    """The converted architecture with empty packed buffers; weights never initialised."""
+def _build_skeleton(config, model_class: str | None, qcfg, lm_head: dict,
+                    layers: dict | None = None, tensors: dict | None = None) -> nn.Module:
+    """The converted architecture with empty packed buffers; weights never initialised.
+
+    Scheme layers of ``layers`` (packed PTQ, ``docs/format.md`` §9) replace their linear with
+    an empty :class:`~tbt.export.ptq_layers.SchemeLinear`; a file with only those (its
+    ``QuantConfig`` quantizes nothing) skips ``quantize_model``."""
     import transformers as tf
     from transformers.initialization import no_init_weights
 
+    from tbt.export.ptq_layers import SchemeLinear
     from tbt.quant.surgery import quantize_model
 
     cls = getattr(tf, model_class or "", None)
@@ -333,8 +357,16 @@ def _build_skeleton(config, model_class: str | None, qcfg, lm_head: dict) -> nn.
             model = auto.from_config(config)
         else:
             model = cls(config)
-    quantize_model(model, qcfg)
-    convert_model(model, skeleton=True)
+    if qcfg.weight_bits is not None or qcfg.embed_bits is not None or qcfg.act_bits is not None:
+        quantize_model(model, qcfg)
+        convert_model(model, skeleton=True)
+    for name, info in (layers or {}).items():
+        if "scheme" in info:
+            old = model.get_submodule(name)
+            dtype = old.weight.dtype if isinstance(getattr(old, "weight", None),
+                                                   torch.Tensor) else torch.float32
+            _set_submodule(model, name, SchemeLinear.skeleton(
+                info, f"{name}.bias" in (tensors or {}), dtype))
     if lm_head.get("format") == "int8":
         name = lm_head.get("name") or output_embedding_name(model)
         old = model.get_submodule(name)
@@ -378,7 +410,8 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     config = tf.AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # quantize_model sets it again
-    model = _build_skeleton(config, meta["model_class"], qcfg, meta["lm_head"])
+    model = _build_skeleton(config, meta["model_class"], qcfg, meta["lm_head"], meta["layers"],
+                            meta["tensors"])
     try:
         state = load_file(str(meta["path"]))
     except SafetensorError as e:

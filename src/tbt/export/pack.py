@@ -22,7 +22,7 @@ import numpy as np
 from tbt.export.format import (BINARY_PAD_BIT, TERNARY_PAD_CODE, FormatError, Packing)
 
 __all__ = ["pack_ternary", "unpack_ternary", "pack_binary", "unpack_binary", "pack_base3",
-           "unpack_base3", "pack", "unpack"]
+           "unpack_base3", "pack", "unpack", "pack_uint", "unpack_uint"]
 
 _SHIFTS_2BIT = np.array([0, 2, 4, 6], dtype=np.uint8)
 _POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
@@ -158,3 +158,29 @@ def unpack(packed: np.ndarray, packing: Packing | str, k: int) -> np.ndarray:
     if packing is Packing.TERNARY_BASE3:
         return unpack_base3(packed, k)
     return unpack_binary(packed, k)
+
+
+def pack_uint(values: np.ndarray, width: int) -> np.ndarray:
+    """Unsigned integers ``(n,)`` < ``2^width`` → a ``uint8`` bit stream of ``ceil(n·width/8)``
+    bytes: value ``i`` at bits ``i·width .. i·width + width − 1``, least significant bit first,
+    the last byte padded with 0 bits (the PTQ side-stores of ``docs/format.md`` §9).
+
+    Worked bytes: ``pack_uint([5, 3], 3)`` = bits ``1,0,1, 1,1,0`` → ``0b00011101 = 0x1D``.
+    """
+    if not isinstance(width, (int, np.integer)) or not 1 <= width <= 32:
+        raise ValueError(f"width must be an int in 1..32, got {width!r}")
+    v = np.asarray(values).reshape(-1)
+    if v.size and (not np.issubdtype(v.dtype, np.integer) or v.min() < 0 or v.max() >> width):
+        raise ValueError(f"values must be integers in [0, 2^{width}); got {v.min()}..{v.max()}")
+    bits = (v.astype(np.uint64)[:, None] >> np.arange(width, dtype=np.uint64)) & 1
+    return np.packbits(bits.astype(np.uint8).reshape(-1), bitorder="little")
+
+
+def unpack_uint(packed: np.ndarray, width: int, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_uint`: ``n`` values of ``width`` bits as ``int64 (n,)``."""
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8 or packed.ndim != 1 or packed.shape[0] != -(-n * width // 8):
+        raise FormatError(f"a stream of {n} {width}-bit values needs uint8 "
+                          f"({-(-n * width // 8)},), got {packed.dtype} {packed.shape}")
+    bits = np.unpackbits(packed, count=n * width, bitorder="little").reshape(n, width)
+    return (bits.astype(np.int64) << np.arange(width, dtype=np.int64)).sum(axis=1)

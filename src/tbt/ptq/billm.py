@@ -21,10 +21,10 @@ Deviation from the code (docs/ptq.md): the searches minimise the error on ``W`` 
 code measures it on the saliency matrix ``S`` under the hessian metric (the paper describes
 ``W``). The two agree for ``magnitude``.
 
-Storage (honest, per row per block of width ``B`` with ``k`` salient columns): 2 sign bits per
-salient weight, 1 sign bit + 1 group bit per other weight, a ``B``-bit column bitmap per block,
-and ``(μ, α)`` pairs in float16: 4 pairs (salient order 1 and 2, two groups) when ``k > 0``,
-else 2. The paper's convention (``bits_reported``) keeps only the sign bits and the bitmap.
+Storage (honest, what the packed export stores): 2 sign bits per salient weight, 1 sign bit +
+1 group bit per other weight, a column bitmap, each plane's rows padded to whole bytes, and 4
+``(μ, α)`` pairs in float16 per row per block (salient order 1 and 2, two groups). The paper's
+convention (``bits_reported``) keeps only the sign bits and the bitmap.
 """
 
 from __future__ import annotations
@@ -59,10 +59,12 @@ class BiLLMConfig:
             raise ValueError("block_size and max_salient must be >= 2")
 
 
-def braq(x: Tensor, mask: Tensor, order: int) -> Tensor:
+def braq(x: Tensor, mask: Tensor, order: int, terms: list | None = None) -> Tensor:
     """Order-``order`` residual binarization of ``x (rows, B)`` over ``mask`` per row; 0 off
     the mask. ``mask`` may carry leading candidate dimensions, e.g. ``(C, 1, B)`` or
-    ``(C, rows, B)``: the result is then ``(C, rows, B)``, one binarization per candidate."""
+    ``(C, rows, B)``: the result is then ``(C, rows, B)``, one binarization per candidate.
+    ``terms``: a list that receives ``(μ_k, α_k, sign_k)`` per order (what the packed export
+    stores; the output is ``Σ_k (μ_k + α_k·sign_k)`` on the mask)."""
     m = mask.to(x.dtype)
     n = m.sum(-1, keepdim=True).clamp_min(1.0)
     r = x * m
@@ -71,8 +73,11 @@ def braq(x: Tensor, mask: Tensor, order: int) -> Tensor:
         mu = (r * m).sum(-1, keepdim=True) / n
         c = r - mu
         alpha = (c.abs() * m).sum(-1, keepdim=True) / n
-        b = (mu + alpha * torch.where(c < 0, -1.0, 1.0).to(x.dtype)) * m
+        sign = torch.where(c < 0, -1.0, 1.0).to(x.dtype)
+        b = (mu + alpha * sign) * m
         out, r = out + b, r - b
+        if terms is not None:
+            terms.append((mu, alpha, sign))
     return out
 
 
@@ -122,11 +127,12 @@ def _split(wb: Tensor, salient: Tensor, q_sal: Tensor, chunk: int) -> tuple[Tens
     return q_sal + braq(wb, rest & ~sparse, 1) + braq(wb, sparse, 1), float(p)
 
 
-def billm_block(wb: Tensor, col_score: Tensor, max_salient: int, chunk: int = 8
-                ) -> tuple[Tensor, int, float]:
+def billm_block(wb: Tensor, col_score: Tensor, max_salient: int, chunk: int = 8,
+                parts: dict | None = None) -> tuple[Tensor, int, float]:
     """Quantize one block ``(out, B)``: returns ``(Q_b, k salient columns, split p)``.
 
-    The searches and the binarization run in float32 (the result has ``wb``'s dtype)."""
+    The searches and the binarization run in float32 (the result has ``wb``'s dtype).
+    ``parts``: a dict that receives the block's stored representation (:func:`_block_parts`)."""
     dtype, wb = wb.dtype, wb.to(torch.float32)
     width = wb.shape[1]
     order = torch.argsort(col_score, descending=True)
@@ -135,19 +141,50 @@ def billm_block(wb: Tensor, col_score: Tensor, max_salient: int, chunk: int = 8
     sal = torch.zeros_like(wb, dtype=torch.bool)
     sal[:, order[:k]] = True
     q, p = _split(wb, sal, braq(wb, sal, 2), chunk)
+    if parts is not None:
+        parts.update(_block_parts(wb, sal, p))
     return q.to(dtype), k, p
 
 
+def _block_parts(wb: Tensor, sal: Tensor, p: float) -> dict[str, Tensor]:
+    """The block as stored: sign planes, masks and the four ``(μ, α)`` pairs per row.
+
+    ``sign1`` (rows, B): order-1 sign on salient columns, the group's sign elsewhere;
+    ``sign2`` (rows, B): order-2 sign (used on salient columns); ``sparse`` (rows, B): ``|w| ≥ p``
+    among the non-salient entries; ``salient`` (B,); ``params`` (rows, 4, 2) float32:
+    (μ, α) of salient order 1, salient order 2, the concentrated and the sparse group. The
+    same calls as :func:`_split`, so ``Q_b`` is rebuilt from them bit for bit."""
+    rest = ~sal
+    sparse = rest & (wb.abs() >= p) if bool(rest.any()) else torch.zeros_like(rest)
+    t_sal: list = []
+    t_lo: list = []
+    t_hi: list = []
+    braq(wb, sal, 2, t_sal)
+    braq(wb, rest & ~sparse, 1, t_lo)
+    braq(wb, sparse, 1, t_hi)
+    sign1 = torch.where(sal, t_sal[0][2], torch.where(sparse, t_hi[0][2], t_lo[0][2]))
+    pairs = [t_sal[0], t_sal[1], t_lo[0], t_hi[0]]
+    params = torch.stack([torch.cat([mu, al], 1) for mu, al, _ in pairs], 1)  # (rows, 4, 2)
+    return {"sign1": sign1.to(torch.int8), "sign2": t_sal[1][2].to(torch.int8),
+            "sparse": sparse, "salient": sal[0], "params": params.to(torch.float32)}
+
+
 def billm_bits(rows: int, widths: list[int], ks: list[int]) -> tuple[int, int]:
-    """(honest bits, paper-convention bits) for blocks of ``widths`` with ``ks`` salient columns."""
-    honest = reported = 0
-    for width, k in zip(widths, ks, strict=True):
-        signs = rows * (2 * k + (width - k))  # 2 planes on salient columns, 1 elsewhere
-        group_bits = rows * (width - k)  # which split group each non-salient weight is in
-        bitmap = width  # salient-column bitmap of the block
-        scales = rows * (8 if k else 4) * SCALE_BITS  # (μ, α) × {sal o1, sal o2, g1, g2}
-        honest += signs + group_bits + bitmap + scales
-        reported += signs + bitmap
+    """(honest bits, paper-convention bits) for blocks of ``widths`` with ``ks`` salient columns.
+
+    Honest = what the packed export stores (``docs/format.md`` §9, scheme ``billm``), rows
+    padded to whole bytes like every tbt plane: a ``binary_1bit`` plane of all ``K`` signs
+    (order 1 on salient columns), a plane of the ``S = Σk`` salient columns' order-2 signs, a
+    plane of the ``K − S`` group bits, the ``K``-bit salient-column bitmap, and 4 (μ, α) pairs
+    in float16 per row per block. Paper = sign bits + bitmap, no padding, no scales."""
+    from tbt.export.format import Packing
+
+    row_bytes = Packing.BINARY_1BIT.row_bytes
+    k_all, s_all = sum(widths), sum(ks)
+    honest = (rows * 8 * (row_bytes(k_all) + row_bytes(s_all) if s_all else row_bytes(k_all))
+              + (rows * 8 * row_bytes(k_all - s_all) if k_all > s_all else 0)
+              + 8 * row_bytes(k_all) + rows * len(widths) * 8 * SCALE_BITS)
+    reported = sum(rows * (2 * k + (w - k)) + w for w, k in zip(widths, ks, strict=True))
     return honest, reported
 
 
@@ -166,13 +203,15 @@ def quantize_billm(w: Tensor, stats: LayerStats, cfg: BiLLMConfig) -> LayerQuant
         d = torch.ones(w.shape[1], dtype=torch.float64)
     ks: list[int] = []
     splits: list[float] = []
+    blocks: list[dict[str, Tensor]] = []
 
     def quantize_block(b0: int, wb: Tensor) -> Tensor:
         if cfg.salient_metric == "hessian":
             score = (wb.pow(2) / d[b0:b0 + wb.shape[1]].pow(2)).sum(0)
         else:
             score = wb.abs().sum(0)
-        q, k, p = billm_block(wb, score, cfg.max_salient)
+        blocks.append({})
+        q, k, p = billm_block(wb, score, cfg.max_salient, parts=blocks[-1])
         ks.append(k)
         splits.append(p)
         return q
@@ -186,4 +225,18 @@ def quantize_billm(w: Tensor, stats: LayerStats, cfg: BiLLMConfig) -> LayerQuant
     widths = [min(cfg.block_size, k - b0) for b0 in range(0, k, cfg.block_size)]
     bits, reported = billm_bits(rows, widths, ks)
     return LayerQuant(q.to(torch.float32), bits, float(reported),
-                      info={"salient_columns": ks, "split": splits})
+                      info={"salient_columns": ks, "split": splits},
+                      tensors=_layer_tensors(blocks))
+
+
+def _layer_tensors(blocks: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The blocks' parts as whole-layer tensors (the packed export's ``billm`` scheme):
+    ``plane1`` int8 ±1 (out, K), ``plane2`` int8 ±1 (out, S) and ``group`` bool (out, K − S)
+    in ascending column order of the salient / other columns, ``salient_cols`` bool (K,),
+    ``pairs`` float32 (out, n_blocks, 4, 2)."""
+    sal = torch.cat([b["salient"] for b in blocks])
+    sign2 = torch.cat([b["sign2"] for b in blocks], 1)
+    sparse = torch.cat([b["sparse"] for b in blocks], 1)
+    return {"plane1": torch.cat([b["sign1"] for b in blocks], 1), "plane2": sign2[:, sal],
+            "group": sparse[:, ~sal], "salient_cols": sal,
+            "pairs": torch.stack([b["params"] for b in blocks], 1)}

@@ -18,7 +18,8 @@ How it works
 Storage (honest): a dense 1-bit plane (``rows·row_bytes(K)·8``), per-row ``α`` (and ``μ``)
 and the 8-bit part's ``scale, zero`` (16 bits each), the salient values (``salient_bits``
 each) in CSR: a column index of ``ceil(log2 K)`` bits per value and ``rows + 1`` 32-bit row
-pointers. ``bits_reported`` is the PB-LLM code's ``calc_memory_consumption`` (8-bit indices):
+pointers; values and indices are two bit streams, each padded to a whole byte (what the packed
+export stores). ``bits_reported`` is the PB-LLM code's ``calc_memory_consumption`` (8-bit indices):
 ``N + 8·nnz + 8·nnz + 8·(rows + 1)``.
 """
 
@@ -101,8 +102,9 @@ def pbllm_bits(rows: int, k: int, nnz: int, cfg: PBLLMConfig) -> tuple[int, floa
     """(honest bits, bits under the PB-LLM code's convention) of one matrix."""
     index_bits = max(1, math.ceil(math.log2(k)))
     per_row = (2 if cfg.center else 1) * SCALE_BITS + (2 * SCALE_BITS if nnz else 0)
+    stream = lambda width: 8 * -(-nnz * width // 8)  # noqa: E731  (bit stream, byte padded)
     honest = (code_bits(rows, k, 1) + rows * per_row
-              + nnz * (cfg.salient_bits + index_bits) + (32 * (rows + 1) if nnz else 0))
+              + stream(cfg.salient_bits) + stream(index_bits) + (32 * (rows + 1) if nnz else 0))
     reported = rows * k + 8 * nnz + 8 * nnz + 8 * (rows + 1)
     return honest, float(reported)
 
@@ -144,6 +146,23 @@ def quantize_pbllm(w: Tensor, stats: LayerStats, cfg: PBLLMConfig) -> LayerQuant
     nnz = int(mask.sum())
     rows, k = w.shape
     bits, reported = pbllm_bits(rows, k, nnz, cfg)
+    tensors = _stored(q, mask, mu, alpha, scale, zero, cfg)
     return LayerQuant(q.to(torch.float32), bits, reported,
-                      info={"salient_fraction": nnz / mask.numel()},
-                      tensors={"salient_mask": mask})
+                      info={"salient_fraction": nnz / mask.numel()}, tensors=tensors)
+
+
+def _stored(q: Tensor, mask: Tensor, mu: Tensor, alpha: Tensor, scale: Tensor, zero: Tensor,
+            cfg: PBLLMConfig) -> dict[str, Tensor]:
+    """What the packed export stores (scheme ``pbllm``, ``docs/format.md`` §9), read off ``Q``:
+    ``signs`` int8 (out, in) (``Q ≥ μ`` → +1 off the mask, −1 on it), ``salient_codes`` int32
+    (out, in) (``clamp(round(Q/scale) + zero, 0, 2^b − 1)`` on the mask, 0 off it), the mask and
+    the per-row ``mu``, ``alpha``, ``scale``, ``zero`` as float32 ``(out,)``. Since
+    ``Q = μ ± α`` off the mask and ``(c − zero)·scale`` on it, these rebuild ``Q`` exactly."""
+    q64 = q.to(torch.float64)
+    signs = torch.where(~mask & (q64 >= mu.to(torch.float64)), 1, -1).to(torch.int8)
+    codes = torch.clamp(torch.round(q64 / scale.to(torch.float64)) + zero.to(torch.float64), 0,
+                        2 ** cfg.salient_bits - 1)
+    return {"salient_mask": mask, "signs": signs,
+            "salient_codes": torch.where(mask, codes, 0).to(torch.int32),
+            **{n: t.reshape(-1).to(torch.float32) for n, t in
+               (("mu", mu), ("alpha", alpha), ("scale", scale), ("zero", zero))}}

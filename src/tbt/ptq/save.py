@@ -1,4 +1,4 @@
-"""Writing PTQ results: a plain Hugging Face checkpoint, the EoRA adapters, a packed RTN model.
+"""Writing PTQ results: a plain Hugging Face checkpoint, the EoRA adapters, packed checkpoints.
 
 * :func:`save_ptq_checkpoint` writes ``save_pretrained`` weights equal to the dequantized PTQ
   weights (EoRA adapters merged: ``W = Ŵ + B·A``), the tokenizer, ``ptq_config.json``, and
@@ -8,11 +8,18 @@
   QAT from the PTQ weights and ``tbt evaluate --model OUT`` scores them.
 * :func:`save_packed_rtn` writes the RTN result as a tbt packed checkpoint: RTN *is*
   ``quantize_model`` with the same weight quantizer and float activations (``bits="fp-2-fp"``),
-  so ``save_packed`` stores exactly the RTN codes and scales. Adapters, if any, are copied next
-  to it (``tbt inspect`` counts their bits; ``load_packed`` does not run them yet).
-  Other methods do not fit packed format v1 (one code plane and one scale per row): PTQTP needs
-  two planes and two scales per row/group, PB-LLM a sparse 8-bit side-store, BiLLM per-block
-  masks and four (μ, α) pairs per row -- see docs/ptq.md.
+  so ``save_packed`` stores exactly the RTN codes and scales.
+* :func:`save_packed_ptq` writes PTQTP, PB-LLM and BiLLM results packed: every quantized
+  linear becomes a :class:`~tbt.export.ptq_layers.SchemeLinear` holding the method's own
+  compressed representation (``docs/format.md`` §9: PTQTP's two ``ternary_2bit`` planes and
+  their scale pairs; PB-LLM's ``binary_1bit`` plane, per-row (μ, α) and the salient weights in
+  CSR; BiLLM's sign planes, column bitmap, group bits and (μ, α) pairs), encoded from
+  ``LayerQuant.tensors`` (run with ``PTQConfig(keep_tensors=True)``) and checked against the
+  PTQ weights before it is written.
+
+In both packed cases EoRA adapters are written next to the packed file; ``load_packed`` runs
+them (:func:`attach_adapters`) and ``tbt inspect`` counts their bits. Not packed:
+:data:`PACKED_UNSUPPORTED` (RTN at 3..8 bits: uniform codes have no packing).
 """
 
 from __future__ import annotations
@@ -28,12 +35,9 @@ from tbt.ptq.apply import PTQConfig, merge_adapters
 from tbt.ptq.eora import LowRankAdapter
 
 ADAPTERS_NAME = "eora_adapters.safetensors"
+PACKED_SCHEMES = {"ptqtp": "ptqtp", "pbllm": "pbllm", "billm": "billm"}  # method -> scheme
 PACKED_UNSUPPORTED = {
-    "ptqtp": "two ternary planes with two scales per row/group: packed format v1 holds one "
-             "plane and one scale per row",
-    "pbllm": "a sparse 8-bit side-store (CSR) next to the 1-bit plane: not in packed format v1",
-    "billm": "per-block column masks, group bits and four (mu, alpha) pairs per row: not in "
-             "packed format v1",
+    "rtn": "RTN at 3..8 bits: uniform codes have no packing (1 or 2 bits only)",
 }
 
 
@@ -126,7 +130,7 @@ def save_packed_rtn(fp_model: nn.Module, cfg: PTQConfig, directory: str,
 
     m = cfg.method_config
     if cfg.method != "rtn" or m.bits not in (1, 2):
-        why = PACKED_UNSUPPORTED.get(cfg.method, f"{m.bits}-bit codes have no packing")
+        why = PACKED_UNSUPPORTED.get(cfg.method, f"{cfg.method} is not RTN")
         return f"not written: {why}"
     qc = QuantConfig(bits=f"fp-{m.bits}-fp", method=m.method, variant=m.variant,
                      granularity=m.granularity, quantize_attention=False,
@@ -134,6 +138,57 @@ def save_packed_rtn(fp_model: nn.Module, cfg: PTQConfig, directory: str,
     quantize_model(fp_model, qc)
     save_packed(fp_model, directory)
     state = adapters_state(ptq_model) if ptq_model is not None else {}
+    if state:
+        save_adapters(state, directory)
+    return os.fspath(directory)
+
+
+def save_packed_ptq(ptq_model: nn.Module, report, cfg: PTQConfig, directory: str,
+                    atol: float = 1e-6) -> str:
+    """Packed checkpoint of a PTQTP / PB-LLM / BiLLM run; returns the directory (or a
+    "not written" line for a method without a scheme).
+
+    ``ptq_model``: the model :func:`~tbt.ptq.apply.quantize_model_ptq` quantized (with or
+    without EoRA adapters), ``report``: its :class:`~tbt.ptq.apply.PTQReport`, run with
+    ``keep_tensors=True``. Each quantized linear is swapped for its
+    :class:`~tbt.export.ptq_layers.SchemeLinear` while ``save_packed`` writes the model, then
+    put back (``ptq_model`` is unchanged; no copy of the model is made). Raises
+    ``RuntimeError`` when a layer's stored codes do not rebuild its PTQ weight within ``atol``
+    (relative to the layer's largest weight): the export never writes a different model.
+    """
+    from tbt.export.io import save_packed
+    from tbt.export.ptq_layers import SchemeLinear
+    from tbt.ptq.calib import get_weight
+
+    scheme = PACKED_SCHEMES.get(cfg.method)
+    if scheme is None:
+        return f"not written: {PACKED_UNSUPPORTED.get(cfg.method, 'no packed scheme')}"
+    names = [r["name"] for r in report.layers]
+    missing = [n for n in names if n not in report.tensors]
+    if missing:
+        raise ValueError(f"the PTQ report has no stored tensors for {missing[0]} (and "
+                         f"{len(missing) - 1} more): run with PTQConfig(keep_tensors=True)")
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = ptq_model.get_submodule(parent_name) if parent_name else ptq_model
+            old = getattr(parent, child)
+            base = old.base if isinstance(old, LowRankAdapter) else old
+            w_hat = get_weight(base).detach().to(torch.float32).cpu()
+            new = SchemeLinear.from_method(scheme, tuple(w_hat.shape), report.tensors[name],
+                                           cfg.method_config, base.bias, base.weight.dtype)
+            err = float((new.dequantized_weight().float() - w_hat).abs().max())
+            if err > atol * max(float(w_hat.abs().max()), 1e-30):
+                raise RuntimeError(f"{name}: the stored {scheme} codes rebuild the PTQ weight "
+                                   f"with max error {err:.3g}: not written (a bug: report it)")
+            setattr(parent, child, new.to(base.weight.device))
+            swapped.append((parent, child, old))
+        save_packed(ptq_model, directory)
+    finally:
+        for parent, child, old in reversed(swapped):
+            setattr(parent, child, old)
+    state = adapters_state(ptq_model)
     if state:
         save_adapters(state, directory)
     return os.fspath(directory)

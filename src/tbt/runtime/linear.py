@@ -297,6 +297,10 @@ class PackedLinearNP:
                 linears = sorted(k for k, v in layers.items() if v.get("kind") == "linear")
                 raise KeyError(f"{name!r} is not a packed linear layer of {path}; "
                                f"linear layers: {linears[:8]}{' ...' if len(linears) > 8 else ''}")
+            if "scheme" in info:
+                raise ValueError(f"layer {name} is a packed PTQ layer (scheme "
+                                 f"{info['scheme']!r}, float activations): no integer kernel; "
+                                 f"run it with tbt.export.io.load_packed")
             keys = set(f.keys())
 
             def get(tensor: str) -> np.ndarray | None:
