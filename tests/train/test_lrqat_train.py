@@ -51,3 +51,47 @@ def _load_torch(path):
 
     params = inspect.signature(load_packed).parameters
     return load_packed(path, **({"backend": "torch"} if "backend" in params else {}))
+
+
+def test_lrqat_scale_lr_gives_the_scales_their_own_learning_rate(tmp_path):
+    """``--lrqat-scale-lr``: the optimizer ``train`` builds has the A·B group at ``lr`` and the
+    scale group at the scale LR (RELATED2 §1), recorded in train_config.json and kept by the
+    schedule; without it, one group at ``lr`` (no change)."""
+    import json
+
+    from tbt.cli import build_parser
+    from tbt.cli.train import resolve_settings
+    from tbt.quant.lrqat import lrqat_parameters
+    from tbt.train.build import build_models, load_tokenizer
+    from tbt.train.config import TrainConfig
+    from tbt.train.loop import build_optimizer, train
+
+    args = build_parser().parse_args(["train", "--output-dir", "x", "--lrqat-scale-lr", "0.05"])
+    assert resolve_settings(args)["lrqat_scale_lr"] == 0.05  # the flag reaches the settings
+    ws = make_workspace(str(tmp_path / "ws"))
+    start = make_model_dir(ws, "gpt2-tiny", "gpt2")
+    out = str(tmp_path / "run")
+    flat = flat_settings(ws, out, model=start, bits="2-2-8", max_steps=2, lr=1e-3, w_logits=0,
+                         w_hidden=0, w_attn=0, lrqat_rank=2, save_every=1)
+    cfg = TrainConfig.from_flat({**flat, "lrqat_scale_lr": 0.05})
+    _, student = build_models(cfg, load_tokenizer(cfg))
+    opt = build_optimizer(student, cfg)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert {n: g["lr"] for n, g in groups.items()} == {"lrqat_ab": 1e-3, "lrqat_scales": 0.05}
+    want = lrqat_parameters(student)
+    assert [id(p) for p in groups["lrqat_ab"]["params"]] == [id(p) for p in want["ab"]]
+    assert [id(p) for p in groups["lrqat_scales"]["params"]] == [id(p) for p in want["scales"]]
+    assert want["ab"] and want["scales"]
+    one = build_optimizer(student, TrainConfig.from_flat(flat))  # default: the main lr
+    assert len(one.param_groups) == 1 and one.param_groups[0]["lr"] == 1e-3
+
+    train(cfg)
+    with open(f"{out}/train_config.json") as f:
+        assert json.load(f)["lrqat_scale_lr"] == 0.05
+    state = torch.load(f"{out}/checkpoints/step-000001/optimizer.pt", weights_only=False)
+    base = {g["name"]: g["initial_lr"] for g in state["param_groups"]}
+    assert base == {"lrqat_ab": 1e-3, "lrqat_scales": 0.05}
+    lrs = [g["lr"] for g in state["param_groups"]]
+    assert lrs[1] / lrs[0] == pytest.approx(50.0)  # the schedule scales both alike
+    with pytest.raises(ValueError, match="--lrqat-rank"):
+        TrainConfig.from_flat({**flat, "lrqat_rank": 0, "lrqat_scale_lr": 0.05})

@@ -86,6 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="storage of the frozen weight in grid units (int8 fixed point)")
     lr.add_argument("--lrqat-checkpoint", action="store_true",
                     help="recompute the LR-QAT weights in backward (activation checkpointing)")
+    lr.add_argument("--lrqat-scale-lr", type=float, metavar="LR",
+                    help="learning rate of the scales (row scales, activation alpha); A and B "
+                         "keep --lr (default: --lr for both)")
     d = p.add_argument_group("data")
     d.add_argument("--task", choices=("seq2seq", "causal-lm"),
                    help="seq2seq (source -> target rows) or causal-lm (plain text: .txt lines or "

@@ -164,6 +164,9 @@ class TrainConfig:
         lrqat_alpha, lrqat_storage, lrqat_checkpoint: the update scaling ``alpha/rank``, how the
             frozen weight is stored (``int8``, ``bfloat16``, ``float32``) and activation
             checkpointing of the LR-QAT layers (:class:`tbt.quant.lrqat.LRQATConfig`).
+        lrqat_scale_lr: learning rate of the LR-QAT scale group (row scales, activation α;
+            :func:`tbt.quant.lrqat.lrqat_parameters`), the factors A, B keeping ``lr``
+            (RELATED2.md §1: separate learning rates). ``None`` = ``lr`` (one group).
     """
 
     output_dir: str
@@ -198,6 +201,7 @@ class TrainConfig:
     lrqat_alpha: float = 1.0
     lrqat_storage: str = "int8"
     lrqat_checkpoint: bool = False
+    lrqat_scale_lr: float | None = None
     version: int = TRAIN_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -240,6 +244,12 @@ class TrainConfig:
                 raise ValueError(f"lrqat_rank={self.lrqat_rank} needs ternary or binary weights "
                                  f"(e.g. --bits 2-2-8); bits={self.bits}")
             _ = self.lrqat  # validates the LR-QAT settings
+        if self.lrqat_scale_lr is not None:
+            if not self.lrqat_rank:
+                raise ValueError("lrqat_scale_lr applies to LR-QAT only: add --lrqat-rank R "
+                                 "or drop --lrqat-scale-lr")
+            if not self.lrqat_scale_lr > 0:
+                raise ValueError(f"lrqat_scale_lr={self.lrqat_scale_lr} must be > 0")
         if self.version > TRAIN_CONFIG_VERSION:
             raise ValueError(f"TrainConfig version {self.version} is newer than this tbt "
                              f"understands ({TRAIN_CONFIG_VERSION}); upgrade tbt")

@@ -12,7 +12,8 @@
    therefore a single integer, and resuming needs nothing else;
 3. **α calibration** on the first micro-batch, averaged over processes, so every replica starts
    from the same α (:func:`tbt.quant.activation.calibrate`);
-4. **AdamW** with a linear warmup then linear decay to zero;
+4. **AdamW** with a linear warmup then linear decay to zero (:func:`build_optimizer`; LR-QAT
+   may give its scales their own learning rate, ``--lrqat-scale-lr``);
 5. **resume** (``cfg.resume``): weights, optimizer, scheduler, RNG states and the step are
    restored from the last checkpoint, so the run continues exactly as if never interrupted;
 6. **the loop**: student forward, teacher forward under ``no_grad``, named loss terms
@@ -79,8 +80,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     splits, collate = load_data(cfg, tokenizer, student)
     plan = BatchPlan(splits["train"], cfg.batch_size, cfg.seed, rank, world, collate)
     total = cfg.max_steps or math.ceil(cfg.epochs * plan.per_epoch / cfg.grad_accum)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
-                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(student, cfg)
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
@@ -236,6 +236,28 @@ class BatchPlan:
         epoch, b = divmod(m, self.per_epoch)
         idx = self.order(epoch)[b * self.bs:(b + 1) * self.bs]
         return {k: v.to(device) for k, v in self.collate([self.rows[i] for i in idx]).items()}
+
+
+def build_optimizer(student: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the student's parameters at ``cfg.lr``.
+
+    With LR-QAT and ``cfg.lrqat_scale_lr`` set, two groups (RELATED2.md §1): ``"lrqat_ab"``
+    (the low-rank factors A, B) at ``cfg.lr`` and ``"lrqat_scales"`` (row scales, activation
+    α: :func:`tbt.quant.lrqat.lrqat_parameters`) at ``cfg.lrqat_scale_lr``; the schedule
+    scales both alike. Otherwise one group, as before.
+    """
+    kw = {"betas": cfg.adam_betas, "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}
+    if cfg.lrqat is None or cfg.lrqat_scale_lr is None:
+        return torch.optim.AdamW(student.parameters(), lr=cfg.lr, **kw)
+    from tbt.quant.lrqat import lrqat_parameters
+
+    groups = lrqat_parameters(student)
+    if not groups["ab"]:
+        raise ValueError("lrqat_scale_lr: the student has no LR-QAT factors (apply_lrqat was "
+                         "not run)")
+    return torch.optim.AdamW([{"params": groups["ab"], "lr": cfg.lr, "name": "lrqat_ab"},
+                              {"params": groups["scales"], "lr": cfg.lrqat_scale_lr,
+                               "name": "lrqat_scales"}], **kw)
 
 
 def _check_resumable(state: dict, cfg: TrainConfig, world: int, ckpt: str) -> None:
