@@ -38,10 +38,10 @@ def _batches():
              "attention_mask": torch.ones(2, 16, dtype=torch.long)} for _ in range(3)]
 
 
-def _ptq(method: str, eora: EoRAConfig | None = None):
+def _ptq(method: str, eora: EoRAConfig | None = None, options: dict | None = None):
     model = make_tiny("llama").eval()
-    cfg = PTQConfig(method=method, method_config=make_method_config(method, OPTIONS[method]),
-                    eora=eora, keep_tensors=True)
+    mcfg = make_method_config(method, OPTIONS[method] if options is None else options)
+    cfg = PTQConfig(method=method, method_config=mcfg, eora=eora, keep_tensors=True)
     report = quantize_model_ptq(model, cfg, _batches())
     return model, report, cfg
 
@@ -84,6 +84,37 @@ def test_inspect_bits_match_the_method_accounting(saved, capsys):
     bpw = report.totals()["bits_per_weight"]
     assert f"bits per weight as tbt ptq counts them (float scales at 16 bits): {bpw:.3f}" in text
     assert text.count(f" {method} ") >= 14  # the per-layer format column
+
+
+@pytest.mark.parametrize("method,options", [
+    ("ptqtp", {"iters": 5}),  # one scale pair per row
+    ("pbllm", {"salient_frac": 0.2, "center": False, "gptq": False}),
+    ("pbllm", {"salient_frac": 0.05, "salient_metric": "hessian", "salient_bits": 4}),
+    ("pbllm", {"salient_frac": 0.0}),  # no side-store at all
+    ("billm", {"block_size": 24, "gptq": False, "salient_metric": "magnitude"}),  # ragged blocks
+])
+def test_method_variants_round_trip(tmp_path, method, options):
+    model, report, cfg = _ptq(method, options=options)
+    save_packed_ptq(model, report, cfg, str(tmp_path / "v"))
+    meta = read_packed_metadata(tmp_path / "v")
+    rows = {r["name"]: r["bits"] for r in report.layers}
+    assert {n: layer_bits(i, meta["tensors"])[1] for n, i in meta["layers"].items()} == rows
+    with torch.no_grad():
+        torch.testing.assert_close(load_packed(tmp_path / "v")(IDS).logits, model(IDS).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_export_refuses_codes_that_do_not_rebuild_the_weights(tmp_path):
+    model, report, cfg = _ptq("ptqtp")
+    name = report.layers[3]["name"]
+    report.tensors[name]["plane2"] = torch.zeros_like(report.tensors[name]["plane2"])
+    with pytest.raises(RuntimeError, match=name):
+        save_packed_ptq(model, report, cfg, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
+    assert all(not isinstance(m, SchemeLinear) for m in model.modules())  # put back
+    report.tensors.clear()  # a run without keep_tensors=True
+    with pytest.raises(ValueError, match="keep_tensors=True"):
+        save_packed_ptq(model, report, cfg, str(tmp_path / "bad"))
 
 
 def test_set_backend_keeps_the_ptq_layers_on_torch_and_says_why(saved):

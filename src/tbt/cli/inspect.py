@@ -61,6 +61,13 @@ def run(args: argparse.Namespace) -> int:
     qc = json.loads(meta["quant_config"])
     print(f"quant config: bits={qc.get('bits')} method={qc.get('method')} "
           f"variant={qc.get('variant')}")
+    schemes: dict[str, int] = {}
+    for info in meta["layers"].values():
+        if "scheme" in info:
+            schemes[info["scheme"]] = schemes.get(info["scheme"], 0) + 1
+    if schemes:  # the weights are in the PTQ layers, not in the quant config
+        print("packed PTQ layers (docs/format.md §9, float activations): "
+              + ", ".join(f"{k} x{v}" for k, v in sorted(schemes.items())))
 
     print("packed layers (bpw: stored bits per weight, scales as stored):")
     print(f"  {'name':56s} {'shape':>12s} {'format':14s} {'bits':>4s} {'bytes':>10s} "
