@@ -287,3 +287,49 @@ def test_minmax_codes_match_torch_over_many_scales(signed):
             np.testing.assert_array_equal(qa.codes, np.rint(xc * s).astype(np.int8))
         np.testing.assert_allclose(qa.dequantize(), want, rtol=0,
                                    atol=4 * np.spacing(np.float32(2.5)))
+
+
+# ---- the lanes GEMMs (output rows in the vector lanes, AVX-512) and the row tiles ---------------
+
+LANES_SHAPES = [(2, 1, 1), (2, 5, 3), (3, 17, 255), (8, 31, 256), (9, 33, 777), (13, 64, 1000),
+                (64, 96, 768), (5, 40, 4096)]
+
+
+@pytest.mark.skipif(not native.available() or not native.isa_available("avx512"),
+                    reason="needs the native kernels and AVX-512")
+@pytest.mark.parametrize("name", ["t2a8", "b1a1"])
+@pytest.mark.parametrize("m,n,k", LANES_SHAPES)
+@pytest.mark.parametrize("path", ["lanes", "rows"])
+def test_lanes_and_row_tile_gemms_match_reference(monkeypatch, name, m, n, k, path):
+    """Both AVX-512 GEMM paths (the lanes layout from M = LANES_MIN_M, the 4x4 row tiles below
+    it) give the reference's exact accumulators and its float32 epilogue bit for bit."""
+    monkeypatch.setattr(native, "LANES_MIN_M", 2 if path == "lanes" else 10**9)
+    seed = m * 1000 + n * 10 + k
+    wf, af, q, packed, alpha, bias, act = _case(name, m, n, k, seed)
+    kern = K.get_kernel(wf, af, "avx512")
+    w = kern.prepare_weight(packed, k, alpha)
+    acc = kern.accumulate(w, act)
+    assert (w.extra.get("lanes") is not None) == (path == "lanes")
+    np.testing.assert_array_equal(acc, act.codes.astype(np.int64) @ q.astype(np.int64).T)
+    r = K.get_kernel(wf, af, "ref")
+    y_ref = r(r.prepare_weight(packed, k, alpha), act, bias)
+    np.testing.assert_array_equal(kern(w, act, bias), y_ref)
+
+
+def test_lanes_layouts_hand_example():
+    """Byte positions of the lanes layouts on a hand-built matrix (docs in gemm_lanes_avx512.c)."""
+    q = np.zeros((3, 256), dtype=np.int8)
+    q[0, 0], q[0, 5], q[2, 19], q[1, 255] = 1, -1, 1, -1  # row 2: kb 1, s 0, i 3
+    c = native.t2_codes_from_interleaved(native.repack_t2_interleaved(q))
+    np.testing.assert_array_equal(c, q + 1)
+    lanes = native.repack_t2_lanes(c)
+    assert lanes.shape == (2, 4 * 256)  # N padded to 32 rows = 2 groups of 16
+    block = lanes[0, :64]  # group 0, kb 0: row j at bytes 4j..4j+3
+    assert block[0] == 2 | 1 << 2 | 1 << 4 | 1 << 6  # row 0, k=0 (s 0, i 0): c=2; others 1
+    assert block[1] == 1 | 0 << 2 | 1 << 4 | 1 << 6  # row 0, k=5 = 4*1 + 1: s 1, i 1: c=0
+    assert lanes[0, 64 + 4 * 2 + 3] == 2 | 1 << 2 | 1 << 4 | 1 << 6  # row 2, k=19: kb 1, i 3
+    assert lanes[0, 15 * 64 + 4 * 1 + 3] == 1 | 1 << 2 | 1 << 4 | 0 << 6  # row 1, k=255: s 3
+    bits = native.repack_b1(np.where(q > 0, 1, -1).astype(np.int8))
+    bl = native.repack_b1_lanes(bits)
+    assert bl.shape == (4, 256)  # 32 rows = 4 groups of 8, Kpad/8 bytes each
+    assert bl[0, 0] == 1 and bl[0, 2 * 8 + 2] == 1 << 3  # row 0 bit 0; row 2, k=19: byte 2, bit 3

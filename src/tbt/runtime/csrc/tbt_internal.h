@@ -52,6 +52,7 @@ struct tbt_job {
   int64_t M, N, K, kpad, ntiles;
   float *y;
   int32_t *acc_out;
+  tbt_gemv_fn lanes; /* t2a8 lanes-layout GEMM over units of 32 rows (ntiles = units), or NULL */
 };
 
 /* out[m] = sum_k a[m][k] over kpad int8 codes of each of M rows (stride as); may be NULL
@@ -66,6 +67,9 @@ typedef struct {
 
 extern const tbt_isa_table tbt_table_scalar;
 #if TBT_X86
+/* gemm_lanes_avx512.c: GEMMs on the lanes layouts, over units of 32 output rows */
+void tbt_t2a8_lanes_avx512(const job_t *j, int64_t u0, int64_t u1);
+void tbt_b1a1_lanes_avx512(const job_t *j, int64_t u0, int64_t u1);
 extern const tbt_isa_table tbt_table_avx2;
 extern const tbt_isa_table tbt_table_avx512;
 #endif

@@ -174,6 +174,10 @@ static void run_tiles(const job_t *j, int64_t t0, int64_t t1) {
 
 /* Tiles [t0, t1): the ISA's GEMV routine for full tiles when M == 1, tiles otherwise. */
 static void run_range(const job_t *j, int64_t t0, int64_t t1) {
+  if (j->lanes) {
+    j->lanes(j, t0, t1);
+    return;
+  }
   if (j->M == 1 && j->gemv) {
     const int64_t full = j->N / TBT_NR; /* tiles with 4 rows */
     const int64_t f1 = t1 < full ? t1 : full;
@@ -326,19 +330,29 @@ static int kblock_ok(int64_t K, int64_t kpad) {
   return K >= 1 && kpad >= K && kpad % TBT_KBLOCK == 0 && kpad - K < TBT_KBLOCK;
 }
 
-int tbt_gemm(int fmt, int isa, const uint8_t *w, int64_t w_stride, const int32_t *wsum,
-             const float *w_scale, const void *a, int64_t a_stride, const float *a_scale,
-             const float *a_offset, const float *bias, int64_t M, int64_t N, int64_t K,
-             int64_t Kpad, float *y, int32_t *acc_out) {
+/* lanes: the t2a8 lanes layout (w = groups of 16 rows, w_stride = bytes per group) */
+static int gemm_run(int fmt, int isa, int lanes, const uint8_t *w, int64_t w_stride,
+                    const int32_t *wsum, const float *w_scale, const void *a, int64_t a_stride,
+                    const float *a_scale, const float *a_offset, const float *bias, int64_t M,
+                    int64_t N, int64_t K, int64_t Kpad, float *y, int32_t *acc_out) {
   const int eff = tbt_resolve_isa(fmt, isa);
   if (eff < 0) return eff;
   if (!w || !w_scale || !a || !a_scale || !y || M < 1 || N < 1 || !kblock_ok(K, Kpad))
     return TBT_EINVAL;
   if (a_offset && !wsum) return TBT_EINVAL;
   const int is_a8 = fmt == TBT_T2A8 || fmt == TBT_B1A8;
-  const int64_t wbytes = fmt == TBT_T2A8 ? Kpad / 4 : fmt == TBT_T2A2 ? Kpad / 4 : Kpad / 8;
+  const int64_t wbytes = lanes ? (fmt == TBT_T2A8 ? 4 * Kpad : Kpad) /* one row group */
+                         : fmt == TBT_T2A8 ? Kpad / 4 : fmt == TBT_T2A2 ? Kpad / 4 : Kpad / 8;
   const int64_t abytes = is_a8 ? Kpad : fmt == TBT_T2A2 ? Kpad / 4 : Kpad / 8;
   if (w_stride < wbytes || a_stride < abytes) return TBT_EINVAL;
+  tbt_gemv_fn lanes_fn = NULL;
+  if (lanes) {
+#if TBT_X86
+    if (fmt == TBT_T2A8 && eff == TBT_ISA_AVX512) lanes_fn = tbt_t2a8_lanes_avx512;
+    if (fmt == TBT_B1A1 && eff == TBT_ISA_AVX512) lanes_fn = tbt_b1a1_lanes_avx512;
+#endif
+    if (!lanes_fn) return TBT_EISA;
+  }
 
   const tbt_isa_table *tab = table_for(eff);
   int32_t asum_stack[256], *asum = NULL; /* no allocation for M <= 256 */
@@ -356,10 +370,10 @@ int tbt_gemm(int fmt, int isa, const uint8_t *w, int64_t w_stride, const int32_t
       }
     }
   }
-  const int64_t ntiles = (N + TBT_NR - 1) / TBT_NR;
+  const int64_t ntiles = lanes_fn ? (N + 31) / 32 : (N + TBT_NR - 1) / TBT_NR;
   job_t job = {tab->tile[fmt], tab->gemv[fmt], fmt, w, (size_t)w_stride, wsum, w_scale,
                (const uint8_t *)a, (size_t)a_stride, a_scale, a_offset, bias, asum,
-               M, N, K, Kpad, ntiles, y, acc_out};
+               M, N, K, Kpad, ntiles, y, acc_out, lanes_fn};
   int nt = tbt_get_num_threads();
   if (nt > ntiles) nt = (int)ntiles;
   if (nt > 1 && M * N * Kpad >= g_par_threshold)
@@ -368,6 +382,34 @@ int tbt_gemm(int fmt, int isa, const uint8_t *w, int64_t w_stride, const int32_t
     run_range(&job, 0, ntiles);
   if (asum != asum_stack) free(asum);
   return TBT_OK;
+}
+
+int tbt_gemm(int fmt, int isa, const uint8_t *w, int64_t w_stride, const int32_t *wsum,
+             const float *w_scale, const void *a, int64_t a_stride, const float *a_scale,
+             const float *a_offset, const float *bias, int64_t M, int64_t N, int64_t K,
+             int64_t Kpad, float *y, int32_t *acc_out) {
+  return gemm_run(fmt, isa, 0, w, w_stride, wsum, w_scale, a, a_stride, a_scale, a_offset, bias,
+                  M, N, K, Kpad, y, acc_out);
+}
+
+int tbt_gemm_lanes(int fmt, int isa, const uint8_t *w_lanes, const int32_t *wsum,
+                   const float *w_scale, const void *a, int64_t a_stride, const float *a_scale,
+                   const float *a_offset, const float *bias, int64_t M, int64_t N, int64_t K,
+                   int64_t Kpad, float *y, int32_t *acc_out) {
+  if (fmt != TBT_T2A8 && fmt != TBT_B1A1) return TBT_EINVAL;
+  return gemm_run(fmt, isa, 1, w_lanes, fmt == TBT_T2A8 ? 4 * Kpad : Kpad, wsum, w_scale, a,
+                  a_stride, a_scale, a_offset, bias, M, N, K, Kpad, y, acc_out);
+}
+
+int tbt_lanes_available(int fmt, int isa) {
+#if TBT_X86
+  if (fmt != TBT_T2A8 && fmt != TBT_B1A1) return 0;
+  return tbt_resolve_isa(fmt, isa) == TBT_ISA_AVX512;
+#else
+  (void)fmt;
+  (void)isa;
+  return 0;
+#endif
 }
 
 #define TBT_GEMM_PASS \

@@ -38,7 +38,8 @@ __all__ = ["KBLOCK", "ISAS", "available", "unavailable_reason", "load_library", 
            "resolve_isa", "cpu_features", "threading_model", "set_num_threads",
            "get_num_threads", "set_parallel_threshold", "NativeKernel", "PreparedAct",
            "padded_k", "aligned_empty", "repack_t2_interleaved", "repack_t2_planes", "repack_b1",
-           "FusedLinear", "ACT_KINDS", "SHIFT_MODES"]
+           "FusedLinear", "ACT_KINDS", "SHIFT_MODES", "repack_t2_lanes", "repack_b1_lanes",
+           "t2_codes_from_interleaved", "LANES_MIN_M"]
 
 KBLOCK = 256  # TBT_KBLOCK
 ISAS = {"native": 0, "scalar": 1, "avx2": 2, "avx512": 3}
@@ -114,6 +115,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         ("tbt_prepare_a8", c_int, [_P, _I64, _I64, _I64, _P]),
         ("tbt_prepare_a2", c_int, [_P, _I64, _I64, _I64, _P]),
         ("tbt_prepare_a1", c_int, [_P, _I64, _I64, _I64, _P]),
+        ("tbt_gemm_lanes", c_int, [c_int, c_int, _P, _P, _P, _P, _I64, _P, _P, _P, _I64,
+                                   _I64, _I64, _I64, _P, _P]),
+        ("tbt_lanes_available", c_int, [c_int, c_int]),
         ("tbt_linear_workspace", _I64, [_P, _I64]),
         ("tbt_linear", c_int, [_P, _P, _I64, ctypes.c_float, _P, _I64, _P, _P]),
         ("tbt_quantize_act", c_int, [_P, _P, _I64, ctypes.c_float, _P, _P, _P, _P]),
@@ -215,6 +219,48 @@ def repack_b1(q: np.ndarray) -> np.ndarray:
     return np.packbits(_pad(q, padded_k(q.shape[1]), -1) > 0, axis=1, bitorder="little")
 
 
+def t2_codes_from_interleaved(data: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`repack_t2_interleaved`: uint8 ``(N, Kpad/4)`` → codes ``c = q + 1``
+    ``(N, Kpad)`` (padding columns hold 1)."""
+    n, kp = data.shape[0], data.shape[1] * 4
+    blocks = data.reshape(n, kp // 256, 1, 64)
+    planes = (blocks >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
+    return np.ascontiguousarray(planes.reshape(n, kp))
+
+
+def repack_t2_lanes(c: np.ndarray) -> np.ndarray:
+    """Codes ``c = q + 1`` ``(N, Kpad)`` → the t2a8 lanes layout (``gemm_lanes_avx512.c``):
+    ``uint8 (G, 4·Kpad)`` for ``G = 2·ceil(N/32)`` groups of 16 rows; in 64-byte block ``kb``
+    of a group, byte ``4j + i`` holds row ``16g + j``'s codes at ``K = 16kb + 4s + i`` in bits
+    ``2s`` (s = 0..3). Padding rows hold code 1 (zero weight)."""
+    n, kp = c.shape
+    npad = -(-n // 32) * 32
+    full = np.ones((npad, kp), dtype=np.uint8)
+    full[:n] = c
+    g = full.reshape(npad // 16, 16, kp // 16, 4, 4)  # (group, j, kb, s, i)
+    packed = g[:, :, :, 0] | (g[:, :, :, 1] << 2) | (g[:, :, :, 2] << 4) | (g[:, :, :, 3] << 6)
+    out = packed.transpose(0, 2, 1, 3)  # (group, kb, j, i)
+    return _aligned(np.ascontiguousarray(out).reshape(npad // 16, kp * 4))
+
+
+def repack_b1_lanes(bits: np.ndarray) -> np.ndarray:
+    """The b1 row layout ``uint8 (N, Kpad/8)`` → the b1a1 lanes layout
+    (``gemm_lanes_avx512.c``): ``uint8 (G, Kpad)`` for ``G = 4·ceil(N/32)`` groups of 8 rows;
+    block ``kb`` (64 bytes) of a group holds row ``8g + j``'s 64-bit word ``kb`` in lane ``j``.
+    Padding rows are zero bits."""
+    n, nbytes = bits.shape
+    npad = -(-n // 32) * 32
+    full = np.zeros((npad, nbytes), dtype=np.uint8)
+    full[:n] = bits
+    words = full.reshape(npad // 8, 8, nbytes // 8, 8)  # (group, j, kb, byte)
+    return _aligned(np.ascontiguousarray(words.transpose(0, 2, 1, 3)).reshape(npad // 8, nbytes * 8))
+
+
+LANES_MIN_M = int(os.environ.get("TBT_LANES_MIN_M", "2"))  # GEMMs from this M use lanes
+_LANES = {"t2a8": lambda data: repack_t2_lanes(t2_codes_from_interleaved(data)),
+          "b1a1": repack_b1_lanes}
+
+
 _REPACK = {"t2a8": repack_t2_interleaved, "b1a8": repack_b1, "t2a2": repack_t2_planes,
            "b1a1": repack_b1}
 _ACT_BYTES = {"a8": lambda kp: kp, "a2": lambda kp: kp // 4, "a1": lambda kp: kp // 8}
@@ -312,11 +358,34 @@ class NativeKernel:
                 raise ValueError(f"bias must be ({w.n},), got {bias.shape}")
         wp, wsum_p, scale_p = ptrs
         ap, ascale_p, aoff_p = a.ptrs
+        lanes = self.lanes_layout(w, a.m)
+        if lanes is not None:
+            rc = self._lib.tbt_gemm_lanes(self._fmt_id, self._isa_id, _ptr(lanes), wsum_p,
+                                          scale_p, ap, a.data.shape[1], ascale_p, aoff_p,
+                                          _ptr(bias), a.m, w.n, w.k, w.kpad, _ptr(y), _ptr(acc))
+            if rc != 0:
+                raise RuntimeError(f"tbt_gemm_lanes({self.name}, {self.isa}): "
+                                   f"{_ERRORS.get(rc, rc)}")
+            return
         rc = self._lib.tbt_gemm(self._fmt_id, self._isa_id, wp, w.data.shape[1], wsum_p, scale_p,
                                 ap, a.data.shape[1], ascale_p, aoff_p, _ptr(bias), a.m, w.n,
                                 w.k, w.kpad, _ptr(y), _ptr(acc))
         if rc != 0:
             raise RuntimeError(f"tbt_gemm({self.name}, {self.isa}): {_ERRORS.get(rc, rc)}")
+
+    def lanes_layout(self, w: PreparedWeight, m: int) -> np.ndarray | None:
+        """The lanes layout of a t2a8/b1a1 weight for an ``m``-row GEMM (built on first use
+        from the row layout, cached in ``w.extra``), or None where the row tiles run: ``m``
+        below :data:`LANES_MIN_M`, another format, or no AVX-512 path for this kernel's ISA."""
+        if m < LANES_MIN_M or self.name not in _LANES:
+            return None
+        lanes = w.extra.get("lanes")
+        if lanes is None:
+            if not self._lib.tbt_lanes_available(self._fmt_id, self._isa_id):
+                w.extra["lanes"] = False
+                return None
+            lanes = w.extra["lanes"] = _LANES[self.name](w.data)
+        return lanes if lanes is not False else None
 
     def _check_weight(self, w: PreparedWeight) -> None:
         """The C code trusts these sizes: check them before the first call (no out-of-bounds)."""
