@@ -20,14 +20,6 @@ _DTYPE_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32
                 "F64": 8, "I64": 8}
 
 
-def _bits16(keys, tensors) -> int:
-    """Bits of ``keys`` with every float tensor (scales, offsets) counted at 16 bits per value,
-    as ``tbt ptq``'s accounting does (``tbt.ptq.registry.SCALE_BITS``)."""
-    return sum(_numel(tensors[k][1]) * (16 if tensors[k][0] in ("F32", "F16", "BF16", "F64")
-                                        else _DTYPE_BYTES.get(tensors[k][0], 4) * 8)
-               for k in keys)
-
-
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -48,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from tbt.export.io import read_packed_metadata
+    from tbt.export.ptq_layers import layer_keys, tensor_bits
 
     meta = read_packed_metadata(args.directory)
     tensors = meta["tensors"]
@@ -77,9 +70,7 @@ def run(args: argparse.Namespace) -> int:
     for name, info in sorted(meta["layers"].items()):
         n, k = info["shape"]
         size = 0
-        # a packed PTQ layer (scheme) lists its tensors; a plane layer has packed + scale
-        keys = list(info["tensors"].values()) if "scheme" in info else [info["packed"],
-                                                                         info["scale"]]
+        keys = layer_keys(info)  # a packed PTQ layer lists its tensors; else packed + scale
         for key in keys:
             if key not in counted:  # shared tensors (tied embeddings) count once
                 counted.add(key)
@@ -87,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if size:
             q_params += n * k
             q_bits += size * 8
-            q_bits16 += _bits16(keys, tensors)
+            q_bits16 += tensor_bits(keys, tensors)[1]  # float tensors at 16 bits
         shape = f"{n}x{k}"
         shared = "" if size else " (shared)"
         print(f"  {name:56s} {shape:>12s} {info['packing']:14s} {info['bits']:>4d} "

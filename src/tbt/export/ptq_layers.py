@@ -42,7 +42,7 @@ from tbt.export.format import FormatError, Packing
 from tbt.export.pack import pack, pack_uint, unpack, unpack_uint
 
 __all__ = ["Scheme", "SCHEMES", "register_scheme", "SchemeLinear", "check_scheme_layer",
-           "layer_bits"]
+           "layer_bits", "layer_keys", "tensor_bits"]
 
 T2, B1 = Packing.TERNARY_2BIT, Packing.BINARY_1BIT
 ST_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4,
@@ -266,18 +266,28 @@ def check_scheme_layer(name: str, info: dict, tensors: dict, check_tensor) -> No
         check_tensor(f"layer {name} ({info['scheme']})", names[role], tensors, dtype, shape)
 
 
-def layer_bits(info: dict, tensors: dict) -> tuple[int, int]:
-    """(stored bits, bits with float tensors counted at 16 bits -- ``tbt ptq``'s convention)
-    of one layer entry, from the tensor index ``{name: (dtype, shape)}``."""
+def tensor_bits(keys, tensors: dict) -> tuple[int, int]:
+    """(stored bits, bits with float tensors counted at 16 bits -- ``tbt ptq``'s convention,
+    ``tbt.ptq.registry.SCALE_BITS``) of the tensors ``keys`` in the index
+    ``{name: (dtype, shape)}``."""
     stored = fp16 = 0
-    names = info["tensors"].values() if "scheme" in info else \
-        [info["packed"], info["scale"]] + ([info["offset"]] if "offset" in info else [])
-    for key in names:
+    for key in keys:
         dtype, shape = tensors[key]
         numel = math.prod(int(s) for s in shape)
         stored += numel * ST_BYTES.get(dtype, 4) * 8
         fp16 += numel * (16 if dtype in ("F32", "F16", "BF16", "F64") else ST_BYTES[dtype] * 8)
     return stored, fp16
+
+
+def layer_keys(info: dict) -> list[str]:
+    """The tensors of a layer entry: a scheme's list, else ``packed`` + ``scale``."""
+    return list(info["tensors"].values()) if "scheme" in info else [info["packed"],
+                                                                    info["scale"]]
+
+
+def layer_bits(info: dict, tensors: dict) -> tuple[int, int]:
+    """:func:`tensor_bits` of one layer entry's tensors (:func:`layer_keys`)."""
+    return tensor_bits(layer_keys(info), tensors)
 
 
 class SchemeLinear(nn.Module):
