@@ -8,6 +8,8 @@ tbt.quant.activation.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -333,3 +335,21 @@ def test_lanes_layouts_hand_example():
     bl = native.repack_b1_lanes(bits)
     assert bl.shape == (4, 256)  # 32 rows = 4 groups of 8, Kpad/8 bytes each
     assert bl[0, 0] == 1 and bl[0, 2 * 8 + 2] == 1 << 3  # row 0 bit 0; row 2, k=19: byte 2, bit 3
+
+
+def test_native_libraries_are_built():
+    """Both C extensions are optional in setup.py (a machine without a compiler still
+    installs), so a compile error would otherwise pass unnoticed with every native test
+    skipped. Where a C compiler exists, the build must have produced and loaded them."""
+    import platform
+    import shutil
+
+    from tbt.quant import fused
+
+    if os.environ.get("TBT_ALLOW_NO_NATIVE") == "1" or not (shutil.which("cc")
+                                                             or shutil.which("gcc")):
+        pytest.skip("no C compiler here (or TBT_ALLOW_NO_NATIVE=1)")
+    assert native.available(), native.unavailable_reason()
+    assert fused.available(), "tbt/quant/_tbt_qops was not built"
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert native.isa_available("avx2") or not native.cpu_features()["avx2"]
