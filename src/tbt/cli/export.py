@@ -21,8 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="trained quantized checkpoint directory (e.g. a `tbt train` output)")
     p.add_argument("--output-dir", required=True, metavar="DIR", help="packed checkpoint")
     p.add_argument("--lm-head", choices=("fp", "int8"), default="fp",
-                   help="output projection: fp (TBT: the tied FP matrix, default) or int8 "
-                        "(per-row symmetric int8, ~4x smaller, post-training)")
+                   help="output projection: fp (default: as trained; TBT's tied FP matrix, or "
+                        "packed when the model was trained with --skip-modules and the head "
+                        "quantized: it then shares the embedding's codes) or int8 (per-row "
+                        "symmetric int8 of an FP head, ~4x smaller, post-training)")
     p.set_defaults(func=run)
 
 
