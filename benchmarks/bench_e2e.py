@@ -122,7 +122,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import transformers as tf
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads or args.threads)
     t0 = time.perf_counter()
     if args.worker == "fp32":
         model = tf.BartForConditionalGeneration.from_pretrained(args.dir).eval()
@@ -185,7 +185,8 @@ def _rss_now() -> int:
 def _run_worker(name: str, info: dict, args: argparse.Namespace, profile: bool) -> dict:
     cmd = [sys.executable, __file__, "--worker", info["kind"], "--dir", info["dir"],
            "--src-len", str(args.src_len), "--new-tokens", str(args.new_tokens),
-           "--threads", str(args.threads), "--repeat", str(args.repeat)]
+           "--threads", str(args.threads), "--repeat", str(args.repeat),
+           "--torch-threads", str(args.torch_threads or args.threads)]
     if profile:
         cmd.append("--profile")
     env = dict(os.environ, TBT_NUM_THREADS=str(args.threads))
@@ -225,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens (exactly)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads and native kernel threads (TBT_NUM_THREADS)")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch's intra-op threads (default: --threads). The packed models leave "
+                        "torch only small attention ops, where waking a second OpenMP thread "
+                        "per op costs more than it saves: 1 is their best setting")
     p.add_argument("--omp-wait", default="PASSIVE",
                    help="OMP_WAIT_POLICY of the workers ('' keeps the environment's): torch's "
                         "OpenMP workers spin after each op by default and steal the core the "
@@ -276,10 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     report = [f"# End-to-end: fp32 torch vs packed tbt (native kernels)", "",
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; BART-shaped "
               f"{json.dumps(shape)}; random weights; batch 1, {args.src_len}-token source, "
-              f"{args.new_tokens} new tokens (greedy, KV cache); threads {args.threads} (torch and "
-              f"kernels); OMP_WAIT_POLICY={args.omp_wait or 'unset'}; "
+              f"{args.new_tokens} new tokens (greedy, KV cache); threads: tbt kernels {args.threads}, "
+              f"torch {args.torch_threads or args.threads}; "
+              f"OMP_WAIT_POLICY={args.omp_wait or 'unset'}; "
               f"best of {args.rounds} processes x {args.repeat} runs; checkpoints built in {build_s:.0f} s; load average "
-              f"{' '.join(load)} (shared machine).", "", table(runs), ""]
+              f"{' '.join(load)} (machine load).", "", table(runs), ""]
     for name, prof in profiles.items():
         report += [f"cProfile of one {name} generate call (top functions by own time):", "",
                    "```", prof.strip(), "```", ""]
