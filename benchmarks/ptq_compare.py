@@ -113,7 +113,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="gguf:smollm2", help="GGUF name/path or model directory")
-    p.add_argument("--runs", default=",".join(RUNS), help=f"comma list of {list(RUNS)}")
+    p.add_argument("--runs", default=",".join(RUNS),
+                   help="comma list of " + ", ".join(RUNS).replace("%", "%%"))
     p.add_argument("--work", default="/tmp/tbt-ptq-bench", help="scratch directory")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--eval-samples", type=int, default=64)
