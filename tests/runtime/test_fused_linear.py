@@ -137,3 +137,19 @@ def test_fused_errors():
     rc = lin.fused._lib.tbt_linear(lin.fused._plan_p, native._ptr(x), 1, 0.0, native._ptr(work),
                                    work.nbytes, native._ptr(y), None)
     assert rc == -1  # a workspace too small is refused, not overrun
+
+
+def test_fused_linear_is_thread_safe():
+    """ctypes releases the GIL: two Python threads may run one layer at once. Each has its own
+    workspace and zero counter, so results equal the serial ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = ActSpec("elastic", 1, True, variant="released", alpha=0.5)
+    lin, *_ = _layer(spec, 64, 512, ISAS[-1], seed=1)
+    rng = np.random.default_rng(5)
+    xs = [np.round(rng.standard_normal((3, 512)), 1).astype(np.float32) for _ in range(16)]
+    want = [lin(x) for x in xs]  # rounded inputs: exact zeros, so the correction path runs
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lin, xs * 4))
+    for i, y in enumerate(got):
+        np.testing.assert_array_equal(y, want[i % len(xs)])

@@ -487,8 +487,7 @@ class FusedLinear:
                            ACT_KINDS[act_kind], SHIFT_MODES[shift_mode],
                            float(np.float32(act_param)), 0.0)
         self._plan_p = ctypes.addressof(self._plan)
-        self._zeros = ctypes.c_int64(0)
-        self._zeros_p = ctypes.addressof(self._zeros)
+        self._counts_zeros = act_kind == "binary"  # only signed binary codes an exact 0 as +1
         self.act_kind, self.act_param, self.shift_mode = act_kind, act_param, shift_mode
 
     def __repr__(self) -> str:
@@ -503,10 +502,12 @@ class FusedLinear:
         """
         lib = self._lib
         work, nbytes = _WORKSPACE.get(lib.tbt_linear_workspace(self._plan_p, m))
-        rc = lib.tbt_linear(self._plan_p, x_ptr, m, shift, work, nbytes, y_ptr, self._zeros_p)
+        zeros = ctypes.c_int64(0) if self._counts_zeros else None  # per call: thread-safe
+        rc = lib.tbt_linear(self._plan_p, x_ptr, m, shift, work, nbytes, y_ptr,
+                            None if zeros is None else ctypes.addressof(zeros))
         if rc != 0:
             raise RuntimeError(f"tbt_linear({self.kernel.name}): {_ERRORS.get(rc, rc)}")
-        return self._zeros.value
+        return 0 if zeros is None else zeros.value
 
     def run(self, x: np.ndarray, shift: float | None = None,
             out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
@@ -530,9 +531,10 @@ class FusedLinear:
         m = x.shape[0]
         codes = np.empty((m, self.k), np.int8)
         scale, offset = np.empty(m, np.float32), np.empty(m, np.float32)
+        zeros = ctypes.c_int64(0)
         rc = self._lib.tbt_quantize_act(self._plan_p, _ptr(x), m,
                                         0.0 if shift is None else shift, _ptr(codes),
-                                        _ptr(scale), _ptr(offset), self._zeros_p)
+                                        _ptr(scale), _ptr(offset), ctypes.addressof(zeros))
         if rc != 0:
             raise RuntimeError(f"tbt_quantize_act: {_ERRORS.get(rc, rc)}")
-        return codes, scale, offset, self._zeros.value
+        return codes, scale, offset, zeros.value
