@@ -299,7 +299,7 @@ LANES_SHAPES = [(2, 1, 1), (2, 5, 3), (3, 17, 255), (8, 31, 256), (9, 33, 777), 
 
 @pytest.mark.skipif(not native.available() or not native.isa_available("avx512"),
                     reason="needs the native kernels and AVX-512")
-@pytest.mark.parametrize("name", ["t2a8", "b1a1"])
+@pytest.mark.parametrize("name", ["t2a8", "b1a8", "t2a2", "b1a1"])
 @pytest.mark.parametrize("m,n,k", LANES_SHAPES)
 @pytest.mark.parametrize("path", ["lanes", "rows"])
 def test_lanes_and_row_tile_gemms_match_reference(monkeypatch, name, m, n, k, path):

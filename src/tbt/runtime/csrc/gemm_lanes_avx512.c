@@ -86,14 +86,18 @@ INLINE T_VNNI void unit_mr(const job_t *j, const uint8_t *w0, const uint8_t *w1,
       }
     }
   }
+  const int twice = j->fmt == TBT_B1A8; /* b1a8: codes c = bit, acc = 2 raw - sum a */
   UNROLL8 for (int m = 0; m < MR; ++m) {
-    const __m512i asum = _mm512_set1_epi32(j->asum[m0 + m]); /* sum (q + 1) a - sum a */
-    epilogue16(j, _mm512_sub_epi32(c0[m], asum), m0 + m, n0);
-    epilogue16(j, _mm512_sub_epi32(c1[m], asum), m0 + m, n0 + 16);
+    const __m512i asum = _mm512_set1_epi32(j->asum[m0 + m]); /* t2a8: sum (q + 1) a - sum a */
+    const __m512i r0 = twice ? _mm512_add_epi32(c0[m], c0[m]) : c0[m];
+    const __m512i r1 = twice ? _mm512_add_epi32(c1[m], c1[m]) : c1[m];
+    epilogue16(j, _mm512_sub_epi32(r0, asum), m0 + m, n0);
+    epilogue16(j, _mm512_sub_epi32(r1, asum), m0 + m, n0 + 16);
   }
 }
 
-/* units [u0, u1) of 32 rows; j->w is the lanes layout, j->ws the bytes of one 16-row group */
+/* units [u0, u1) of 32 rows; j->w is the lanes layout, j->ws the bytes of one 16-row group.
+ * b1a8 runs here too, on the same layout holding its 0/1 bits as codes. */
 T_VNNI void tbt_t2a8_lanes_avx512(const job_t *j, int64_t u0, int64_t u1) {
   for (int64_t u = u0; u < u1; ++u) {
     const uint8_t *w0 = j->w + 2 * u * j->ws, *w1 = w0 + j->ws;
@@ -149,6 +153,56 @@ INLINE T_POP void b1_unit_mr(const job_t *j, const uint8_t *w, int64_t m0, int64
     const __m512i r0 = pack_rows16(c[0][m], c[1][m]), r1 = pack_rows16(c[2][m], c[3][m]);
     epilogue16(j, _mm512_sub_epi32(kk, _mm512_add_epi32(r0, r0)), m0 + m, n0);
     epilogue16(j, _mm512_sub_epi32(kk, _mm512_add_epi32(r1, r1)), m0 + m, n0 + 16);
+  }
+}
+
+/* ---- t2a2: 64-bit lanes, two planes (nz, neg) per operand ---------------------------------
+ * Layout (repack_t2a2_lanes): groups of 8 rows, 2*Kpad bytes each; block kb (128 bytes) holds
+ * the rows' nz words kb (lanes 0..7), then their neg words kb. With t = nz_w & nz_a,
+ * q*a summed over a word = popcount(t) - 2 popcount(t & (neg_w ^ neg_a)). */
+INLINE T_POP void t2a2_unit_mr(const job_t *j, const uint8_t *w, int64_t m0, int64_t n0,
+                               const int MR) {
+  const size_t nb = (size_t)j->kpad / 64, gs = j->ws, as = j->as, plane = (size_t)j->kpad / 8;
+  const uint8_t *a = j->a + m0 * as;
+  __m512i p[4][2], q[4][2]; /* popcount(t), popcount(t & sign differs) per group and row */
+  UNROLL4 for (int m = 0; m < MR; ++m)
+    for (int g = 0; g < 4; ++g) p[g][m] = q[g][m] = _mm512_setzero_si512();
+  for (size_t b = 0; b < nb; ++b) {
+    __m512i nz[4], ng[4];
+    UNROLL4 for (int g = 0; g < 4; ++g) {
+      nz[g] = _mm512_loadu_si512(w + g * gs + 128 * b);
+      ng[g] = _mm512_loadu_si512(w + g * gs + 128 * b + 64);
+    }
+    UNROLL4 for (int m = 0; m < MR; ++m) {
+      int64_t wn, wg;
+      memcpy(&wn, a + m * as + 8 * b, sizeof wn);
+      memcpy(&wg, a + m * as + plane + 8 * b, sizeof wg);
+      const __m512i xn = _mm512_set1_epi64(wn), xg = _mm512_set1_epi64(wg);
+      UNROLL4 for (int g = 0; g < 4; ++g) {
+        const __m512i t = _mm512_and_si512(nz[g], xn);
+        p[g][m] = _mm512_add_epi64(p[g][m], _mm512_popcnt_epi64(t));
+        q[g][m] = _mm512_add_epi64(
+            q[g][m], _mm512_popcnt_epi64(_mm512_and_si512(t, _mm512_xor_si512(ng[g], xg))));
+      }
+    }
+  }
+  UNROLL4 for (int m = 0; m < MR; ++m) {
+    const __m512i s0 = pack_rows16(p[0][m], p[1][m]), d0 = pack_rows16(q[0][m], q[1][m]);
+    const __m512i s1 = pack_rows16(p[2][m], p[3][m]), d1 = pack_rows16(q[2][m], q[3][m]);
+    epilogue16(j, _mm512_sub_epi32(s0, _mm512_add_epi32(d0, d0)), m0 + m, n0);
+    epilogue16(j, _mm512_sub_epi32(s1, _mm512_add_epi32(d1, d1)), m0 + m, n0 + 16);
+  }
+}
+
+T_POP void tbt_t2a2_lanes_avx512(const job_t *j, int64_t u0, int64_t u1) {
+  for (int64_t u = u0; u < u1; ++u) {
+    const uint8_t *w = j->w + 4 * u * j->ws;
+    for (int64_t m0 = 0; m0 < j->M; m0 += 2) { /* 2 rows: 16 accumulators + 8 weight words */
+      if (j->M - m0 >= 2)
+        t2a2_unit_mr(j, w, m0, 32 * u, 2);
+      else
+        t2a2_unit_mr(j, w, m0, 32 * u, 1);
+    }
   }
 }
 

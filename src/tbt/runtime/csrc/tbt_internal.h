@@ -70,6 +70,7 @@ extern const tbt_isa_table tbt_table_scalar;
 /* gemm_lanes_avx512.c: GEMMs on the lanes layouts, over units of 32 output rows */
 void tbt_t2a8_lanes_avx512(const job_t *j, int64_t u0, int64_t u1);
 void tbt_b1a1_lanes_avx512(const job_t *j, int64_t u0, int64_t u1);
+void tbt_t2a2_lanes_avx512(const job_t *j, int64_t u0, int64_t u1);
 extern const tbt_isa_table tbt_table_avx2;
 extern const tbt_isa_table tbt_table_avx512;
 #endif

@@ -330,7 +330,13 @@ static int kblock_ok(int64_t K, int64_t kpad) {
   return K >= 1 && kpad >= K && kpad % TBT_KBLOCK == 0 && kpad - K < TBT_KBLOCK;
 }
 
-/* lanes: the t2a8 lanes layout (w = groups of 16 rows, w_stride = bytes per group) */
+/* bytes of one row group of a lanes layout: t2a8/b1a8 16 rows of 2-bit codes, b1a1 8 rows
+ * of bits, t2a2 8 rows of two bit-planes */
+static int64_t lanes_group_bytes(int fmt, int64_t kpad) {
+  return fmt == TBT_T2A8 || fmt == TBT_B1A8 ? 4 * kpad : fmt == TBT_B1A1 ? kpad : 2 * kpad;
+}
+
+/* lanes: a lanes layout (w = row groups, w_stride = bytes per group) */
 static int gemm_run(int fmt, int isa, int lanes, const uint8_t *w, int64_t w_stride,
                     const int32_t *wsum, const float *w_scale, const void *a, int64_t a_stride,
                     const float *a_scale, const float *a_offset, const float *bias, int64_t M,
@@ -341,15 +347,17 @@ static int gemm_run(int fmt, int isa, int lanes, const uint8_t *w, int64_t w_str
     return TBT_EINVAL;
   if (a_offset && !wsum) return TBT_EINVAL;
   const int is_a8 = fmt == TBT_T2A8 || fmt == TBT_B1A8;
-  const int64_t wbytes = lanes ? (fmt == TBT_T2A8 ? 4 * Kpad : Kpad) /* one row group */
+  const int64_t wbytes = lanes ? lanes_group_bytes(fmt, Kpad) /* one row group */
                          : fmt == TBT_T2A8 ? Kpad / 4 : fmt == TBT_T2A2 ? Kpad / 4 : Kpad / 8;
   const int64_t abytes = is_a8 ? Kpad : fmt == TBT_T2A2 ? Kpad / 4 : Kpad / 8;
   if (w_stride < wbytes || a_stride < abytes) return TBT_EINVAL;
   tbt_gemv_fn lanes_fn = NULL;
   if (lanes) {
 #if TBT_X86
-    if (fmt == TBT_T2A8 && eff == TBT_ISA_AVX512) lanes_fn = tbt_t2a8_lanes_avx512;
-    if (fmt == TBT_B1A1 && eff == TBT_ISA_AVX512) lanes_fn = tbt_b1a1_lanes_avx512;
+    if (eff == TBT_ISA_AVX512)
+      lanes_fn = fmt == TBT_T2A8 || fmt == TBT_B1A8 ? tbt_t2a8_lanes_avx512
+                 : fmt == TBT_B1A1                  ? tbt_b1a1_lanes_avx512
+                                                    : tbt_t2a2_lanes_avx512;
 #endif
     if (!lanes_fn) return TBT_EISA;
   }
@@ -396,14 +404,14 @@ int tbt_gemm_lanes(int fmt, int isa, const uint8_t *w_lanes, const int32_t *wsum
                    const float *w_scale, const void *a, int64_t a_stride, const float *a_scale,
                    const float *a_offset, const float *bias, int64_t M, int64_t N, int64_t K,
                    int64_t Kpad, float *y, int32_t *acc_out) {
-  if (fmt != TBT_T2A8 && fmt != TBT_B1A1) return TBT_EINVAL;
-  return gemm_run(fmt, isa, 1, w_lanes, fmt == TBT_T2A8 ? 4 * Kpad : Kpad, wsum, w_scale, a,
+  if (fmt < 0 || fmt >= TBT_NUM_FORMATS) return TBT_EINVAL;
+  return gemm_run(fmt, isa, 1, w_lanes, lanes_group_bytes(fmt, Kpad), wsum, w_scale, a,
                   a_stride, a_scale, a_offset, bias, M, N, K, Kpad, y, acc_out);
 }
 
 int tbt_lanes_available(int fmt, int isa) {
 #if TBT_X86
-  if (fmt != TBT_T2A8 && fmt != TBT_B1A1) return 0;
+  if (fmt < 0 || fmt >= TBT_NUM_FORMATS) return 0;
   return tbt_resolve_isa(fmt, isa) == TBT_ISA_AVX512;
 #else
   (void)fmt;

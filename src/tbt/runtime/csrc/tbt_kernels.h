@@ -94,16 +94,19 @@ TBT_API int tbt_gemm_t2a2(TBT_GEMM_ARGS);
 TBT_API int tbt_gemm_b1a1(TBT_GEMM_ARGS);
 
 /* GEMM on a "lanes" layout (gemm_lanes_avx512.c: output rows in the vector lanes, no
- * horizontal sums; for M > 1), fmt TBT_T2A8 or TBT_B1A1, AVX-512 only (TBT_EISA elsewhere: use
- * tbt_gemm). Same arguments and results as tbt_gemm, with w_lanes in place of w:
- *   t2a8: ceil(N/32)*2 groups of 16 rows, 4*Kpad bytes each (32-bit lane = row);
- *   b1a1: ceil(N/32)*4 groups of 8 rows, Kpad bytes each (64-bit lane = row). */
+ * horizontal sums; for M > 1), any format, AVX-512 only (TBT_EISA elsewhere: use tbt_gemm;
+ * t2a2/b1a1 need VPOPCNTDQ). Same arguments and results as tbt_gemm, with w_lanes in place of w:
+ *   t2a8: ceil(N/32)*2 groups of 16 rows, 4*Kpad bytes each (32-bit lane = row, 2-bit c = q+1);
+ *   b1a8: the same layout holding c = bit (0/1);
+ *   b1a1: ceil(N/32)*4 groups of 8 rows, Kpad bytes each (64-bit lane = row);
+ *   t2a2: ceil(N/32)*4 groups of 8 rows, 2*Kpad bytes each: per 64 K, the nz words of the 8
+ *         rows, then their neg words. */
 TBT_API int tbt_gemm_lanes(int fmt, int isa, const uint8_t *w_lanes, const int32_t *wsum,
                            const float *w_scale, const void *a, int64_t a_stride,
                            const float *a_scale, const float *a_offset, const float *bias,
                            int64_t M, int64_t N, int64_t K, int64_t Kpad, float *y,
                            int32_t *acc_out);
-/* 1 if the lanes GEMM of kernel format `fmt` (TBT_T2A8 or TBT_B1A1) runs with `isa` here */
+/* 1 if the lanes GEMM of kernel format `fmt` runs with `isa` here */
 TBT_API int tbt_lanes_available(int fmt, int isa);
 
 /* Activation layout helpers: int8 codes (M x K, row stride K) -> kernel layout rows of

@@ -39,7 +39,7 @@ __all__ = ["KBLOCK", "ISAS", "available", "unavailable_reason", "load_library", 
            "get_num_threads", "set_parallel_threshold", "NativeKernel", "PreparedAct",
            "padded_k", "aligned_empty", "repack_t2_interleaved", "repack_t2_planes", "repack_b1",
            "FusedLinear", "ACT_KINDS", "SHIFT_MODES", "repack_t2_lanes", "repack_b1_lanes",
-           "t2_codes_from_interleaved", "LANES_MIN_M"]
+           "t2_codes_from_interleaved", "repack_t2a2_lanes", "LANES_MIN_M"]
 
 KBLOCK = 256  # TBT_KBLOCK
 ISAS = {"native": 0, "scalar": 1, "avx2": 2, "avx512": 3}
@@ -256,9 +256,25 @@ def repack_b1_lanes(bits: np.ndarray) -> np.ndarray:
     return _aligned(np.ascontiguousarray(words.transpose(0, 2, 1, 3)).reshape(npad // 8, nbytes * 8))
 
 
+def repack_t2a2_lanes(planes: np.ndarray) -> np.ndarray:
+    """The t2a2 row layout ``uint8 (N, Kpad/4)`` = [nz | neg] → its lanes layout: ``uint8
+    (G, 2·Kpad)``, ``G = 4·ceil(N/32)`` groups of 8 rows; per 64 K (128 bytes) the 8 rows' nz
+    words, then their neg words."""
+    n, row = planes.shape
+    half = row // 2
+    nz = repack_b1_lanes(planes[:, :half]).reshape(-1, half // 8, 64)
+    neg = repack_b1_lanes(planes[:, half:]).reshape(-1, half // 8, 64)
+    return _aligned(np.concatenate([nz, neg], axis=2).reshape(nz.shape[0], 2 * half * 8))
+
+
+def _b1_bits_as_codes(bits: np.ndarray) -> np.ndarray:
+    return np.unpackbits(bits, axis=1, bitorder="little")  # (N, Kpad) of 0/1
+
+
 LANES_MIN_M = int(os.environ.get("TBT_LANES_MIN_M", "2"))  # GEMMs from this M use lanes
 _LANES = {"t2a8": lambda data: repack_t2_lanes(t2_codes_from_interleaved(data)),
-          "b1a1": repack_b1_lanes}
+          "b1a8": lambda data: repack_t2_lanes(_b1_bits_as_codes(data)),  # codes c = bit
+          "b1a1": repack_b1_lanes, "t2a2": repack_t2a2_lanes}
 
 
 _REPACK = {"t2a8": repack_t2_interleaved, "b1a8": repack_b1, "t2a2": repack_t2_planes,
@@ -374,7 +390,7 @@ class NativeKernel:
             raise RuntimeError(f"tbt_gemm({self.name}, {self.isa}): {_ERRORS.get(rc, rc)}")
 
     def lanes_layout(self, w: PreparedWeight, m: int) -> np.ndarray | None:
-        """The lanes layout of a t2a8/b1a1 weight for an ``m``-row GEMM (built on first use
+        """The lanes layout of a weight for an ``m``-row GEMM (built on first use
         from the row layout, cached in ``w.extra``), or None where the row tiles run: ``m``
         below :data:`LANES_MIN_M`, another format, or no AVX-512 path for this kernel's ISA."""
         if m < LANES_MIN_M or self.name not in _LANES:
