@@ -16,10 +16,13 @@ Each checkpoint is then loaded and run in its own subprocess, so peak RSS is per
 Timings are the best over ``--rounds`` interleaved worker processes × ``--repeat`` runs each,
 so a load spike on a shared machine does not land on one model only.
 ``--quick`` uses a small shape (d_model 256, 2+2 layers, vocab 8000) for a smoke run.
+``--arch llama`` runs a decoder-only model of the SmolLM2-135M shape instead (30 layers,
+hidden 576, GQA 9/3 heads, FFN 1536, vocab 49152, tied embeddings; the source is the prompt).
 
 Usage::
 
-    python benchmarks/bench_e2e.py [--quick] [--out benchmarks/results/e2e-DATE.md] [--profile]
+    python benchmarks/bench_e2e.py [--quick] [--arch bart|llama] [--torch-threads 1]
+        [--heads fp,int8,packed] [--out benchmarks/results/e2e-DATE.md] [--profile]
 """
 
 from __future__ import annotations
@@ -42,9 +45,26 @@ QUICK = dict(vocab_size=8000, d_model=256, encoder_layers=2, decoder_layers=2,
              decoder_ffn_dim=1024, max_position_embeddings=256)
 
 
-def _config(quick: bool):
+# --arch llama: the SmolLM2-135M shape (decoder-only, GQA, tied embeddings), random weights
+LLAMA = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+             tie_word_embeddings=True)
+LLAMA_QUICK = dict(vocab_size=8000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                   tie_word_embeddings=True)
+
+
+def _shape(arch: str, quick: bool) -> dict:
+    if arch == "llama":
+        return LLAMA_QUICK if quick else LLAMA
+    return QUICK if quick else BASE
+
+
+def _config(quick: bool, arch: str = "bart"):
     import transformers as tf
 
+    if arch == "llama":
+        return tf.LlamaConfig(**_shape(arch, quick), bos_token_id=1, eos_token_id=2)
     return tf.BartConfig(**(QUICK if quick else BASE), pad_token_id=1, bos_token_id=0,
                          eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
                          forced_bos_token_id=None, dropout=0.0, attention_dropout=0.0,
@@ -81,7 +101,7 @@ HEADS = ("fp", "int8", "packed")
 
 
 def build(work: Path, quick: bool, settings: tuple[str, ...],
-          heads: tuple[str, ...] = HEADS) -> dict[str, dict]:
+          heads: tuple[str, ...] = HEADS, arch: str = "bart") -> dict[str, dict]:
     """Write the fp32 and packed checkpoints; returns {name: {dir, kind, bytes, ...}}."""
     import copy
 
@@ -93,7 +113,8 @@ def build(work: Path, quick: bool, settings: tuple[str, ...],
     from tbt.quant.surgery import quantize_model
 
     torch.manual_seed(0)
-    fp = tf.BartForConditionalGeneration(_config(quick)).eval()
+    cls = tf.LlamaForCausalLM if arch == "llama" else tf.BartForConditionalGeneration
+    fp = cls(_config(quick, arch)).eval()
     fp_dir = work / "fp32"
     fp.save_pretrained(fp_dir, safe_serialization=True)
     fp_bytes = (fp_dir / "model.safetensors").stat().st_size
@@ -106,7 +127,8 @@ def build(work: Path, quick: bool, settings: tuple[str, ...],
             qcfg = QuantConfig(bits=bits, skip_modules=() if head == "packed" else ("lm_head",))
             m = quantize_model(copy.deepcopy(fp), qcfg).train()
             with torch.no_grad():
-                m(input_ids=src, decoder_input_ids=src[:, :8])  # α from one batch
+                kw = {} if arch == "llama" else {"decoder_input_ids": src[:, :8]}
+                m(input_ids=src, **kw)  # α from one batch
             m.eval()
             d = work / f"{bits}-{head}"
             save_packed(m, d, lm_head="int8" if head == "int8" else "fp")
@@ -125,7 +147,8 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.torch_threads or args.threads)
     t0 = time.perf_counter()
     if args.worker == "fp32":
-        model = tf.BartForConditionalGeneration.from_pretrained(args.dir).eval()
+        model = tf.AutoModelForCausalLM.from_pretrained(args.dir).eval() if args.arch == "llama" \
+            else tf.BartForConditionalGeneration.from_pretrained(args.dir).eval()
     else:
         from tbt.export.io import load_packed
 
@@ -185,6 +208,7 @@ def _rss_now() -> int:
 def _run_worker(name: str, info: dict, args: argparse.Namespace, profile: bool) -> dict:
     cmd = [sys.executable, __file__, "--worker", info["kind"], "--dir", info["dir"],
            "--src-len", str(args.src_len), "--new-tokens", str(args.new_tokens),
+           "--arch", args.arch,
            "--threads", str(args.threads), "--repeat", str(args.repeat),
            "--torch-threads", str(args.torch_threads or args.threads)]
     if profile:
@@ -221,6 +245,9 @@ def table(runs: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shape (smoke run)")
+    p.add_argument("--arch", choices=("bart", "llama"), default="bart",
+                   help="bart: BART-base shape (default); llama: the SmolLM2-135M shape "
+                        "(decoder-only, 30 layers, d 576, GQA 9/3 heads, tied embeddings)")
     p.add_argument("--settings", default=",".join(SETTINGS), help="E-W-A settings to run")
     p.add_argument("--src-len", type=int, default=64, help="source tokens (batch 1)")
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens (exactly)")
@@ -260,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = json.loads(index.read_text())
         else:
             work.mkdir(parents=True, exist_ok=True)
-            runs = build(work, args.quick, settings,
+            runs = build(work, args.quick, settings, arch=args.arch, heads=
                          tuple(h for h in args.heads.split(",") if h))
             index.write_text(json.dumps(runs))
         build_s = time.perf_counter() - t
@@ -277,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{res['peak_rss_mb']:.0f} MB peak", file=sys.stderr)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    shape = QUICK if args.quick else BASE
+    shape = _shape(args.arch, args.quick)
     report = [f"# End-to-end: fp32 torch vs packed tbt (native kernels)", "",
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; BART-shaped "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.arch}-shaped "
               f"{json.dumps(shape)}; random weights; batch 1, {args.src_len}-token source, "
               f"{args.new_tokens} new tokens (greedy, KV cache); threads: tbt kernels {args.threads}, "
               f"torch {args.torch_threads or args.threads}; "

@@ -10,7 +10,10 @@ Every :class:`~tbt.quant.modules.QuantLinear` whose weight is 1- or 2-bit become
 activation-quantizer module, so inference follows the trained quantizers exactly.
 :class:`~tbt.quant.modules.QuantEmbedding` becomes :class:`PackedEmbedding` the same way
 (``embed_scale`` kept). Embeddings that shared one latent Parameter (BART's three) share one
-pair of packed tensors. The tied LM head is untouched: it keeps the FP latent matrix.
+pair of packed tensors. The tied LM head is untouched (TBT: it keeps the FP latent matrix)
+unless training quantized it (``QuantConfig(skip_modules=())``): then it is a ``QuantLinear``
+on the embedding's Parameter and quantizer, and its :class:`PackedLinear` shares the
+embedding's packed tensors too.
 
 The forward unpacks the codes once, dequantizes them exactly as the fake quantizer does
 (``dequantize(codes, scale, dtype)``) and caches the float weight in a non-persistent attribute
