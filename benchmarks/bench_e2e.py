@@ -119,7 +119,8 @@ def build(work: Path, quick: bool, settings: tuple[str, ...],
     fp.save_pretrained(fp_dir, safe_serialization=True)
     fp_bytes = (fp_dir / "model.safetensors").stat().st_size
     runs = {"fp32": {"dir": str(fp_dir), "kind": "fp32", "bytes": fp_bytes}}
-    src = torch.randint(3, fp.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    src = torch.randint(3, fp.config.vocab_size, (2, 32),
+                        generator=torch.Generator().manual_seed(1))
     for bits in settings:
         for head in heads:
             # "packed": the head quantized with the embedding (skip_modules=(), trained so);
@@ -305,13 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     shape = _shape(args.arch, args.quick)
-    report = [f"# End-to-end: fp32 torch vs packed tbt (native kernels)", "",
+    report = ["# End-to-end: fp32 torch vs packed tbt (native kernels)", "",
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.arch}-shaped "
               f"{json.dumps(shape)}; random weights; batch 1, {args.src_len}-token source, "
-              f"{args.new_tokens} new tokens (greedy, KV cache); threads: tbt kernels {args.threads}, "
+              f"{args.new_tokens} new tokens (greedy, KV cache); "
+              f"threads: tbt kernels {args.threads}, "
               f"torch {args.torch_threads or args.threads}; "
               f"OMP_WAIT_POLICY={args.omp_wait or 'unset'}; "
-              f"best of {args.rounds} processes x {args.repeat} runs; checkpoints built in {build_s:.0f} s; load average "
+              f"best of {args.rounds} processes x {args.repeat} runs; "
+              f"checkpoints built in {build_s:.0f} s; load average "
               f"{' '.join(load)} (machine load).", "", table(runs), ""]
     for name, prof in profiles.items():
         report += [f"cProfile of one {name} generate call (top functions by own time):", "",

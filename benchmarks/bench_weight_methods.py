@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         w = w0.clone().requires_grad_()
         g = torch.randn_like(w)
 
-        def step():
+        def step(q=q, w=w, g=g):
             q(w).backward(g)
             bias = q.output_bias(w)
             if bias is not None:

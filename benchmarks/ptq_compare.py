@@ -77,7 +77,8 @@ def run_one(label: str, extra: list[str], model_dir: str, data: dict[str, str],
     t = rep["totals"]
     row = {"run": label, "ppl_fp": rep["metrics"].get("perplexity_before"),
            "ppl": rep["metrics"]["perplexity_after"],
-           "ppl_uncompensated": rep["metrics"].get("perplexity_after_uncompensated"), "bpw": t["bits_per_weight_with_adapters"],
+           "ppl_uncompensated": rep["metrics"].get("perplexity_after_uncompensated"),
+           "bpw": t["bits_per_weight_with_adapters"],
            "bpw_codes_scales": t["bits_per_weight"], "bpw_reported": t["bits_per_weight_reported"],
            "adapter_bpw": t["adapter_bits_per_weight"], "quant_s": rep["seconds"],
            "wall_s": wall, "peak_rss_mib": rep["peak_rss_mib"], "layers": len(rep["layers"])}

@@ -7,13 +7,12 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny
 
 from tbt.config import QuantConfig
 from tbt.export.io import WEIGHTS_NAME, load_packed, read_packed_metadata, save_packed
 from tbt.export.lm_head import Int8Linear, quantize_rows_int8
 from tbt.quant.surgery import quantize_model
-
-from conftest import make_tiny
 
 pytest.importorskip("transformers")
 

@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny
 
 from tbt.cli import main
 from tbt.export.format import FormatError
@@ -21,8 +22,6 @@ from tbt.export.pack import pack_uint, unpack_uint
 from tbt.export.ptq_layers import SchemeLinear, layer_bits
 from tbt.ptq import EoRAConfig, LowRankAdapter, PTQConfig, make_method_config, quantize_model_ptq
 from tbt.ptq.save import save_packed_ptq
-
-from conftest import make_tiny
 
 pytest.importorskip("transformers")
 

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-
 from train_helpers import flat_settings, make_model_dir, make_workspace
 
 

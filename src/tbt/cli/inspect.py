@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
     meta = read_packed_metadata(args.directory)
     tensors = meta["tensors"]
-    nbytes = {k: _numel(shape) * _DTYPE_BYTES.get(dtype, 4) for k, (dtype, shape) in tensors.items()}
+    nbytes = {k: _numel(shape) * _DTYPE_BYTES.get(dtype, 4)
+              for k, (dtype, shape) in tensors.items()}
 
     print(f"{meta['path']}")
     print("format header:")

@@ -124,7 +124,8 @@ def _stored(t: Tensor | None, n: int) -> Tensor | None:
     return (t.reshape(-1) if t.shape[-1] == 1 else t).contiguous()
 
 
-def _codes_scale(w: Tensor, spec: WeightSpec) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+def _codes_scale(w: Tensor,
+                 spec: WeightSpec) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """(codes, stored scale, stored offset or None, output bias or None) of ``spec`` on ``w``
     (``spec.codes_and_scale``: a stateless WeightSpec or a learned weight-quantizer module)."""
     with torch.no_grad():
@@ -198,7 +199,8 @@ class PackedLinear(_PackedBase):
         super().__init__()
         self.in_features, self.out_features, self.k = in_features, out_features, in_features
         packing = packing_for_bits(bits)
-        self._init_packed(torch.zeros(out_features, packing.row_bytes(in_features), dtype=torch.uint8),
+        self._init_packed(torch.zeros(out_features, packing.row_bytes(in_features),
+                                      dtype=torch.uint8),
                           torch.zeros(out_features, dtype=torch.float32), bits, dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) \
             if bias else None
@@ -306,16 +308,19 @@ class PackedLinear(_PackedBase):
 
 
 class PackedEmbedding(_PackedBase):
-    """Token lookup in ``α ⊙ unpack(codes)`` (times ``embed_scale``): a converted ``QuantEmbedding``."""
+    """Token lookup in ``α ⊙ unpack(codes)`` (times ``embed_scale``): a converted
+    ``QuantEmbedding``."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int,
                  padding_idx: int | None = None, embed_scale: float | Tensor | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.num_embeddings, self.embedding_dim, self.k = num_embeddings, embedding_dim, embedding_dim
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.k = embedding_dim
         self.padding_idx = padding_idx
         packing = packing_for_bits(bits)
-        self._init_packed(torch.zeros(num_embeddings, packing.row_bytes(embedding_dim), dtype=torch.uint8),
+        self._init_packed(torch.zeros(num_embeddings, packing.row_bytes(embedding_dim),
+                                      dtype=torch.uint8),
                           torch.zeros(num_embeddings, dtype=torch.float32), bits, dtype)
         if isinstance(embed_scale, Tensor):
             self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)

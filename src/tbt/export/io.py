@@ -47,8 +47,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tbt.export.convert import (PackedEmbedding, PackedLinear, act_spec_of, convert_model,
-                                set_backend)
+from tbt.export.convert import (
+    PackedEmbedding,
+    PackedLinear,
+    act_spec_of,
+    convert_model,
+    set_backend,
+)
 from tbt.export.format import FormatError, FormatHeader, Packing
 from tbt.export.lm_head import LM_HEAD_FORMATS, Int8Linear, output_embedding_name
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tbt.export.format import (BINARY_PAD_BIT, TERNARY_PAD_CODE, FormatError, Packing)
+from tbt.export.format import BINARY_PAD_BIT, TERNARY_PAD_CODE, FormatError, Packing
 
 __all__ = ["pack_ternary", "unpack_ternary", "pack_binary", "unpack_binary", "pack_base3",
            "unpack_base3", "pack", "unpack", "pack_uint", "unpack_uint"]

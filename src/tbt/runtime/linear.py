@@ -50,8 +50,13 @@ import numpy as np
 
 from tbt.export.format import FormatHeader, Packing
 from tbt.runtime.kernels import get_kernel
-from tbt.runtime.kernels.ref import (ALPHA_EPS, QuantizedActivation, quantize_a1, quantize_a2,
-                                     quantize_a8)
+from tbt.runtime.kernels.ref import (
+    ALPHA_EPS,
+    QuantizedActivation,
+    quantize_a1,
+    quantize_a2,
+    quantize_a8,
+)
 
 __all__ = ["ActSpec", "PackedLinearNP", "register_act_quantizer", "quantize_activation",
            "kernel_unavailable_reason", "weight_format_of", "WEIGHTS_NAME"]
@@ -173,7 +178,8 @@ def fused_act(spec: ActSpec) -> tuple[str, float, str]:
     the mean) or minus the minimum for the released non-negative ternary one (``"min"``).
     """
     if spec.kind == "minmax":
-        return ("minmax-sym" if spec.signed else "minmax-asym"), float(np.float32(spec.clip)), "none"
+        kind = "minmax-sym" if spec.signed else "minmax-asym"
+        return kind, float(np.float32(spec.clip)), "none"
     alpha = float(max(np.float32(spec.alpha), ALPHA_EPS))
     kind = {2: "ternary", 1: "binary"}[spec.bits] + ("" if spec.signed else "-nonneg")
     if spec.signed:

@@ -187,7 +187,7 @@ def _terms(model, teacher, batch, cfg: TrainConfig, seq2seq: bool) -> dict[str, 
 def _reduced(acc, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> dict[str, float]:
     vals = torch.stack([v.detach().float() for v in terms.values()] + [loss.detach().float()])
     vals = acc.reduce(vals, reduction="mean") if acc.num_processes > 1 else vals
-    return dict(zip([*terms, "loss"], vals.tolist()))  # one host sync per micro-batch
+    return dict(zip([*terms, "loss"], vals.tolist(), strict=True))  # one host sync per micro-batch
 
 
 @torch.no_grad()

@@ -31,8 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from tbt.export.format import Packing
-from tbt.runtime.kernels.ref import (PreparedWeight, QuantizedActivation, _packing_for,
-                                     aligned_empty, prepare_codes)
+from tbt.runtime.kernels.ref import (
+    PreparedWeight,
+    QuantizedActivation,
+    _packing_for,
+    aligned_empty,
+    prepare_codes,
+)
 
 __all__ = ["KBLOCK", "ISAS", "available", "unavailable_reason", "load_library", "isa_available",
            "resolve_isa", "cpu_features", "threading_model", "set_num_threads",
@@ -253,7 +258,8 @@ def repack_b1_lanes(bits: np.ndarray) -> np.ndarray:
     full = np.zeros((npad, nbytes), dtype=np.uint8)
     full[:n] = bits
     words = full.reshape(npad // 8, 8, nbytes // 8, 8)  # (group, j, kb, byte)
-    return _aligned(np.ascontiguousarray(words.transpose(0, 2, 1, 3)).reshape(npad // 8, nbytes * 8))
+    out = np.ascontiguousarray(words.transpose(0, 2, 1, 3))
+    return _aligned(out.reshape(npad // 8, nbytes * 8))
 
 
 def repack_t2a2_lanes(planes: np.ndarray) -> np.ndarray:
