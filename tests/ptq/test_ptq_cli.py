@@ -85,6 +85,9 @@ def test_every_method_end_to_end(workspace, method, extra):
     from tbt.export.io import load_packed
 
     assert rep["packed"] == os.path.join(out, "packed")
+    from transformers import AutoTokenizer  # the packed directory runs on its own
+
+    assert AutoTokenizer.from_pretrained(rep["packed"]).vocab_size > 0
     packed = load_packed(rep["packed"])
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -196,6 +196,8 @@ def run_ptq(args: argparse.Namespace) -> int:
         packed_dir = os.path.join(args.output_dir, "packed")
         out["packed"] = (save_packed_rtn(fp_copy, cfg, packed_dir, model) if fp_copy is not None
                          else save_packed_ptq(model, report, cfg, packed_dir))
+        if os.path.isdir(packed_dir) and tok is not None:
+            tok.save_pretrained(packed_dir)  # the packed model runs on its own (tbt evaluate ...)
         print(f"packed checkpoint: {out['packed']}")
     if args.save:
         save_ptq_checkpoint(model, tok, cfg, args.output_dir)
