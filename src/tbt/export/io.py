@@ -38,6 +38,7 @@ directory is written to a temporary sibling first and moved into place with ``os
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -58,6 +59,8 @@ from tbt.export.format import FormatError, FormatHeader, Packing
 from tbt.export.lm_head import LM_HEAD_FORMATS, Int8Linear, output_embedding_name
 
 __all__ = ["WEIGHTS_NAME", "save_packed", "load_packed", "read_packed_metadata", "layer_table"]
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "tbt_packed.safetensors"
 
@@ -434,6 +437,11 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
     model = model.to(device).eval()
     set_backend(model, backend if torch.device(device).type == "cpu" else "torch",
                 kernel_backend)
+    if torch.get_num_threads() > 1 and any(getattr(m, "backend", None) == "native"
+                                           for m in model.modules()):
+        logger.info("tbt: the packed layers run on tbt's own thread pool (TBT_NUM_THREADS); "
+                    "for decoding, torch.set_num_threads(1) is usually faster, as torch is "
+                    "left only small ops (docs/kernels.md)")
     from tbt.ptq.save import attach_adapters  # EoRA adapters saved next to the weights
 
     attach_adapters(model, directory)
