@@ -153,3 +153,23 @@ def test_fused_linear_is_thread_safe():
         got = list(pool.map(lin, xs * 4))
     for i, y in enumerate(got):
         np.testing.assert_array_equal(y, want[i % len(xs)])
+
+
+@pytest.mark.skipif("avx512" not in ISAS, reason="the lanes GEMMs are AVX-512")
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[3], SPECS[9]], ids=_ids)
+def test_fused_gemm_runs_on_the_lanes_layout(monkeypatch, spec):
+    """From LANES_MIN_M rows, tbt_linear runs the kernel's lanes layout (as kernel.run does);
+    below it, and with lanes off, the row tiles: all bit-identical."""
+    rng = np.random.default_rng(9)
+    x = _inputs(spec, 9, 768, rng)
+    shift = float(x.mean(dtype=np.float32)) if spec.needs_mean else None
+    lin, *_ = _layer(spec, 40, 768, "avx512", seed=4)
+    y_lanes, _ = lin.fused.run(x, shift)
+    assert lin.fused._plan.w_lanes  # attached on the first GEMM
+    monkeypatch.setattr(native, "LANES_MIN_M", 10**9)
+    rows, *_ = _layer(spec, 40, 768, "avx512", seed=4)
+    y_rows, _ = rows.fused.run(x, shift)
+    assert not rows.fused._plan.w_lanes
+    np.testing.assert_array_equal(y_lanes, y_rows)
+    np.testing.assert_array_equal(y_lanes, lin.kernel.run(
+        lin.weight, quantize_activation(x, spec, shift), lin.bias))

@@ -40,7 +40,7 @@ extern "C" {
 #define TBT_API
 #endif
 
-#define TBT_ABI_VERSION 2
+#define TBT_ABI_VERSION 3
 #define TBT_KBLOCK 256
 
 /* kernel formats (weight x activation) */
@@ -133,7 +133,8 @@ enum {
 enum { TBT_SHIFT_NONE = 0, TBT_SHIFT_GIVEN = 1, TBT_SHIFT_MIN = 2 };
 
 /* A layer: its prepared weight (tbt_gemm's arguments) and its activation quantizer.
- * act_param: the clip c (8-bit) or alpha_c = max(alpha, 1e-5) (2/1-bit), as float32. */
+ * act_param: the clip c (8-bit) or alpha_c = max(alpha, 1e-5) (2/1-bit), as float32.
+ * w_lanes (may be NULL): the weight's lanes layout (tbt_gemm_lanes), used from M >= lanes_min_m. */
 typedef struct tbt_plan {
   int32_t fmt, isa;
   const uint8_t *w;
@@ -143,6 +144,8 @@ typedef struct tbt_plan {
   int64_t N, K, Kpad;
   int32_t act_kind, shift_mode;
   float act_param, reserved;
+  const uint8_t *w_lanes;
+  int64_t lanes_min_m;
 } tbt_plan;
 
 /* bytes of `work` tbt_linear needs for M rows */

@@ -215,6 +215,10 @@ int tbt_linear(const tbt_plan *p, const float *x, int64_t M, float shift, void *
     has_offset = p->act_kind == TBT_ACT_TERNARY_NONNEG || p->act_kind == TBT_ACT_BINARY_NONNEG;
   }
   if (zeros) *zeros = z;
+  if (p->w_lanes && M >= p->lanes_min_m)
+    return tbt_gemm_lanes(p->fmt, p->isa, p->w_lanes, p->wsum, p->w_scale, layout, abytes,
+                          a_scale, has_offset ? a_offset : NULL, p->bias, M, p->N, p->K, p->Kpad,
+                          y, NULL);
   return tbt_gemm(p->fmt, p->isa, p->w, p->w_stride, p->wsum, p->w_scale, layout, abytes,
                   a_scale, has_offset ? a_offset : NULL, p->bias, M, p->N, p->K, p->Kpad, y,
                   NULL);

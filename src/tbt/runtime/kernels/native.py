@@ -52,7 +52,7 @@ _ISA_NAMES = {v: k for k, v in ISAS.items()}
 _FORMAT_IDS = {"t2a8": 0, "b1a8": 1, "t2a2": 2, "b1a1": 3}
 _FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vpopcntdq",
              "popcnt", "fma")
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _ERRORS = {-1: "invalid arguments (shapes, strides or padding)",
            -2: "instruction set not supported by this CPU or build"}
 
@@ -457,7 +457,8 @@ class _Plan(ctypes.Structure):
     _fields_ = [("fmt", ctypes.c_int32), ("isa", ctypes.c_int32), ("w", _P), ("w_stride", _I64),
                 ("wsum", _P), ("w_scale", _P), ("bias", _P), ("N", _I64), ("K", _I64),
                 ("Kpad", _I64), ("act_kind", ctypes.c_int32), ("shift_mode", ctypes.c_int32),
-                ("act_param", ctypes.c_float), ("reserved", ctypes.c_float)]
+                ("act_param", ctypes.c_float), ("reserved", ctypes.c_float),
+                ("w_lanes", _P), ("lanes_min_m", _I64)]
 
 
 class _Workspace:
@@ -507,8 +508,9 @@ class FusedLinear:
         self._plan = _Plan(kernel._fmt_id, kernel._isa_id, _ptr(w.data), w.data.shape[1],
                            _ptr(w.wsum), _ptr(w.scale), _ptr(self.bias) or 0, w.n, w.k, w.kpad,
                            ACT_KINDS[act_kind], SHIFT_MODES[shift_mode],
-                           float(np.float32(act_param)), 0.0)
+                           float(np.float32(act_param)), 0.0, None, 0)
         self._plan_p = ctypes.addressof(self._plan)
+        self._lanes_checked = False  # the lanes layout is attached on the first GEMM call
         self._counts_zeros = act_kind == "binary"  # only signed binary codes an exact 0 as +1
         self.act_kind, self.act_param, self.shift_mode = act_kind, act_param, shift_mode
 
@@ -523,6 +525,8 @@ class FusedLinear:
         corrects them, see ``PackedLinearNP``), else 0. The caller keeps both buffers alive.
         """
         lib = self._lib
+        if m >= LANES_MIN_M and not self._lanes_checked:
+            self._attach_lanes(m)
         work, nbytes = _WORKSPACE.get(lib.tbt_linear_workspace(self._plan_p, m))
         zeros = ctypes.c_int64(0) if self._counts_zeros else None  # per call: thread-safe
         rc = lib.tbt_linear(self._plan_p, x_ptr, m, shift, work, nbytes, y_ptr,
@@ -530,6 +534,14 @@ class FusedLinear:
         if rc != 0:
             raise RuntimeError(f"tbt_linear({self.kernel.name}): {_ERRORS.get(rc, rc)}")
         return 0 if zeros is None else zeros.value
+
+    def _attach_lanes(self, m: int) -> None:
+        """Give the plan the weight's lanes layout (the kernel's, shared with ``kernel.run``),
+        so GEMMs from :data:`LANES_MIN_M` rows run on it, as :meth:`NativeKernel.run` does."""
+        self._lanes_checked = True
+        lanes = self.kernel.lanes_layout(self.weight, m)
+        if lanes is not None:
+            self._plan.w_lanes, self._plan.lanes_min_m = _ptr(lanes), LANES_MIN_M
 
     def run(self, x: np.ndarray, shift: float | None = None,
             out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
