@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tbt.export.cached import CachedModule, float_linear
 from tbt.export.format import Packing
 from tbt.export.lm_head import Int8Linear
 from tbt.export.pack import pack, unpack
@@ -140,8 +141,10 @@ def _row_scale(t: Tensor) -> Tensor:
     return t[:, None] if t.dim() == 1 else t
 
 
-class _PackedBase(nn.Module):
+class _PackedBase(CachedModule):
     """Shared pieces: packed codes + per-row scale buffers and the lazily cached float weight."""
+
+    CACHES = ("_w_cache", "_rt")  # the float weight; the kernel-layout layer (native backend)
 
     packing: Packing
     k: int
@@ -167,23 +170,6 @@ class _PackedBase(nn.Module):
                 w = w.t().contiguous().t()
             self._w_cache = w
         return self._w_cache
-
-    def __getstate__(self):  # copies and pickles drop the caches (rebuilt on use)
-        state = self.__dict__.copy()
-        state["_w_cache"], state["_rt"] = None, None
-        return state
-
-    def clear_cache(self) -> None:
-        self._w_cache = None
-        self._rt = None  # the kernel-layout weight (PackedLinear, native backend)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.clear_cache()
-
-    def _apply(self, fn, *args, **kwargs):
-        self.clear_cache()
-        return super()._apply(fn, *args, **kwargs)
 
     def packed_bits(self) -> int:
         """Bits of the packed codes (padding included) plus the scales."""
@@ -297,10 +283,7 @@ class PackedLinear(_PackedBase):
             return self._native_forward(x)
         if self.act_quant is not None:
             x = self.act_quant(x)
-        w = self.dequantized_weight()
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(w.dtype)
-        return F.linear(x, w, self.bias)
+        return float_linear(x, self.dequantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, {self.packing.value}, "

@@ -27,8 +27,9 @@ import logging
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from tbt.export.cached import CachedModule, float_linear
 
 __all__ = ["Int8Linear", "LM_HEAD_FORMATS", "quantize_rows_int8", "output_embedding_name"]
 
@@ -60,14 +61,17 @@ def _fbgemm_ok() -> bool:
     return ops is not None and hasattr(ops, "linear_prepack") and hasattr(ops, "linear_dynamic")
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(CachedModule):
     """``y = x·(s ⊙ c)ᵀ + b`` with per-row int8 codes ``c`` and float32 scales ``s``."""
+
+    CACHES = ("_w_cache", "_packed")  # the dequantized weight, fbgemm's prepacked weight
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_int8",
+                             torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) \
             if bias else None
@@ -84,22 +88,6 @@ class Int8Linear(nn.Module):
         if lin.bias is not None:
             new.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
         return new
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_w_cache"], state["_packed"] = None, None
-        return state
-
-    def clear_cache(self) -> None:
-        self._w_cache, self._packed = None, None
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.clear_cache()
-
-    def _apply(self, fn, *args, **kwargs):
-        self.clear_cache()
-        return super()._apply(fn, *args, **kwargs)
 
     def set_backend(self, backend: str, kernel_backend: str | None = None) -> str | None:
         """``"torch"`` or ``"native"`` (fbgemm dynamic int8); returns why not, or None."""
@@ -136,9 +124,7 @@ class Int8Linear(nn.Module):
             x32 = x.detach().to(torch.float32).reshape(-1, self.in_features).contiguous()
             y = torch.ops.quantized.linear_dynamic(x32, self._prepacked(), True)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        if x.dtype != self.weight_dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.weight_dtype)
-        return F.linear(x, self.dequantized_weight(), self.bias)
+        return float_linear(x, self.dequantized_weight(), self.bias)  # weight_dtype
 
     def packed_bits(self) -> int:
         return self.weight_int8.numel() * 8 + self.scale.numel() * 32

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tbt.export.cached import CachedModule, float_linear
 from tbt.export.format import FormatError, Packing
 from tbt.export.pack import pack, pack_uint, unpack, unpack_uint
 
@@ -290,8 +290,10 @@ def layer_bits(info: dict, tensors: dict) -> tuple[int, int]:
     return tensor_bits(layer_keys(info), tensors)
 
 
-class SchemeLinear(nn.Module):
+class SchemeLinear(CachedModule):
     """``y = F.linear(x, decode(stored tensors), b)``: a packed PTQ layer (float activations)."""
+
+    CACHES = ("_w_cache",)  # the decoded float weight
 
     def __init__(self, scheme: str, in_features: int, out_features: int, params: dict,
                  stored: dict[str, Tensor] | None = None, bias: Tensor | bool | None = None,
@@ -351,22 +353,6 @@ class SchemeLinear(nn.Module):
             self._w_cache = w.to(device=dev, dtype=self.weight_dtype)
         return self._w_cache
 
-    def clear_cache(self) -> None:
-        self._w_cache = None
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_w_cache"] = None
-        return state
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.clear_cache()
-
-    def _apply(self, fn, *args, **kwargs):
-        self.clear_cache()
-        return super()._apply(fn, *args, **kwargs)
-
     def set_backend(self, backend: str, kernel_backend: str | None = None) -> str | None:
         """Always the torch path; returns why for ``"native"`` (None for ``"torch"``)."""
         if backend not in ("torch", "native"):
@@ -378,10 +364,7 @@ class SchemeLinear(nn.Module):
                 f"kernels need integer activation codes, so it runs dequantized F.linear")
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.dequantized_weight()
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(w.dtype)
-        return F.linear(x, w, self.bias)
+        return float_linear(x, self.dequantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, scheme={self.scheme}, "
