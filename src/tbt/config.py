@@ -76,16 +76,16 @@ class QuantConfig:
             ``seq``, ``seq-int2``, ``dlt``, ``dlt-centred``, ``tequila`` (per-layer modules);
             ``docs/methods.md``.
         variant: ``"paper"`` (Eq. 8-14: centred weights, clipped STE, zero-mean signed
-            activations) or ``"released"`` (the authors' code, METHOD.md §0).
+            activations) or ``"released"`` (the authors' code, docs/numerics.md §5).
         granularity: ``"row"`` (one scale per output channel, TBT), ``"tensor"``, ``"group"``
             (``group_size`` inputs of a row) or ``"shard"`` (``num_shards`` blocks of rows);
             ``None`` uses the method's own (tensor for absmean/bitnet-binary, group for
             tequila, shard for trilm, row otherwise).
         group_size: inputs per scale with ``granularity="group"`` (must divide in_features).
         num_shards: row blocks with ``granularity="shard"`` (TriLM's model-parallel shards).
-        tequila_lambda: Tequila's dead-zone bias factor λ (RELATED.md §7; fixed, 1e-3).
+        tequila_lambda: Tequila's dead-zone bias factor λ (docs/related.md §7; fixed, 1e-3).
         salient_frac: PB-LLM's (``method="pbllm"``) fraction of weights kept frozen at 8 bits.
-        weight_clip: clip of the TWN baseline's inputs (METHOD.md §1c), in weight units.
+        weight_clip: clip of the TWN baseline's inputs (docs/numerics.md §1c), in weight units.
         act_method: ``"elastic"`` (learned α, TBT), ``"minmax"`` (dynamic 8-bit, DQ-BART),
             ``"absmax-token"`` (BitNet), ``"elastic-shift"`` (BiT), ``"lsq"``, ``"lsq-plus"``
             (:mod:`tbt.quant.act_methods`), or ``"auto"``: minmax for 8-bit activations,
@@ -168,7 +168,7 @@ class QuantConfig:
 
     @classmethod
     def released(cls, bits: str = "2-2-8", **kw: Any) -> QuantConfig:
-        """The authors' released code (METHOD.md §0): no centring, identity STE, min shift."""
+        """The released code (docs/numerics.md §5): no centring, identity STE, min shift."""
         return cls(bits=bits, method="tbt", variant="released", **kw)
 
     # ---- serialisation -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Distillation losses against hand-worked values and float64 loops written from METHOD.md §4.
+"""Distillation losses against hand-worked values and float64 loops written from docs/recipe.md §2.
 
 Tolerance: the losses compute in float32 from float32 inputs; the float64 references agree to
 1e-6 relative (a few float32 ulps of accumulated rounding over at most a few hundred terms).

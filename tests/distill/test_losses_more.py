@@ -1,5 +1,5 @@
 """OFF, attention-score MSE and attention-relation KL: hand-worked values, float64 loops written
-from RELATED.md §4a/§6/§12, masking, the attention capture, and short training runs.
+from docs/related.md §4a/§6b/§10, masking, the attention capture, and short training runs.
 
 Tolerance: the losses compute in float32 from float32 inputs; the float64 references agree to
 1e-5 relative (softmax/log over at most a few hundred float32 terms).

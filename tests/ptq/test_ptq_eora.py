@@ -1,4 +1,4 @@
-"""EoRA (RELATED2.md §2): closed form, full-rank exactness, monotone in rank, invariances."""
+"""EoRA (docs/related.md §15): closed form, full-rank exactness, monotone in rank, invariances."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PB-LLM (RELATED2.md §3) and BiLLM (§4): limits, references, searches and storage counts."""
+"""PB-LLM (docs/related.md §13) and BiLLM (§14): limits, references, searches and storage counts."""
 
 from __future__ import annotations
 

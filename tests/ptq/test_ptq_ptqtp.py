@@ -1,4 +1,4 @@
-"""PTQTP (RELATED.md §8): monotone error, exact 9-way search, exact recovery of two planes."""
+"""PTQTP (docs/related.md §12): monotone error, exact 9-way search, exact recovery of two planes."""
 
 from __future__ import annotations
 

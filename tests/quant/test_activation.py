@@ -1,4 +1,4 @@
-"""Activation quantizers against an independent float64 reference written from METHOD.md §2b-§2d.
+"""Activation quantizers against an independent float64 reference (docs/numerics.md §4a-§4d).
 
 Tolerances: the implementation computes in float32 and the reference in float64. Codes must be
 identical (the test data is checked to keep every ratio at least 1e-5 away from a rounding tie or
@@ -31,7 +31,7 @@ VARIANTS = ("paper", "released")
 CASES = [(b, s, v) for b in (1, 2, 3, 4, 8) for s in (True, False) for v in VARIANTS]
 
 
-# ---- the float64 reference (METHOD.md §2b table, §2d Eq. 11-14) ---------------------------------
+# ---- the float64 reference (docs/numerics.md §4a table, §4b Eq. 11-14) ----------------------
 
 def ref_bounds(bits, signed):
     if bits <= 2:

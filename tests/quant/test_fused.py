@@ -1,7 +1,7 @@
 """The fused C activation quantizers (tbt.quant.fused) against the torch path.
 
-The torch path is itself held to float64 re-implementations of METHOD.md in test_activation.py
-(which, for float32 CPU inputs, now also runs through the fused kernels). Here: the forward
+The torch path is itself held to float64 re-implementations of docs/numerics.md §4 in
+test_activation.py (which, for float32 CPU inputs, now also runs through the fused kernels). Here: the forward
 values and the input gradient are *identical* to the torch path (same float32 operations), the
 α gradient agrees to float32 summation rounding, on single- and multi-threaded sizes,
 non-contiguous inputs, every level set, both variants.

@@ -1,4 +1,4 @@
-"""The neighbouring activation quantizers (tbt.quant.act_methods; RELATED.md §1a, §3, §5).
+"""The neighbouring activation quantizers (tbt.quant.act_methods; docs/related.md §1a, §3, §5).
 
 Float64 re-implementations of each forward, the BitNet idempotence property, gradients against
 autograd surrogates and gradcheck (float64), registry/config validation.

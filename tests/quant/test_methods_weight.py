@@ -1,8 +1,8 @@
-"""The neighbouring weight methods (RELATED.md §1b, §5-§7, §10, §11; docs/methods.md).
+"""The neighbouring weight methods (docs/related.md §1b, §5a, §6a, §7, §8, §9; docs/methods.md).
 
 Checks, each against something independent of the code under test:
 * float64 numpy re-implementations of every forward, unit by unit with a Python loop;
-* the zero fractions of RELATED.md §0 on Gaussian weights (and erf-derived ones);
+* the zero fractions of docs/related.md §0 on Gaussian weights (and erf-derived ones);
 * SEQ's level counts at |W| = α, where the paper's Eq. 5 (clip ±1) has an extra level;
 * DLT with γ = 0 against LSQ-ternary, Tequila with λ = 0 against absmean;
 * gradients against float64 autograd surrogates (round_pass), gradcheck and finite differences.
@@ -120,7 +120,7 @@ def test_granularity_errors_name_the_fix():
         quantize_weight(_w(), 2, "seq")
 
 
-# ---- zero fractions (RELATED.md §0) ---------------------------------------------------------------
+# ---- zero fractions (docs/related.md §0) -------------------------------------------------------
 
 def _zeros(codes: torch.Tensor) -> float:
     return (codes == 0).float().mean().item()

@@ -65,7 +65,7 @@ def test_embedding_row_gather_equals_full_matrix(method):
 
 
 def _manual_attention(q, k, v, mask, quant, scaling):
-    """Float64 re-implementation of METHOD.md §2a's quantized attention."""
+    """Float64 re-implementation of docs/numerics.md §2a's quantized attention."""
     qq = quant.query(q * scaling).double()
     kq = quant.key(k).double()
     vq = quant.value(v).double()

@@ -1,11 +1,11 @@
-"""Weight quantizers (tbt.quant.weight) against METHOD.md §1 / RELATED.md §1a, §2.
+"""Weight quantizers (tbt.quant.weight) against docs/numerics.md §1 / docs/related.md §1a, §2.
 
 Three kinds of check:
 * hand-worked rows with dyadic numbers (exact in float32), where every code, scale and STE mask
   is computed on paper in the comments;
 * an independent float64 numpy re-implementation (`ref_quantize`, written per group with a
   Python loop) compared on random matrices for every method x bits x variant x granularity;
-* statistical properties (30/40/30 % split, zero fractions from RELATED.md §0).
+* statistical properties (30/40/30 % split, zero fractions from docs/related.md §0).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _ref_group(g: np.ndarray, bits: int, method: str, variant: str, clip: float,
                tensor_mean: float):
     """Quantize one group (a row, or the whole flattened tensor) in float64.
 
-    Returns (codes, scale, grad_mask) for the group, following METHOD.md §1 literally.
+    Returns (codes, scale, grad_mask) for the group, following docs/numerics.md §1a-§1b literally.
     """
     ones = np.ones(g.shape, dtype=bool)
     if method == "tbt" and variant == "released":  # §1a
@@ -90,7 +90,7 @@ def ref_quantize(w: torch.Tensor, bits, method, variant="paper", granularity=Non
 
 
 def _released_reference_torch(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """The released QuantizeLinear forward value (METHOD.md §1a), float32, before the STE."""
+    """The released QuantizeLinear forward value (docs/numerics.md §1a), float32, before the STE."""
     if bits == 1:
         alpha = torch.mean(abs(w), dim=1, keepdim=True)
         return alpha * torch.sign(w / alpha)
@@ -319,9 +319,9 @@ def test_ternary_split_30_40_30_gaussian():
     w = torch.randn(768, 768, generator=torch.Generator().manual_seed(0)) * 0.02
     for variant in ("released", "paper"):
         neg, zero, pos = _fractions(weight_codes(w, 2, "tbt", variant)[0])
-        assert zero == pytest.approx(0.404, abs=0.004), variant  # METHOD.md §1a: 29.8/40.4/29.8
+        assert zero == pytest.approx(0.404, abs=0.004), variant  # numerics.md §1a: 29.8/40.4/29.8
         assert neg == pytest.approx(0.298, abs=0.004) and pos == pytest.approx(0.298, abs=0.004)
-    # RELATED.md §0: absmean 31.0 % zeros, TWN 42.4 %
+    # docs/related.md §0: absmean 31.0 % zeros, TWN 42.4 %
     assert _fractions(weight_codes(w, 2, "absmean")[0])[1] == pytest.approx(0.310, abs=0.004)
     assert _fractions(weight_codes(w, 2, "twn")[0])[1] == pytest.approx(0.424, abs=0.004)
 
@@ -329,7 +329,7 @@ def test_ternary_split_30_40_30_gaussian():
 def test_shifted_mean_released_unbalanced_paper_balanced():
     w = torch.randn(768, 768, generator=torch.Generator().manual_seed(1)) * 0.02 + 0.01
     neg, zero, pos = _fractions(weight_codes(w, 2, "tbt", "released")[0])
-    assert (neg, zero, pos) == pytest.approx((0.13, 0.40, 0.47), abs=0.01)  # METHOD.md §1a
+    assert (neg, zero, pos) == pytest.approx((0.13, 0.40, 0.47), abs=0.01)  # docs/numerics.md §1a
     neg, zero, pos = _fractions(weight_codes(w, 2, "tbt", "paper")[0])
     assert (neg, zero, pos) == pytest.approx((0.298, 0.404, 0.298), abs=0.005)
     neg, _, pos = _fractions(weight_codes(w, 1, "tbt", "paper")[0])

@@ -1,6 +1,6 @@
 """Distillation losses of TBT: pure functions with explicit masks and reductions.
 
-The released recipe (METHOD.md §4) adds, to the label cross-entropy,
+The released recipe (docs/recipe.md §2) adds, to the label cross-entropy,
 
 * a soft cross-entropy between teacher and student token distributions over **all**
   ``batch × tgt_len`` rows, padding included (:func:`soft_cross_entropy` with ``mask=None``);
@@ -9,7 +9,7 @@ The released recipe (METHOD.md §4) adds, to the label cross-entropy,
 * the MSE between hidden states (embedding output and every layer), summed over layers with a
   student→teacher layer map (:func:`hidden_mse`, :func:`sum_over_layers`).
 
-Three further terms come from the methods tbt compares against (RELATED.md §4, §6, §12):
+Three further terms come from the methods tbt compares against (docs/related.md §4a, §6b, §10):
 
 * :func:`feature_cosine`: TernaryLLM's Outlier-Friendly Feature distillation (OFF), the mean of
   ``1 − cos(h_S, h_T)`` over positions. Cosine is scale-invariant, so a few outlier channels of
@@ -171,8 +171,8 @@ def feature_cosine(student: Tensor, teacher: Tensor, mask: Tensor | None = None,
                    eps: float = 1e-8) -> Tensor:
     """TernaryLLM's OFF term: ``1 − cos(s, t)`` per position, averaged over valid positions.
 
-    ``cos(s, t) = s·t / (max(‖s‖, ε) · max(‖t‖, ε))`` over the feature axis (RELATED.md §6; the
-    paper maximises the features' mutual information through their cosine similarity; the
+    ``cos(s, t) = s·t / (max(‖s‖, ε) · max(‖t‖, ε))`` over the feature axis
+    (docs/related.md §6b; the paper maximises the features' mutual information through their cosine similarity; the
     ``1 − cos`` form and the layer set are tbt's reading, see docs/distillation.md).
 
     Args:
@@ -204,8 +204,8 @@ def attention_score_mse(
 ) -> Tensor:
     """TernaryBERT's attention-score term: MSE between the pre-softmax logits ``Q Kᵀ/√d``.
 
-    RELATED.md §4a: ``Σ_l MSE(A_l^S, A_l^T)`` with ``A`` the attention *scores*. The scores here
-    exclude the additive mask (transformers fills masked pairs with the dtype's minimum, whose
+    docs/related.md §4a: ``Σ_l MSE(A_l^S, A_l^T)`` with ``A`` the attention *scores*. The
+    scores here exclude the additive mask (transformers fills masked pairs with the dtype's minimum, whose
     difference is meaningless); instead ``pair_mask`` says which pairs the model may attend to
     (causal and padding masks). TernaryBERT adds a -10000 mask to both, which cancels in the
     difference, so its loss counts masked pairs too: pass no masks for that.
@@ -263,7 +263,7 @@ def attention_relation_kl(
 
     ``R = softmax(relation_logits(X))`` over valid keys; the loss is
     ``KL(R_T ‖ R_S) = Σ_k R_T (log R_T − log R_S)`` per (b, relation head, query), averaged
-    over valid queries and relation heads (RELATED.md §12-§13). Masked keys get probability 0
+    over valid queries and relation heads (docs/related.md §10). Masked keys get probability 0
     in both and add nothing.
 
     Args:

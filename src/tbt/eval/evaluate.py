@@ -6,8 +6,8 @@ summaries, BLEU/chrF for translations, see :mod:`tbt.eval.metrics`) or compute p
 write ``metrics.json`` and ``predictions.jsonl``, and print a table.
 
 Generation settings come from :data:`GENERATION_PRESETS` (the reference code's values for XSUM
-and CNN/DM, METHOD.md §4). Anything not set there (``no_repeat_ngram_size``, ``early_stopping``,
-forced BOS/EOS) comes from the model's own ``generation_config``, as in the reference.
+and CNN/DM, docs/recipe.md §4). Anything not set there (``no_repeat_ngram_size``,
+``early_stopping``, forced BOS/EOS) comes from the model's own ``generation_config``, as in the reference.
 
 ``gen_len`` is the average length of the generated sequences in tokens, counted the way the
 reference scripts (HF ``run_summarization``) count it: every non-pad token of the output,
@@ -29,7 +29,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 GENERATION_PRESETS: dict[str, dict[str, Any]] = {
-    # reference code, run_summarization_no_trainer.py parse_args (METHOD.md §4)
+    # reference code, run_summarization_no_trainer.py parse_args (docs/recipe.md §4)
     "xsum": {"num_beams": 6, "length_penalty": 1.0, "max_length": 62, "min_length": 11},
     "cnn_dailymail": {"num_beams": 4, "length_penalty": 2.0, "max_length": 142, "min_length": 56},
     # not in the reference (no MT code): fairseq's mBART En-Ro evaluation uses beam 5, length

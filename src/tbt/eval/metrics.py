@@ -1,6 +1,6 @@
 """Text-generation metrics: ROUGE (summarisation), BLEU/chrF (translation), perplexity (LMs).
 
-ROUGE follows the reference code (METHOD.md §6): Google's ``rouge_score`` with the Porter
+ROUGE follows the reference code (docs/recipe.md §6): Google's ``rouge_score`` with the Porter
 stemmer, scores aggregated with its ``BootstrapAggregator`` and reported as the ``mid`` F-measure
 × 100 for rouge1, rouge2, rougeL and rougeLsum. Before scoring, predictions and references are
 stripped and split into sentences joined by ``"\\n"``; ``rougeLsum`` (summary-level LCS, the
@@ -89,7 +89,7 @@ def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
 
 def rouge(predictions: Sequence[str], references: Sequence[str], seed: int = 0
           ) -> dict[str, float]:
-    """ROUGE-1/2/L/Lsum F-measure × 100 (stemmed; bootstrap ``mid``, as METHOD.md §6).
+    """ROUGE-1/2/L/Lsum F-measure × 100 (stemmed; bootstrap ``mid``, as docs/recipe.md §6).
 
     Returns:
         ``{"rouge1", "rouge2", "rougeL", "rougeLsum"} -> float`` in [0, 100].

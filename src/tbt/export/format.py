@@ -4,7 +4,7 @@ How it works
 ------------
 A converted ternary or binary matrix ``W`` (``N = out_features`` rows, ``K = in_features``
 columns) is stored as integer *codes* plus one float scale per row (``α_r``, TBT's per-row
-granularity, METHOD.md §1a), so ``W[r, k] = α_r · q[r, k]`` with ``q ∈ {−1, 0, 1}`` (ternary)
+granularity, docs/numerics.md §1a), so ``W[r, k] = α_r · q[r, k]`` with ``q ∈ {−1, 0, 1}`` (ternary)
 or ``q ∈ {−1, 1}`` (binary). ``docs/format.md`` is the prose version of this module, with a
 worked byte example per packing.
 

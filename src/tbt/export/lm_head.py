@@ -3,8 +3,8 @@
 How it works
 ------------
 TBT keeps the output projection in full precision (with tied embeddings it projects with the
-FP latent matrix the quantized embedding lookup is derived from, METHOD.md §2a). For BART-base
-that matrix is 50265 × 768, a quarter of the parameters, so ``save_packed(..., lm_head="int8")``
+FP latent matrix the quantized embedding lookup is derived from, docs/numerics.md §2a). For
+BART-base that matrix is 50265 × 768, a quarter of the parameters, so ``save_packed(..., lm_head="int8")``
 offers a smaller head: per-row symmetric int8,
 
     s_r = max_k |W[r, k]| / 127   (s_r = 1 for an all-zero row),

@@ -1,4 +1,4 @@
-"""BiLLM: 1-bit PTQ with residual binarization of salient columns (Huang et al., RELATED2.md §4).
+"""BiLLM: 1-bit PTQ, residual binarization of salient columns (Huang et al., docs/related.md §14).
 
 How it works (per block of ``block_size`` columns, left to right)
 -----------------------------------------------------------------

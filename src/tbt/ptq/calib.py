@@ -7,7 +7,7 @@ group that accumulates ``C = Σ_t x_t x_tᵀ`` in float64 over the non-padding t
 each forward pass as soon as every hooked linear has seen its input (later blocks are not
 computed). Called once per group *after* the earlier groups were quantized, this gives the
 GPTQ/EoRA "sequential" statistics: each block is calibrated on the activations of the
-already-compressed model before it (RELATED2.md §2, §4, §6). For a decoder-only stack of
+already-compressed model before it (docs/related.md §11, §14, §15). For a decoder-only stack of
 blocks, :class:`BlockCalibrator` gets the same statistics by caching each block's inputs and
 running one block at a time (:func:`make_calibrator` picks it).
 """

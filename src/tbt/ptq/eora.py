@@ -1,4 +1,4 @@
-"""EoRA: training-free low-rank compensation in the activation eigenspace (RELATED2.md §2).
+"""EoRA: training-free low-rank compensation in the activation eigenspace (docs/related.md §15).
 
 How it works
 ------------

@@ -1,5 +1,5 @@
 """GPTQ machinery shared by PB-LLM and BiLLM: the Hessian proxy, its inverse Cholesky factor,
-and column/block error propagation (RELATED2.md §3, §4, §6).
+and column/block error propagation (docs/related.md §11, §13, §14).
 
 For one linear with calibration inputs ``X`` (``N`` tokens × ``in``), the layer-output error of
 a weight change is measured by ``H = 2·XᵀX/N``. GPTQ quantizes columns left to right; after

@@ -1,4 +1,4 @@
-"""PB-LLM: partial binarization, a salient fraction kept at 8 bits (Shang et al., RELATED2.md §3).
+"""PB-LLM: partial binarization, salient weights kept at 8 bits (Shang et al., docs/related.md §13).
 
 How it works
 ------------

@@ -1,4 +1,4 @@
-"""PTQTP: post-training quantization to two ternary trit-planes (Xiao et al., RELATED.md §8).
+"""PTQTP: post-training quantization to two ternary trit-planes (Xiao et al., docs/related.md §12).
 
 How it works
 ------------

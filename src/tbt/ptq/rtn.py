@@ -2,7 +2,7 @@
 
 ``Ŵ = dequantize(*weight_codes(W, bits, method, variant, granularity))`` -- exactly the codes
 and scales :func:`tbt.quant.weight.weight_codes` gives (BitNet b1.58 absmean by default:
-``γ·round(clip(W/(γ+ε), −1, 1))``, ``γ = mean|W|``, RELATED.md §1a), so an RTN model *is* a
+``γ·round(clip(W/(γ+ε), −1, 1))``, ``γ = mean|W|``, docs/related.md §1a), so an RTN model *is* a
 ``quantize_model``'d model with its latent weights untouched, and ``save_packed`` stores it as
 it stands (ternary_2bit / binary_1bit codes, one float32 scale per row).
 

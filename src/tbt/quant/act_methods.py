@@ -14,10 +14,10 @@ kept as is by the packed export, so a packed model quantizes its inputs exactly 
 ``elastic``        1..8    TBT learned step α per tensor (:class:`~tbt.quant.activation.ElasticQuantizer`)
 ``minmax``         2..8    DQ-BART dynamic min/max with clip (:class:`~tbt.quant.activation.MinMaxQuantizer`);
                            below 8 bits the non-learned baseline of the paper's ablation (Table 3)
-``absmax-token``   2..8    BitNet b1.58 per-token absmax (RELATED.md §1a), identity STE
+``absmax-token``   2..8    BitNet b1.58 per-token absmax (related.md §1a), identity STE
 ``elastic-shift``  1..8    BiT: elastic on ``x + b`` with a learned per-channel shift ``b`` (§3)
-``lsq``            2..8    LSQ (Esser et al. 2020, §5): plain learned step, no centring/min shift
-``lsq-plus``       1..8    LSQ+ (§5): learned step ``s`` and offset ``β``, unsigned grid
+``lsq``            2..8    LSQ (Esser et al. 2020, §5a): plain learned step, no centring/min shift
+``lsq-plus``       1..8    LSQ+ (§5b): learned step ``s`` and offset ``β``, unsigned grid
 =================  ======  =================================================================
 
 ``absmax-token``: ``s = Qp/max(max_last_dim|x|, 1e-5)`` per token (every index but the last),
@@ -144,7 +144,7 @@ def absmax_token_quantize(x: Tensor, bits: int = 8) -> Tensor:
 
 
 class AbsmaxTokenQuantizer(nn.Module):
-    """Per-token symmetric absmax quantizer, no parameters (BitNet b1.58, RELATED.md §1a)."""
+    """Per-token symmetric absmax quantizer, no parameters (BitNet b1.58, docs/related.md §1a)."""
 
     def __init__(self, bits: int = 8) -> None:
         super().__init__()

@@ -27,14 +27,14 @@ gradient *is* the method:
 
 Variants (``variant=``)
 -----------------------
-``"released"`` -- the authors' code (``ElasticQuantBinarizerSigned/Unsigned``, METHOD.md §2b),
-to float rounding. ``x̃ = x``, except for non-negative inputs with b ≥ 2, where ``x̃ = x − m``
-with ``m = min(x)`` (a per-tensor constant: no gradient flows through it, and it stays a tensor,
-so there is no host sync) and the output is ``α_c·code + m``. ``s = 1/√(N·Qp)`` (``N = numel(x)``):
-``1/√N`` for b ≤ 2 signed and b = 1 non-negative, ``1/√(2N)`` for b = 2 non-negative.
+``"released"`` -- the authors' code (``ElasticQuantBinarizerSigned/Unsigned``,
+docs/numerics.md §4a), to float rounding. ``x̃ = x``, except for non-negative inputs with b ≥ 2,
+where ``x̃ = x − m`` with ``m = min(x)`` (a per-tensor constant: no gradient flows through it, and
+it stays a tensor, so there is no host sync) and the output is ``α_c·code + m``.
+``s = 1/√(N·Qp)`` (``N = numel(x)``): ``1/√N`` for b ≤ 2 signed and b = 1 non-negative, ``1/√(2N)`` for b = 2 non-negative.
 
-``"paper"`` -- Liu et al. 2023, §2.3, Eq. 11-14 (METHOD.md §2d). Choices the paper leaves open
-are marked [choice] (``docs/numerics.md`` lists them too):
+``"paper"`` -- Liu et al. 2023, §2.3, Eq. 11-14 (docs/numerics.md §4b). Choices the paper
+leaves open are marked [choice] (docs/numerics.md §4b lists them too):
 
 * signed inputs are zero-meaned, ``x̃ = X' = X − mean(X)``, with the mean over the whole tensor
   (the granularity of α) [choice]. The mean is **not** added back (the paper's equations do not).
@@ -49,15 +49,15 @@ are marked [choice] (``docs/numerics.md`` lists them too):
 * b = 3..8 follow the same rules (centred signed, unshifted non-negative, ``s = 1``) [choice:
   the paper covers only 1 and 2 bits].
 
-Initialisation (both variants; the paper describes none, METHOD.md §2b): α starts at 1.0 and is
-set from the first batch the quantizer sees in training mode, or explicitly by :func:`calibrate`:
-``2·mean|x|/√max(2^(b−1)−1, 1)`` (signed) or ``4·mean|x|/√(2^b−1)`` (non-negative), on the raw
+Initialisation (both variants; the paper describes none, docs/numerics.md §4d): α starts at 1.0
+and is set from the first batch the quantizer sees in training mode, or explicitly by
+:func:`calibrate`: ``2·mean|x|/√max(2^(b−1)−1, 1)`` (signed) or ``4·mean|x|/√(2^b−1)`` (non-negative), on the raw
 ``x`` (not ``x − m`` nor ``X'``). Under ``torch.distributed`` the initial α is averaged over ranks
 (the released code lets replicas diverge). The ``initialized`` flag is a persistent buffer, so a
 loaded checkpoint never re-initialises; its Python mirror keeps the per-step check free of syncs.
 
 :class:`MinMaxQuantizer` is the non-learned 8-bit quantizer of the W·A8 settings (DQ-BART's
-``SymQuantizer`` / ``AsymQuantizer``, METHOD.md §2c): clip to ``[−c, c]``, dynamic per-tensor
+``SymQuantizer`` / ``AsymQuantizer``, docs/numerics.md §4c): clip to ``[−c, c]``, dynamic per-tensor
 scale, STE ``1[−c < x < c]``.
 
 All arithmetic runs in at least float32 whatever the input dtype, and the result is cast back
@@ -227,7 +227,7 @@ def elastic_quantize(x: Tensor, alpha: Tensor, bits: int, signed: bool,
 
 def initial_alpha(x: Tensor, bits: int, signed: bool) -> Tensor:
     """Data-dependent initial step (0-dim float32): ``2·mean|x|/√max(2^(b−1)−1, 1)`` if signed,
-    ``4·mean|x|/√(2^b−1)`` otherwise (released code, METHOD.md §2b; raw ``x``)."""
+    ``4·mean|x|/√(2^b−1)`` otherwise (released code, docs/numerics.md §4d; raw ``x``)."""
     mean_abs = x.detach().to(_compute_dtype(x.dtype)).abs().mean()
     if signed:
         a = 2.0 * mean_abs / math.sqrt(max(2 ** (bits - 1) - 1, 1))
@@ -383,7 +383,7 @@ class _MinMaxQuantize(torch.autograd.Function):
 
 
 def minmax_quantize(x: Tensor, bits: int = 8, signed: bool = True, clip: float = 2.5) -> Tensor:
-    """DQ-BART min/max fake quantization of ``x`` (any shape): METHOD.md §2c; same shape/dtype."""
+    """DQ-BART min/max fake quantization of ``x`` (any shape; docs/numerics.md §4c)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _MinMaxQuantize.apply(x, bits, signed, clip)
     if _fused.enabled(x):

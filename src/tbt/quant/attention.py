@@ -1,6 +1,6 @@
 """Quantized attention, hooked in through transformers' ``AttentionInterface``.
 
-TBT quantizes the four inputs of the two attention matmuls (METHOD.md §2a):
+TBT quantizes the four inputs of the two attention matmuls (docs/numerics.md §2a):
 
     Q̂ = q(Q · d^-½)     K̂ = k(K)     V̂ = v(V)
     P  = softmax(Q̂ K̂ᵀ + mask)           (scores and softmax stay in full precision)
@@ -17,7 +17,7 @@ During cached decoding transformers hands us the concatenated (unquantized) cach
 re-quantized as a whole, which is what the released code does.
 
 The returned attention weights are the full-precision probabilities before dropout and before
-quantization: the distillation target of the released code (METHOD.md §4).
+quantization: the distillation target of the released code (docs/recipe.md §2).
 """
 
 from __future__ import annotations

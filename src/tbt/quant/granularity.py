@@ -1,4 +1,4 @@
-"""Scale granularity of a weight quantizer: which weights share one scale (RELATED.md §0, §15).
+"""Scale granularity of a weight quantizer: which weights share one scale (docs/related.md §0).
 
 How it works
 ------------

@@ -4,13 +4,12 @@
 every forward, uses its fake-quantized copy ``quantize_weight(W)``; its input first passes through
 an activation quantizer (``ElasticQuantizer`` with a learned step α, or the fixed 8-bit
 ``MinMaxQuantizer``). The bias stays in full precision and is added after the product, as in the
-released TBT code (METHOD.md §1a).
+released TBT code (docs/numerics.md §1a).
 
 ``QuantEmbedding`` does the same for the token-embedding lookup. With tied embeddings (BART, T5,
 GPT-2) the quantized embedding *shares* its latent Parameter with the LM head, which stays a plain
 ``nn.Linear``: token lookups see the quantized matrix and the output projection the full-precision
-one. This is what the released code computes (METHOD.md §2a) and what ``docs/numerics.md`` writes
-down.
+one. This is what the released code computes and what docs/numerics.md §2a writes down.
 
 Both modules only wire specs to functions; every formula lives in :mod:`tbt.quant.weight` and
 :mod:`tbt.quant.activation`.
@@ -75,7 +74,7 @@ class WeightSpec:
 
         Then an embedding lookup can quantize just the gathered rows: same values, same
         gradients, and |batch tokens| rows of work instead of |vocab|. BWN centres with a
-        per-tensor mean (METHOD.md §1c), so it is never row-local.
+        per-tensor mean (docs/numerics.md §1c), so it is never row-local.
         """
         gran = self.granularity or WEIGHT_METHODS[self.method].default_granularity
         return gran in ("row", "group") and self.method != "bwn"

@@ -5,7 +5,7 @@
 1. every ``nn.Linear`` (and transformers' ``Conv1D``) whose name matches no ``skip_modules``
    pattern becomes a :class:`~tbt.quant.modules.QuantLinear` that *shares* the original Parameters;
    its input quantizer is non-negative for the architecture's post-GELU/ReLU linears (``fc2`` in
-   BART) and signed elsewhere (METHOD.md §2a);
+   BART) and signed elsewhere (docs/numerics.md §2a);
 2. the token-embedding modules (every ``nn.Embedding`` holding the input-embedding Parameter; BART
    has three) become :class:`~tbt.quant.modules.QuantEmbedding`; positional and relative-position
    embeddings stay in full precision;

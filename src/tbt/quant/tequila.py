@@ -1,4 +1,4 @@
-"""Tequila: absmean ternary per group plus the dead-zone bias (Huang et al. 2025, RELATED.md §7).
+"""Tequila: absmean ternary per group plus the dead-zone bias (Huang et al., docs/related.md §7).
 
 How it works
 ------------

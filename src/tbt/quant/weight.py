@@ -107,7 +107,7 @@ __all__ = [
 ]
 
 VARIANTS = ("paper", "released")
-ABSMEAN_EPS = 1e-5  # BitNet b1.58: W / (γ + ε)  (RELATED.md §1a)
+ABSMEAN_EPS = 1e-5  # BitNet b1.58: W / (γ + ε)  (docs/related.md §1a)
 TWN_THRESHOLD = 0.7  # Δ = 0.7·mean|W|  (Li & Liu 2016)
 
 
@@ -280,7 +280,7 @@ def _sign_pm1(x: Tensor) -> Tensor:
 def _tbt(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
          want_mask: bool) -> QuantizedWeight:
     """TBT statistics-based quantizer (paper Eq. 8-10, or the released code; module docs)."""
-    if variant == "released":  # no centring, identity STE (METHOD.md §1a)
+    if variant == "released":  # no centring, identity STE (docs/numerics.md §1a)
         mean_abs = _mean(w.abs(), per_row)
         if bits == 1:  # α·sign(W): sign(0) = 0 kept, as in the reference
             return QuantizedWeight(torch.sign(w).to(torch.int8), mean_abs, None)

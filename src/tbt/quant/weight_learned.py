@@ -42,7 +42,7 @@ ParetoQ's code):
 
 Initialisation (from the latent weight at surgery): ``lsq`` ``α₀ = 2·mean|W_u|/√Qp`` (LSQ paper;
 binary ``mean|W_u|`` as ParetoQ); ``seq`` and ``dlt`` ``α₀ = max|W_u|`` (ParetoQ; AngelSlim's
-DLT re-implementation); ``γ₀ = 0`` (AngelSlim leaves γ uninitialised, RELATED.md §6).
+DLT re-implementation); ``γ₀ = 0`` (AngelSlim leaves γ uninitialised, docs/related.md §6a).
 
 Exactness: the forward value is ``dequantize(codes, scale, dtype, offset)`` on exactly the
 tensors :meth:`WeightQuantizer.codes_and_scale` returns, so the packed export equals the eval-mode
@@ -67,7 +67,7 @@ __all__ = ["WeightQuantizer", "LsqWeightQuantizer", "SeqWeightQuantizer",
            "SeqInt2WeightQuantizer", "DltWeightQuantizer", "DltCentredWeightQuantizer", "make_weight_quantizer", "STEP_EPS"]
 
 STEP_EPS = 1e-5  # α_c = max(α, 1e-5) (ParetoQ, LSQ codes)
-SEQ_CLIP = 0.99  # ParetoQ's released clip 1 − 1e-2 (RELATED.md §10: the Eq. 5 trap)
+SEQ_CLIP = 0.99  # ParetoQ's released clip 1 − 1e-2 (docs/related.md §8: the Eq. 5 trap)
 
 
 def make_weight_quantizer(cfg: Any, bits: int, weight: Tensor) -> nn.Module:
@@ -286,7 +286,7 @@ class LearnedStepQuantizer(WeightQuantizer):
 
 @register_weight_quantizer("lsq", bits=(1, 2, 3, 4, 5, 6, 7, 8), default_granularity="row")
 class LsqWeightQuantizer(LearnedStepQuantizer):
-    """LSQ weights (Esser et al. 2020, RELATED.md §5; ParetoQ's 1/3/4-bit path, §10).
+    """LSQ weights (Esser et al. 2020, docs/related.md §5a; ParetoQ's 1/3/4-bit path, §8).
 
     ``α₀ = 2·mean|W_u|/√Qp`` (binary: ``mean|W_u|``); bits 2 is the ternary grid.
     """
@@ -307,7 +307,7 @@ class LsqWeightQuantizer(LearnedStepQuantizer):
 
 @register_weight_quantizer("seq", bits=(2,), default_granularity="row")
 class SeqWeightQuantizer(LearnedStepQuantizer):
-    """ParetoQ Stretched Elastic Quant, ternary (RELATED.md §10): levels α·{−2/3, 0, 2/3}.
+    """ParetoQ Stretched Elastic Quant, ternary (docs/related.md §8): levels α·{−2/3, 0, 2/3}.
 
     ``α₀ = max|W_u|`` (threshold α/3). The released code's ±0.99 clip, not the paper's Eq. 5.
     """
@@ -331,7 +331,7 @@ class SeqInt2WeightQuantizer(SeqWeightQuantizer):
 
 @register_weight_quantizer("dlt", bits=(2,), default_granularity="row")
 class DltWeightQuantizer(LearnedStepQuantizer):
-    """TernaryLLM Dual Learnable Ternarization (RELATED.md §6, AngelSlim's reading):
+    """TernaryLLM Dual Learnable Ternarization (docs/related.md §6a, AngelSlim's reading):
     ``Ŵ = α·clip(round(W/α), −1, 1) + γ`` with learned ``α`` and ``γ`` per row or group.
 
     ``α₀ = max|W_u|``, ``γ₀ = 0``; with ``γ = 0`` it is ``lsq`` ternary with the same α.
@@ -355,7 +355,7 @@ class DltWeightQuantizer(LearnedStepQuantizer):
 
 @register_weight_quantizer("dlt-centred", bits=(2,), default_granularity="row")
 class DltCentredWeightQuantizer(DltWeightQuantizer):
-    """DLT, the "centred" reading of TernaryLLM's abstract (RELATED.md §6 variant 2, unverified):
+    """DLT, the "centred" reading of TernaryLLM's abstract (docs/related.md §6a, unverified):
     ``Ŵ = α·clip(round((W − γ)/α), −1, 1) + γ``; ``∂L/∂γ = Σ G·1[outside]`` (the round STE
     cancels γ inside the window), ``r = (W − γ)/α`` everywhere else.
 

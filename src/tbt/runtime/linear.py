@@ -18,7 +18,7 @@ per layer in the checkpoint (``tbt.layers[name]["act"]``, ``docs/format.md`` §8
 functions are a registry keyed by ``(kind, bits)`` (:func:`register_act_quantizer`):
 
 =====================  =======  =============================================================
-``(kind, bits)``       format   quantizer (``tbt.runtime.kernels.ref``; METHOD.md §2b/§2c)
+``(kind, bits)``       format   quantizer (``tbt.runtime.kernels.ref``; numerics.md §4)
 =====================  =======  =============================================================
 ``("minmax", 8)``      ``a8``   dynamic per-tensor scale after clipping to ``[−c, c]``;
                                 symmetric (signed) or asymmetric min/max (non-negative)

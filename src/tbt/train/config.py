@@ -36,7 +36,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """The distillation loss: ``Σ_k w_k · term_k`` (METHOD.md §4).
+    """The distillation loss: ``Σ_k w_k · term_k`` (docs/recipe.md §2).
 
     Args:
         w_ce: label cross-entropy (the model's own LM loss; ``-100`` labels ignored).
@@ -47,19 +47,19 @@ class DistillConfig:
             decoder self and cross attention (causal LM: self attention).
         temperature: softmax temperature of the logit term (reference: 1, no T² factor).
         mask_padding: average every term over real tokens only. ``False`` reproduces the
-            released code, which averages over padded positions too (METHOD.md §4).
+            released code, which averages over padded positions too (docs/recipe.md §2).
         last_encoder_twice: add the released code's extra term
             ``Σ_b MSE(s_last[b], t_last[b])`` on the last encoder state (a sum over examples, so
-            it counts that state again, ×B; STYLE.md rule 11). Seq2seq only.
+            it counts that state again, ×B; docs/recipe.md §2). Seq2seq only.
         layer_map: for each student layer of the decoder (causal LM: the only stack), the index
             of its teacher layer; ``None`` = identity (student and teacher same depth).
         encoder_layer_map: the same for the encoder; ``None`` = identity.
         w_off: TernaryLLM's OFF term, ``1 − cos`` between hidden states, over the same layers
-            as ``w_hidden`` (RELATED.md §6).
+            as ``w_hidden`` (docs/related.md §6b).
         w_attn_scores: TernaryBERT's MSE between pre-softmax attention scores, over the same
-            attentions as ``w_attn`` (RELATED.md §4a).
+            attentions as ``w_attn`` (docs/related.md §4a).
         w_relation: MiniLM/BitDistill Q-Q, K-K, V-V relation KL, summed over the three and over
-            ``relation_layers`` of each self-attention stack (RELATED.md §12).
+            ``relation_layers`` of each self-attention stack (docs/related.md §10).
         relation_layers: student layers of the relation term (negative counts from the end;
             default ``(-1,)``: the last layer, MiniLMv2's choice); ``None`` (or ``"all"``) =
             every layer.
@@ -166,7 +166,7 @@ class TrainConfig:
             checkpointing of the LR-QAT layers (:class:`tbt.quant.lrqat.LRQATConfig`).
         lrqat_scale_lr: learning rate of the LR-QAT scale group (row scales, activation α;
             :func:`tbt.quant.lrqat.lrqat_parameters`), the factors A, B keeping ``lr``
-            (RELATED2.md §1: separate learning rates). ``None`` = ``lr`` (one group).
+            (docs/related.md §16: separate learning rates). ``None`` = ``lr`` (one group).
     """
 
     output_dir: str

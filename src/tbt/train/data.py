@@ -14,7 +14,7 @@ be tested (and replaced) on its own:
    tokenizes without truncation, then cuts over-long sequences itself (keeping the closing
    special token, as the tokenizer's own truncation does) so that it can count them.
 3. :func:`make_collator` pads a list of examples to the longest in the batch (dynamic padding,
-   METHOD.md §4); labels are padded with ``-100`` so the loss ignores them.
+   docs/recipe.md §3); labels are padded with ``-100`` so the loss ignores them.
 4. :func:`build_dataloader` wraps it in a ``DataLoader`` whose shuffling is seeded.
 
 ``datasets`` and ``transformers`` are imported inside functions only.
@@ -36,7 +36,7 @@ TASKS = ("seq2seq", "causal-lm")
 SPLITS = ("train", "validation", "test")
 FILE_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
-# Column layout of the paper's datasets on the hub (METHOD.md §6). Used when the configured
+# Column layout of the paper's datasets on the hub (docs/recipe.md §6). Used when the configured
 # columns are still the defaults and the dataset does not have them (e.g. cnn_dailymail).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "xsum": {"source_column": "document", "target_column": "summary"},

@@ -1,4 +1,4 @@
-"""The distillation training loop, nanoGPT-style, on accelerate (STYLE.md rule 11).
+"""The distillation training loop, nanoGPT-style, on accelerate.
 
 ``train(cfg)`` reads top to bottom:
 
@@ -241,7 +241,7 @@ class BatchPlan:
 def build_optimizer(student: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the student's parameters at ``cfg.lr``.
 
-    With LR-QAT and ``cfg.lrqat_scale_lr`` set, two groups (RELATED2.md §1): ``"lrqat_ab"``
+    With LR-QAT and ``cfg.lrqat_scale_lr`` set, two groups (docs/related.md §16): ``"lrqat_ab"``
     (the low-rank factors A, B) at ``cfg.lr`` and ``"lrqat_scales"`` (row scales, activation
     α: :func:`tbt.quant.lrqat.lrqat_parameters`) at ``cfg.lrqat_scale_lr``; the schedule
     scales both alike. Otherwise one group, as before.

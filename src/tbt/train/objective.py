@@ -16,7 +16,7 @@ Masks (``mask_padding=True``): encoder positions count where ``attention_mask`` 
 positions where the label is not ``-100`` (the decoder input is the shifted label sequence, so
 position ``t`` is real iff label ``t`` is), causal-LM positions where ``attention_mask`` is 1.
 Attention terms mask both queries and keys (cross attention: decoder queries, encoder keys).
-With ``mask_padding=False`` every term is the plain mean of the released code (METHOD.md §4).
+With ``mask_padding=False`` every term is the plain mean of the released code (docs/recipe.md §2).
 """
 
 from __future__ import annotations

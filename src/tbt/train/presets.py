@@ -16,7 +16,7 @@ absmean per tensor, per-token int8 absmax, the LM head included; ``docs/matmulfr
 Recipes
 -------
 ``--recipe xsum-2-2-8`` (``{xsum, cnn, wmt16}-{2-2-8, 2-2-2, 1-1-8, 1-1-1}``) fills in the
-settings of the paper's runs (METHOD.md §4); any flag or config-file value overrides them.
+settings of the paper's runs (docs/recipe.md); any flag or config-file value overrides them.
 Choices where the sources disagree or are silent:
 
 * **Learning rate**: the README's per-run table, not the paper's §3.1 rule (2.5e-4 for 8-bit
@@ -24,7 +24,7 @@ Choices where the sources disagree or are silent:
   what Table 1 reports, so they are the ones known to reproduce it. WMT16 has no README entry:
   it uses the paper's §3.1 rule.
 * **Variant**: ``released``. The published numbers were produced by the released code, whose
-  quantizers differ from the paper's equations (METHOD.md §0); ``--variant paper`` switches.
+  quantizers differ from the paper's equations (docs/numerics.md §5); ``--variant paper`` switches.
 * **Loss**: the released loss (padding not masked, the last encoder state counted again), all
   weights 1; ``--mask-padding`` / ``--no-last-encoder-twice`` give tbt's cleaner default.
 * **Batch**: per-process batch 8, gradient accumulation 2: on the paper's 8 processes that is
@@ -113,7 +113,7 @@ _BUILDERS = {"bart": _bart, "gpt2": _gpt2, "matmulfree": _matmulfree}
 
 # ---- paper recipes -------------------------------------------------------------------------
 
-# README learning rates (METHOD.md §4), by dataset and E-W-A setting.
+# README learning rates (docs/recipe.md §3), by dataset and E-W-A setting.
 README_LR = {
     "xsum": {"2-2-8": 3e-4, "2-2-2": 3.5e-4, "1-1-8": 2.5e-4, "1-1-1": 5e-4},
     "cnn": {"2-2-8": 1e-4, "2-2-2": 7e-4, "1-1-8": 1.5e-4, "1-1-1": 5e-4},

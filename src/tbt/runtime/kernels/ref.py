@@ -9,7 +9,7 @@ offset per row::
 
     x[m, k] = d_m · a[m, k] + b_m            (b_m = 0 when ``offset`` is None)
 
-so that every TBT activation quantizer is covered exactly (METHOD.md §2b/§2c):
+so that every TBT activation quantizer is covered exactly (docs/numerics.md §4a, §4c):
 
 ==========  ==================================  ====================================  =======
 format      codes ``a``                         covers                                kernel
@@ -124,7 +124,7 @@ def _full(v, m: int) -> np.ndarray:
 
 def quantize_a8(x: np.ndarray, clip: float = 2.5, signed: bool = True,
                 per_row: bool = False) -> QuantizedActivation:
-    """8-bit min/max quantization (METHOD.md §2c; ``tbt.quant.activation.minmax_quantize``).
+    """8-bit min/max quantization (docs/numerics.md §4c; ``tbt.quant.activation.minmax_quantize``).
 
     Args:
         x: float ``(M, K)`` or ``(K,)``; computed in float32.
@@ -168,7 +168,7 @@ def _check_variant(variant: str) -> None:
 
 def quantize_a2(x: np.ndarray, alpha: float, signed: bool = True, variant: str = "paper",
                 shift: float | None = None) -> QuantizedActivation:
-    """Ternary elastic quantization (METHOD.md §2b; ``tbt.quant.activation``, bits = 2).
+    """Ternary elastic quantization (docs/numerics.md §4a; ``tbt.quant.activation``, bits = 2).
 
     Args:
         x: float ``(M, K)`` or ``(K,)``; the whole array is one tensor (one α).
@@ -203,7 +203,7 @@ def quantize_a2(x: np.ndarray, alpha: float, signed: bool = True, variant: str =
 
 def quantize_a1(x: np.ndarray, alpha: float, signed: bool = True, variant: str = "paper",
                 shift: float | None = None) -> QuantizedActivation:
-    """Binary elastic quantization (METHOD.md §2b; ``tbt.quant.activation``, bits = 1).
+    """Binary elastic quantization (docs/numerics.md §4a; ``tbt.quant.activation``, bits = 1).
 
     Signed: codes ``sign(x̃)`` with ``x̃ = x − mean(x)`` (paper; ``shift`` overrides the mean)
     or ``x̃ = x`` (released), and an exact ``x̃ = 0`` mapped to ``+1``; scale ``α_c``.
