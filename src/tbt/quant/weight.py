@@ -20,63 +20,19 @@ detached weight, as in every reference implementation). Scales are never clamped
 an all-zero row has scale 0 and codes 0, and the *divisor* is guarded instead, so it quantizes
 to zeros instead of NaN (the authors' released code divides 0 by 0 and gets NaN).
 
-Methods (``method=``; registered in :data:`WEIGHT_METHODS` by :func:`register_weight_method`)
------------------------------------------------------------------------------------------------
-``tbt`` (bits 1, 2; per row by default), the TBT "statistics-based" quantizer, in two variants:
+Methods (``method=``) are registered in :data:`WEIGHT_METHODS` by :func:`register_weight_method`:
+``tbt`` (bits 1, 2; ``variant="paper"`` or ``"released"``), ``twn``, ``bwn``, ``absmean`` and
+``uniform`` (3..8 bits) here; ``bitnet-binary`` and ``trilm`` in :mod:`tbt.quant.weight_bitnet`.
+Their formulas, STEs, default granularities and every choice where paper and code differ are in
+docs/numerics.md §1 (the table, §1a-§1c); the granularities in docs/methods.md. ``variant``
+only changes ``tbt``. Binary codes are always ±1 except for ``tbt``/``released``, which keeps
+``sign(0) = 0`` to match the reference bit for bit.
 
-* ``variant="paper"`` (Liu et al. 2023, §2.2, Eq. 8-10): centre first, ``μ = mean(W)``;
-  ternary ``α = 4/3·mean|W−μ|``, codes ``round(clip((W−μ)/α, −1, 1))``; binary
-  ``α = mean|W−μ|``, codes ``sign(W−μ)``. ``μ`` is **not** added back. The STE is Eq. 10,
-  ``∂Q/∂W ≈ 1[|(W−μ)/α| < 1]``, used for ternary as well as binary. The paper does not say over
-  what ``μ`` is taken; here ``μ`` has the granularity of ``α`` (per row with ``granularity="row"``,
-  per tensor with ``"tensor"``), so a row's quantization depends on that row alone (which lets an
-  embedding quantize only the rows it looks up) and ``μ`` is the mean of exactly the weights that
-  ``α`` summarises.
-* ``variant="released"`` (facebookresearch/Ternary_Binary_Transformer, ``QuantizeLinear``): no
-  centring; ternary ``α = 4/3·mean|W|``, codes ``round(clip(W/α, −1, 1))``; binary
-  ``α = mean|W|``, codes ``sign(W)``; identity STE (no clipping window).
-
-The 4/3 places the ternary threshold at ``α/2 = 2/3·mean|W|``: Gaussian weights split about
-30/40/30 % into −/0/+ (maximum entropy). ``torch.round`` rounds half to even, so a ratio of
-exactly ±0.5 gives code 0.
-
-``twn`` (bits 2; per row) -- Ternary Weight Networks as in TernaryBERT's ``TwnQuantizer``:
-clip ``W`` to ``[−clip, clip]``, threshold ``Δ = 0.7·mean|W|``, codes ``sign(W)·1[|W| > Δ]``,
-``α`` = mean of ``|W|`` over the survivors ``|W| > Δ`` (0 when none survive). STE: identity
-except zero gradient where ``W ≥ clip`` or ``W ≤ −clip``.
-
-``bwn`` (bits 1; per row) -- BWN as in BiT's ``BwnQuantizer``: codes ``sign(W − mean(W))`` with
-the mean **always over the whole tensor**, scale ``mean|W|`` (not centred) per row or per
-tensor; identity STE. Because of that mean, ``bwn`` is never row-local.
-
-``absmean`` (bits 2; per tensor) -- BitNet b1.58: ``γ = mean|W|``, codes
-``round(clip(W/(γ+ε), −1, 1))`` with ``ε = 1e-5``, scale ``γ``; identity STE. The ε makes
-weights much smaller than 1e-5 quantize to 0 (as in BitNet's code, which clamps ``γ ≥ 1e-5``).
-
-``uniform`` (bits 3..8; per row) -- symmetric n-bit: ``Qp = 2^(b−1) − 1``,
-``scale = max|W|/Qp``, codes ``clip(round(W/scale), −Qp, Qp)``; identity STE.
-
-Binary and the exact zero
--------------------------
-``sign(0) = 0`` has no 1-bit code. ``tbt``/``released`` keeps ``torch.sign`` (an exact 0 gets
-code 0, value 0) to match the reference code bit for bit; a packer must then decide what to do
-with it. Every other binary path (``tbt``/``paper``, ``bwn``) maps an exact 0 of the centred
-weight to **+1**, so binary codes are always ±1 and pack into one bit.
-
-``variant`` only changes ``tbt``; the other methods have a single definition and ignore it.
-
-Granularity and the neighbouring methods
-----------------------------------------
-``granularity`` is ``row`` | ``tensor`` | ``group`` (``group_size`` contiguous inputs of a row) |
-``shard`` (``num_shards`` blocks of output rows); :mod:`tbt.quant.granularity` explains the unit
-view that gives every method all four. ``group`` scales are exported as ``(out, in/g)``.
-
-More stateless methods (``bitnet-binary``, ``trilm``) live in :mod:`tbt.quant.weight_bitnet`.
-Methods with learned parameters (``lsq``, ``seq``, ``seq-int2``, ``dlt``) and Tequila's dead-zone
-bias (``tequila``) are per-layer modules (:mod:`tbt.quant.weight_learned`,
-:mod:`tbt.quant.tequila`) registered here with :func:`register_weight_quantizer`;
+Methods with learned parameters (``lsq``, ``seq``, ``seq-int2``, ``dlt``) and Tequila's
+dead-zone bias (``tequila``) are per-layer modules (:mod:`tbt.quant.weight_learned`,
+:mod:`tbt.quant.tequila`) registered with :func:`register_weight_quantizer`;
 :func:`quantize_weight` refuses them (build them with ``make_weight_quantizer`` or
-``quantize_model``). ``docs/methods.md`` lists every formula.
+``quantize_model``).
 """
 
 from __future__ import annotations
@@ -129,7 +85,7 @@ def weight_codes(
     Args:
         w: ``(out, in)`` linear weight or ``(vocab, d)`` embedding, any float dtype.
         bits: 1 (binary), 2 (ternary) or 3..8 (``uniform``); see :func:`check_weight_method`.
-        method: ``tbt`` | ``twn`` | ``bwn`` | ``absmean`` | ``uniform`` (module docstring).
+        method: ``tbt`` | ``twn`` | ``bwn`` | ``absmean`` | ``uniform`` (docs/numerics.md §1).
         variant: ``"paper"`` (Eq. 8-10, centred) or ``"released"`` (authors' code); ``tbt`` only.
         granularity: ``"row"`` | ``"tensor"`` | ``"group"`` | ``"shard"`` | ``None`` (the
             method's default: ``tensor`` for ``absmean``, ``row`` for the core methods).

@@ -16,25 +16,11 @@ module, class or function) that has more than one sentence. Three styles:
   without its first sentence, the way XSum was built from BBC articles. About half of the
   summary words occur in the document; the rest must be inferred.
 
-Measured (2 shared CPU cores; tiny BART d_model 128, 2+2 layers, FFN 512, byte-level BPE of
-1000, sources cut to 64 tokens, batch 32, AdamW 1e-3, no dropout; CPython 3.11 stdlib;
-greedy decoding, 200 test examples; ROUGE-1/2/Lsum):
-
-====================================  =============  =============  ================
-training                              lead           api            xsum
-====================================  =============  =============  ================
-~600-1300 steps on the corpus only    8-19 / - / -   8.5 (600)      12.6/1.3/12.5
-250 copy warm-up + 350 corpus steps   97.9/97.5/97.9 39.5/26.1/39.4 12.9/1.9/12.3
-====================================  =============  =============  ================
-
-(lead with warm-up, second seed: 98.5/98.3/98.5.) From random weights the model first learns
-the summaries' language model and ignores its encoder (the test loss was the same with the
-encoder inputs shuffled between examples); the switch to copying is sudden and did not come
-within ~600-1300 steps in 6 of 7 runs. A short warm-up on a synthetic copy task
-(:func:`copy_warmup_batch`; its docstring says in which settings it worked) gets it copying, after which the lead task is learned in ~50
-steps and the gap to 100 left by a quantized student measures how much of the copy mechanism
-(attention precision, what TBT's activation quantizers protect) survived. ``"api"`` leaves
-headroom for generation quality to show; ``"xsum"`` needs far more than minutes of CPU.
+A tiny model trained from random weights learns the summaries' language model first and
+ignores its encoder for a long and unpredictable time; the demo's teacher therefore starts with
+a short synthetic copy task (:func:`copy_warmup_batch`). docs/training.md, "Notes: the demo
+corpus and the copy warm-up", has the measurements behind this and the ROUGE each style
+reaches.
 
 Files are parsed with :mod:`ast` (never imported), walked in sorted order, so the corpus depends
 only on the Python version (``source="stdlib"``: 3500 examples on CPython 3.11) or on the
@@ -210,7 +196,7 @@ def build_docstring_corpus(output_dir: str, max_examples: int | None = None, see
             ``"all"``, or the path of a directory of Python sources.
         style: ``"lead"`` (default: the document starts with the summary), ``"api"`` (summary =
             name + first sentence, the sentence removed from the document) or ``"xsum"`` (the
-            first sentence removed; much harder). See the module docstring for measurements.
+            first sentence removed; much harder). Measurements: docs/training.md.
 
     Returns:
         ``{"train": path, "validation": path, "test": path}``.
@@ -242,18 +228,12 @@ def copy_warmup_batch(batch_size: int, vocab_size: int, source_length: int = 62,
                       target_length: int = 24, generator=None) -> dict:
     """A batch of the synthetic copy task that starts a from-scratch seq2seq model copying.
 
-    A small BART trained from random weights on real text learns the summaries' language model
-    first and ignores its encoder for hundreds to thousands of steps (the switch to copying is
-    sudden and its timing varies, see the module docstring). Training on this task first
-    (random token ids, labels = ``<s>`` + the first ``target_length`` source tokens + ``</s>``)
-    teaches position-to-position cross attention. Measured on ``bart-tiny`` (no dropout,
-    AdamW 1e-3, batch 32, bf16 autocast, sources of 62 tokens), one run each: with a vocabulary
-    of 1000 the loss fell from 6.4 to 0.34 by step 225 (the earlier runs behind the module
-    docstring agree); with a vocabulary of 2000 only from step ~200 (0.92 at step 275); at
-    batch 16 / lr 2e-3, with sinusoidal positions, or with the same task written as text of
-    whole-word tokens and run through the training loop (warm-up + linear decay), it had not
-    started after 300-500 steps. Hence the demo's vocabulary of 1000 and this recipe. It is a
-    warm-up for the teacher only, never evaluated.
+    Random token ids; labels = ``<s>`` + the first ``target_length`` source tokens + ``</s>``.
+    Training on it first teaches position-to-position cross attention, which a small BART
+    trained from random weights on real text takes hundreds to thousands of steps to find. A
+    warm-up for the demo's teacher only, never evaluated; the settings in which it was measured
+    to work (and those in which it did not) are in docs/training.md, "Notes: the demo corpus
+    and the copy warm-up".
 
     Returns ``{"input_ids": (B, source_length + 2), "attention_mask", "labels": (B,
     target_length + 2)}`` long tensors; ids 0/2 are ``<s>``/``</s>``, the tokens are drawn

@@ -62,7 +62,7 @@ class DemoConfig:
 
     output_dir: str = "tbt-demo"
     max_examples: int | None = None  # corpus size (None = every qualifying docstring)
-    vocab_size: int = 1000  # the copy warm-up was measured to work at 1000 (corpus.py)
+    vocab_size: int = 1000  # the copy warm-up was measured to work at 1000 (docs/training.md)
     architecture: str = "bart-tiny"
     max_source_length: int = 96
     max_target_length: int = 32
