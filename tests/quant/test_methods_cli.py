@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 import pytest
+from conftest import make_model_dir, make_workspace
 
 from tbt.cli import build_parser
 from tbt.cli.train import resolve_settings
 from tbt.train.config import TrainConfig
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
-from train_helpers import make_model_dir, make_workspace  # noqa: E402
 
 BASE = ["--model", "gpt2-tiny", "--tokenizer", "tok", "--train-file", "t.jsonl",
         "--output-dir", "out", "--max-steps", "2"]

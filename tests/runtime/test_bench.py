@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -25,13 +24,10 @@ def _expected_weight_bytes(op: str, n: int, k: int) -> int:
 def test_cli_tiny_run_writes_valid_json(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "bench.json"
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tbt", "bench", "--shapes", f"{N}x{K}",
                            "--batch", "1", "--repeat", "2", "--json", str(out)],
                           capture_output=True, text=True, timeout=60)
-    elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
-    assert elapsed < 10, f"tiny bench took {elapsed:.1f} s"
     records = json.loads(out.read_text())
     assert {(r["op"], r["cache"]) for r in records} == {(o, c) for o in B.OPS for c in B.CACHES}
     assert len(records) == len(B.OPS) * len(B.CACHES)

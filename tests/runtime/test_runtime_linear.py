@@ -135,7 +135,6 @@ def test_from_packed_dir_without_torch(tmp_path, bits):
     """The torch-free layer reproduces the torch PackedLinear on the inputs it saw."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from conftest import make_tiny
 
     from tbt.config import QuantConfig
