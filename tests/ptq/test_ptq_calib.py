@@ -60,6 +60,7 @@ def test_gram_is_the_sum_over_real_tokens():
     torch.testing.assert_close(got.gram, x.t() @ x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["bart", "gpt2", "qwen2"])
 def test_other_families_run(family):
     model = make_tiny(family).eval()

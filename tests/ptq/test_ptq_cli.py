@@ -65,6 +65,7 @@ def _ppl(model_dir, ws):
     return perplexity(model, loader, "cpu"), model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,extra", [
     ("rtn", ()), ("ptqtp", ("--group-size", "16")), ("pbllm", ("--salient-frac", "0.1")),
     ("billm", ("--block-size", "32")),
@@ -94,6 +95,7 @@ def test_every_method_end_to_end(workspace, method, extra):
         torch.testing.assert_close(packed(ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_eora_lowers_error_and_is_merged_in_the_checkpoint(workspace):
     _, base = _run(workspace, "ptqtp-plain", "--method", "ptqtp")
     out, rep = _run(workspace, "ptqtp-eora", "--method", "ptqtp", "--compensate", "eora",
@@ -113,6 +115,7 @@ def test_eora_lowers_error_and_is_merged_in_the_checkpoint(workspace):
         base["metrics"]["perplexity_after"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_rtn_packed_checkpoint_matches_and_trains_as_student(workspace, capsys):
     from tbt.export.io import load_packed
 

@@ -514,6 +514,7 @@ _WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_distributed_init_is_averaged(tmp_path):
     script = tmp_path / "worker.py"

@@ -52,6 +52,7 @@ def test_bad_method_flag_says_how_to_fix():
         TrainConfig.from_flat(resolve_settings(args))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,act,bits", [("tequila", "lsq-plus", "fp-2-4"),
                                               ("dlt", "absmax-token", "2-2-8")])
 def test_short_distillation_run(tmp_path, method, act, bits):

@@ -417,6 +417,7 @@ def test_tequila_gradients():
         torch.testing.assert_close(ql(x), y)
 
 
+@pytest.mark.slow
 def test_any_module_can_be_imported_first():
     # weight -> weight_bitnet, weight_learned -> tequila is an import cycle; each entry point
     # must work in a fresh interpreter (run side by side to keep the test short)

@@ -21,6 +21,7 @@ def _expected_weight_bytes(op: str, n: int, k: int) -> int:
     return n * per_row + 4 * n  # + one float32 scale (tbt) / bias or scale (torch) per row
 
 
+@pytest.mark.slow
 def test_cli_tiny_run_writes_valid_json(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "bench.json"
@@ -49,6 +50,7 @@ def test_cli_tiny_run_writes_valid_json(tmp_path):
         assert op in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_input_with_a_fix():
     for args, msg in ((["--shapes", "4096"], "NxK"), (["--ops", "t2a9"], "choose from"),
                       (["--batch", "1,x"], "comma-separated integers"),

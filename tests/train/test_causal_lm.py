@@ -70,6 +70,7 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_twenty_causal_steps_with_every_term_lower_the_loss(ws, tmp_path, family):
     out = str(tmp_path / family)
@@ -88,6 +89,7 @@ def test_twenty_causal_steps_with_every_term_lower_the_loss(ws, tmp_path, family
     assert math.isfinite(log[-1]["val_loss"])
 
 
+@pytest.mark.slow
 def test_cli_train_evaluate_perplexity_and_generate(ws, tmp_path):
     out = str(tmp_path / "cli")
     flat = _settings(ws, out, ws["gpt2"], w_relation=1.0, relation_layers="-1")

@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_gloo_replicas_end_identical(tmp_path):
     ws = make_workspace(str(tmp_path / "ws"))

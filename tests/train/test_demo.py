@@ -16,7 +16,9 @@ from train_helpers import tbt_cli
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
-    """One `tbt demo --quick` run, shared by the demo and ablation tests: (dir, log)."""
+    """One `tbt demo --quick` run, shared by the demo and ablation tests: (dir, log).
+
+    It takes minutes (a teacher and four students), so every test that uses it is slow."""
     out = str(tmp_path_factory.mktemp("demo") / "demo")
     proc = tbt_cli("demo", "--quick", "--output-dir", out, "--no-progress")
     log = proc.communicate(timeout=600)[0]
@@ -24,6 +26,7 @@ def quick_demo(tmp_path_factory):
     return out, log
 
 
+@pytest.mark.slow
 def test_demo_quick_end_to_end(quick_demo):
     out, log = quick_demo
 
@@ -74,6 +77,7 @@ def test_demo_presets_are_valid(quick, tmp_path):
     assert dc.seed == 0 and (dc.teacher_steps < 100) == quick
 
 
+@pytest.mark.slow
 def test_ablate_quick_from_demo(quick_demo, tmp_path):
     from tbt.train.ablate import SUITES
     from tbt.train.demo import StudentSpec
@@ -99,6 +103,7 @@ def test_ablate_quick_from_demo(quick_demo, tmp_path):
     assert cfg["method"] == "twn" and cfg["act_method"] == "minmax"
 
 
+@pytest.mark.slow
 def test_ablate_from_demo_missing_dir(tmp_path):
     proc = tbt_cli("ablate", "--from-demo", str(tmp_path / "nope"), "--output-dir",
                    str(tmp_path / "o"))

@@ -30,6 +30,7 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,bits", [("bart", "2-2-8"), ("gpt2", "2-2-2")])
 def test_twenty_steps_lower_the_loss(ws, tmp_path, family, bits):
     out = str(tmp_path / "run")
@@ -64,6 +65,7 @@ def test_twenty_steps_lower_the_loss(ws, tmp_path, family, bits):
     assert all(torch.equal(sd[k], live[k]) for k in sd)
 
 
+@pytest.mark.slow
 def test_full_precision_training_from_a_preset(ws, tmp_path):
     out = str(tmp_path / "fp")
     cfg = TrainConfig.from_flat(flat_settings(ws, out, model="bart-tiny", bits="fp",
@@ -74,6 +76,7 @@ def test_full_precision_training_from_a_preset(ws, tmp_path):
     assert _mean([r["loss"] for r in log[-3:]]) < _mean([r["loss"] for r in log[:3]])
 
 
+@pytest.mark.slow
 def test_grad_accumulation_and_term_weights(ws, tmp_path):
     out = str(tmp_path / "acc")
     cfg = TrainConfig.from_flat(flat_settings(ws, out, teacher=ws["bart"], bits="1-1-8",

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
-
 from train_helpers import flat_settings, make_workspace
 
 
+@pytest.mark.slow
 def test_recipe_trains_from_scratch_and_reloads(tmp_path):
     from tbt.hf import load_pretrained
     from tbt.models.matmulfree import MatMulFreeForCausalLM

@@ -45,6 +45,7 @@ def test_architecture_presets_build(name):
     assert name in ARCHITECTURES
 
 
+@pytest.mark.slow
 def test_recipe_starts_on_a_tiny_config(tmp_path):
     """`tbt train --recipe xsum-2-2-2` with the hub pieces replaced by local ones."""
     from tbt.cli import main

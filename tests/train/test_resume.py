@@ -37,6 +37,7 @@ def _records(out):
         return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in f]
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_equals_uninterrupted_run(ws, tmp_path):
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     ref = tbt_cli("train", *cli_args(_settings(ws, ref_out)))
