@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny
+from packed_resign import resign
 
 from tbt.cli import main
 from tbt.export.format import FormatError
-from tbt.export.io import WEIGHTS_NAME, _checksum, load_packed, read_packed_metadata
+from tbt.export.io import WEIGHTS_NAME, load_packed, read_packed_metadata
 from tbt.export.pack import pack_uint, unpack_uint
 from tbt.export.ptq_layers import SchemeLinear, layer_bits
 from tbt.ptq import EoRAConfig, LowRankAdapter, PTQConfig, make_method_config, quantize_model_ptq
@@ -174,10 +175,10 @@ def test_eora_on_top_runs_in_the_packed_model(tmp_path):
 
 
 def _rewrite(src, dst, edit):
-    """Copy a packed dir, apply ``edit(state, layers)`` and re-sign the checksum, so only the
+    """Copy a packed dir, apply ``edit(state, layers)`` and re-sign the checksums, so only the
     layer validation can catch the change."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     shutil.copytree(src, dst)
     f = dst / WEIGHTS_NAME
@@ -187,11 +188,7 @@ def _rewrite(src, dst, edit):
     layers = json.loads(md["tbt.layers"])
     edit(state, layers)
     md["tbt.layers"] = json.dumps(layers, sort_keys=True)
-    dt = {torch.float32: "F32", torch.uint8: "U8", torch.int32: "I32"}
-    md["tbt.checksum"] = _checksum(md, {k: (dt.get(v.dtype, "F32"), tuple(v.shape))
-                                        for k, v in state.items()})
-    save_file(state, str(f), metadata=md)
-    return dst
+    return resign(dst, state, md)
 
 
 def test_broken_files_are_format_errors(saved, tmp_path):
@@ -232,8 +229,9 @@ def test_broken_files_are_format_errors(saved, tmp_path):
 
 
 def test_corrupted_code_bytes_fail_at_first_use(tmp_path):
-    """Tensor bytes carry no checksum: an invalid ternary code (3) in a PTQTP plane and a
-    PB-LLM row pointer that does not reach nnz are caught when the layer is first decoded."""
+    """In a file whose checksums were recomputed after the edit, an invalid ternary code (3)
+    in a PTQTP plane and a PB-LLM row pointer that does not reach nnz are caught when the layer
+    is first decoded."""
     for method, role, value, match in (("ptqtp", "plane2", 0xFF, "code 3"),
                                        ("pbllm", "row_ptr", 10 ** 6, "row_ptr")):
         model, report, cfg = _ptq(method)
