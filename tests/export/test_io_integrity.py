@@ -234,6 +234,9 @@ def test_file_without_tensor_checksums_loads_with_a_warning(packed, tmp_path, ca
     with caplog.at_level(logging.WARNING):
         assert _loads_same(dst, logits, y) == "same"
     assert sum("not verified" in r.getMessage() for r in caplog.records) == 2  # both readers
+    again = save_packed(load_packed(dst, backend="torch"), tmp_path / "again")  # re-export ...
+    assert TENSOR_DIGESTS_KEY in read(again)[1]  # ... adds the checksums, same model
+    assert _loads_same(again, logits, y) == "same"
     state[next(iter(state))].view(-1)[0] += 1  # no tensor checksum: nothing catches this ...
     resign(dst, state, md)
     load_packed(dst)
@@ -330,3 +333,21 @@ def test_model_class_must_be_a_model_class(packed, tmp_path, monkeypatch, name):
     resign(dst, state, md)
     with torch.no_grad():
         assert torch.equal(load_packed(dst, backend="torch")(input_ids=IDS).logits, logits)
+
+
+def test_worked_digests():
+    """The worked example of docs/format.md §8 ("Checksums")."""
+    from tbt.export.integrity import array_digest
+
+    scale = np.array([1.0, 0.5], np.float32)
+    assert scale.tobytes().hex() == "0000803f0000003f"
+    assert array_digest(scale) == \
+        "b09540ff36f486fafd91acb451c6d92cc0c31ab1e9f4379a9342bc0cc88df1a6"
+    assert array_digest(np.array([[0xA4]], np.uint8)) == \
+        "88aa3e3b1f22c616b1817981215e7d1e75fa32b22233ebb8477f64600a5ace1f"
+    import hashlib  # the same bytes through torch's view, as save_packed hashes them
+
+    from tbt.export.io import _tensor_bytes
+
+    assert hashlib.sha256(b"\x00\x00\x80\x3f\x00\x00\x00\x3f").hexdigest() == \
+        array_digest(_tensor_bytes(torch.tensor([1.0, 0.5])))

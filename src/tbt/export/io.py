@@ -22,6 +22,9 @@ A packed checkpoint is a directory:
     ``"weight"``, ``"scale"`` tensor names for int8; :mod:`tbt.export.lm_head`). ``"packed"``:
     the head was quantized in training (``QuantConfig.skip_modules`` without it) and is a
     packed linear entry of ``tbt.layers``; tied to the token embedding, it shares its codes.
+  - ``tbt.tensor_sha256``, ``tbt.file_sha256``, ``tbt.checksum``: sha256 of every stored
+    tensor's bytes, of ``config.json``/``generation_config.json``, and of the header
+    (:mod:`tbt.export.integrity`; ``docs/format.md`` §8).
 
 Each linear entry of ``tbt.layers`` also records its activation quantizer under ``"act"``
 (:class:`~tbt.runtime.linear.ActSpec` fields; the learned α as the tensor name
@@ -31,7 +34,9 @@ without rebuilding the model.
 ``load_packed`` builds the architecture from ``config.json`` with transformers (without
 initialising its weights), runs :func:`~tbt.quant.surgery.quantize_model` with the saved
 ``QuantConfig``, turns it into empty packed modules (``convert_model(skeleton=True)``), loads
-the tensors (strict) and picks the backend (:func:`~tbt.export.convert.set_backend`). The
+the tensors (strict) and picks the backend (:func:`~tbt.export.convert.set_backend`), after
+checking every checksum and the scales' values; it never runs code from the directory (an
+``auto_map`` is refused, ``tbt.model_class`` must name a transformers model class). The
 directory is written to a temporary sibling first and moved into place with ``os.replace``.
 """
 
