@@ -106,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             header = 8 + int.from_bytes((d / WEIGHTS_NAME).read_bytes()[:8], "little")
             rows.append((head, size / 1e6, header / 1e3, t_signed, t_old, t_hash,
                          nbytes / t_hash / 1e6, nbytes / t_blake / 1e6, t_np, t_np_old))
+    import os
+
     lines = [f"shape: {json.dumps(QUICK if args.quick else BASE)}, bits 2-2-8, "
-             f"torch {torch.__version__}, best of {args.repeat}",
+             f"torch {torch.__version__}, best of {args.repeat}; {os.cpu_count()} CPUs, load "
+             f"average {os.getloadavg()[0]:.1f} at the end",
              "",
              "| LM head | file MB | header kB | load_packed s (checksums) | load_packed s "
              "(no checksums) | sha256 of all tensors s | sha256 MB/s | blake2b MB/s | "
