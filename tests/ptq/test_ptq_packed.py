@@ -172,6 +172,20 @@ def test_eora_on_top_runs_in_the_packed_model(tmp_path):
         for a in adapters:
             a.enabled = False
         assert (packed(IDS).logits - want).abs().max() > 1e-4  # the adapters do something
+    from tbt.ptq.save import ADAPTERS_NAME
+
+    f = tmp_path / "e" / ADAPTERS_NAME  # a damaged adapters file: FormatError, not wrong logits
+    raw = bytearray(f.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")  # the tensor data
+    for pos in (start, (start + len(raw)) // 2, len(raw) - 1):
+        bad = bytearray(raw)
+        bad[pos] ^= 0x10
+        f.write_bytes(bytes(bad))
+        with pytest.raises(FormatError, match="does not match its checksum"):
+            load_packed(tmp_path / "e")
+    f.write_bytes(bytes(raw[: len(raw) - 3]))
+    with pytest.raises(FormatError, match="truncated or corrupted"):
+        load_packed(tmp_path / "e")
 
 
 def _rewrite(src, dst, edit):
