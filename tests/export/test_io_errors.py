@@ -22,6 +22,7 @@ from tbt.export.io import WEIGHTS_NAME, load_packed, read_packed_metadata, save_
 from tbt.quant.surgery import quantize_model
 
 from conftest import make_tiny
+from packed_resign import read, resign
 
 pytest.importorskip("transformers")
 
@@ -64,6 +65,9 @@ def test_config_shape_mismatch(packed, tmp_path):
     cfg = json.loads((dst / "config.json").read_text())
     cfg["n_inner"] = 96  # MLP width 96 instead of 4*32: the packed tensors no longer fit
     (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=r"config.json was changed after export"):
+        load_packed(dst)
+    resign(dst)  # the same edit with a recomputed checksum: the architecture check catches it
     with pytest.raises(FormatError, match="does not fit the architecture"):
         load_packed(dst)
 
@@ -125,18 +129,19 @@ def test_header_corruption_property(packed, tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
 def test_corrupted_code_bytes(packed, tmp_path, backend):
-    """Tensor bytes carry no checksum; an invalid ternary code (3) still fails clearly."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    """A changed code byte fails the tensor checksum at load; in a file re-signed after the
+    change, an invalid ternary code (3) still fails clearly when the layer first runs."""
+    from safetensors.torch import save_file
 
     d, _ = packed
     dst, f = _copy(d, tmp_path / backend)
-    with safe_open(str(f), "pt") as fh:
-        md = dict(fh.metadata())
-    state = load_file(str(f))
+    state, md = read(dst)
     name = json.loads(md["tbt.layers"])["transformer.h.0.mlp.c_fc"]["packed"]
     state[name][0, 0] = 0xFF  # four codes 3
     save_file(state, str(f), metadata=md)
+    with pytest.raises(FormatError, match=f"tensor {name} does not match its checksum"):
+        load_packed(dst, backend=backend, kernel_backend="ref")
+    resign(dst, state, md)
     model = load_packed(dst, backend=backend, kernel_backend="ref")
     with pytest.raises(FormatError, match="code 3"), torch.no_grad():
         model(input_ids=IDS)

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny
+from packed_resign import resign
 
 from tbt.cli import main
 from tbt.export.format import FormatError
-from tbt.export.io import WEIGHTS_NAME, _checksum, load_packed, read_packed_metadata
+from tbt.export.io import WEIGHTS_NAME, load_packed, read_packed_metadata
 from tbt.export.pack import pack_uint, unpack_uint
 from tbt.export.ptq_layers import SchemeLinear, layer_bits
 from tbt.ptq import EoRAConfig, LowRankAdapter, PTQConfig, make_method_config, quantize_model_ptq
@@ -171,13 +172,27 @@ def test_eora_on_top_runs_in_the_packed_model(tmp_path):
         for a in adapters:
             a.enabled = False
         assert (packed(IDS).logits - want).abs().max() > 1e-4  # the adapters do something
+    from tbt.ptq.save import ADAPTERS_NAME
+
+    f = tmp_path / "e" / ADAPTERS_NAME  # a damaged adapters file: FormatError, not wrong logits
+    raw = bytearray(f.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")  # the tensor data
+    for pos in (start, (start + len(raw)) // 2, len(raw) - 1):
+        bad = bytearray(raw)
+        bad[pos] ^= 0x10
+        f.write_bytes(bytes(bad))
+        with pytest.raises(FormatError, match="does not match its checksum"):
+            load_packed(tmp_path / "e")
+    f.write_bytes(bytes(raw[: len(raw) - 3]))
+    with pytest.raises(FormatError, match="truncated or corrupted"):
+        load_packed(tmp_path / "e")
 
 
 def _rewrite(src, dst, edit):
-    """Copy a packed dir, apply ``edit(state, layers)`` and re-sign the checksum, so only the
+    """Copy a packed dir, apply ``edit(state, layers)`` and re-sign the checksums, so only the
     layer validation can catch the change."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     shutil.copytree(src, dst)
     f = dst / WEIGHTS_NAME
@@ -187,11 +202,7 @@ def _rewrite(src, dst, edit):
     layers = json.loads(md["tbt.layers"])
     edit(state, layers)
     md["tbt.layers"] = json.dumps(layers, sort_keys=True)
-    dt = {torch.float32: "F32", torch.uint8: "U8", torch.int32: "I32"}
-    md["tbt.checksum"] = _checksum(md, {k: (dt.get(v.dtype, "F32"), tuple(v.shape))
-                                        for k, v in state.items()})
-    save_file(state, str(f), metadata=md)
-    return dst
+    return resign(dst, state, md)
 
 
 def test_broken_files_are_format_errors(saved, tmp_path):
@@ -232,8 +243,9 @@ def test_broken_files_are_format_errors(saved, tmp_path):
 
 
 def test_corrupted_code_bytes_fail_at_first_use(tmp_path):
-    """Tensor bytes carry no checksum: an invalid ternary code (3) in a PTQTP plane and a
-    PB-LLM row pointer that does not reach nnz are caught when the layer is first decoded."""
+    """In a file whose checksums were recomputed after the edit, an invalid ternary code (3)
+    in a PTQTP plane and a PB-LLM row pointer that does not reach nnz are caught when the layer
+    is first decoded."""
     for method, role, value, match in (("ptqtp", "plane2", 0xFF, "code 3"),
                                        ("pbllm", "row_ptr", 10 ** 6, "row_ptr")):
         model, report, cfg = _ptq(method)

@@ -93,9 +93,9 @@ def _load_model(args: argparse.Namespace):
 
     model, tok = load_pretrained(args.model)
     if args.tokenizer:
-        from transformers import AutoTokenizer
+        from tbt.hf import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        tok = load_tokenizer(args.tokenizer)
     if tok is None:
         raise CliError(f"{args.model} has no tokenizer: pass --tokenizer DIR")
     return model, tok

@@ -103,9 +103,9 @@ def _load(args: argparse.Namespace):
     else:
         model, tok = load_pretrained(args.model)
     if args.tokenizer:
-        from transformers import AutoTokenizer
+        from tbt.hf import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        tok = load_tokenizer(args.tokenizer)
     if tok is None:
         raise CliError(f"{args.model} has no tokenizer: pass --tokenizer DIR")
     if tok.pad_token is None:

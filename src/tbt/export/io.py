@@ -22,6 +22,9 @@ A packed checkpoint is a directory:
     ``"weight"``, ``"scale"`` tensor names for int8; :mod:`tbt.export.lm_head`). ``"packed"``:
     the head was quantized in training (``QuantConfig.skip_modules`` without it) and is a
     packed linear entry of ``tbt.layers``; tied to the token embedding, it shares its codes.
+  - ``tbt.tensor_sha256``, ``tbt.file_sha256``, ``tbt.checksum``: sha256 of every stored
+    tensor's bytes, of ``config.json``/``generation_config.json``, and of the header
+    (:mod:`tbt.export.integrity`; ``docs/format.md`` §8).
 
 Each linear entry of ``tbt.layers`` also records its activation quantizer under ``"act"``
 (:class:`~tbt.runtime.linear.ActSpec` fields; the learned α as the tensor name
@@ -31,7 +34,9 @@ without rebuilding the model.
 ``load_packed`` builds the architecture from ``config.json`` with transformers (without
 initialising its weights), runs :func:`~tbt.quant.surgery.quantize_model` with the saved
 ``QuantConfig``, turns it into empty packed modules (``convert_model(skeleton=True)``), loads
-the tensors (strict) and picks the backend (:func:`~tbt.export.convert.set_backend`). The
+the tensors (strict) and picks the backend (:func:`~tbt.export.convert.set_backend`), after
+checking every checksum and the scales' values; it never runs code from the directory (an
+``auto_map`` is refused, ``tbt.model_class`` must name a transformers model class). The
 directory is written to a temporary sibling first and moved into place with ``os.replace``.
 """
 
@@ -56,6 +61,20 @@ from tbt.export.convert import (
     set_backend,
 )
 from tbt.export.format import FormatError, FormatHeader, Packing
+from tbt.export.integrity import (
+    CHECKSUM_KEY,
+    FILE_DIGESTS_KEY,
+    TENSOR_DIGESTS_KEY,
+    array_digest,
+    check_layer_values,
+    file_digests,
+    header_checksum,
+    read_digests,
+    verify_array,
+    verify_files,
+    verify_header,
+    warn_unverified,
+)
 from tbt.export.lm_head import LM_HEAD_FORMATS, Int8Linear, output_embedding_name
 
 __all__ = ["WEIGHTS_NAME", "save_packed", "load_packed", "read_packed_metadata", "layer_table"]
@@ -142,25 +161,19 @@ def _quantize_lm_head(model: nn.Module) -> None:
 
 
 LM_HEAD_READ_FORMATS = (*LM_HEAD_FORMATS, "packed")  # "packed": a layer of tbt.layers
-CHECKSUM_KEY = "tbt.checksum"
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.float64: "F64", torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16",
               torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
 
 
 def _checksum(metadata: dict[str, str], index: dict[str, tuple[str, tuple]]) -> str:
-    """sha256 of every ``tbt.*`` metadata entry and each tensor's name, dtype and shape.
+    """The header checksum (:func:`tbt.export.integrity.header_checksum`)."""
+    return header_checksum(metadata, index)
 
-    safetensors checks the byte offsets itself; this makes any other change to the header (a
-    flipped digit in a shape, a dtype, an α entry of the layer table ...) a :class:`FormatError`
-    instead of a model that loads and computes garbage.
-    """
-    import hashlib
 
-    body = {"metadata": {k: v for k, v in metadata.items()
-                         if k.startswith("tbt.") and k != CHECKSUM_KEY},
-            "tensors": {k: [d, [int(x) for x in shape]] for k, (d, shape) in index.items()}}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+def _tensor_bytes(t: torch.Tensor):
+    """A tensor's bytes as safetensors stores them (C order), as a uint8 numpy view."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "fp") -> Path:
@@ -227,19 +240,22 @@ def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "
         "tbt.aliases": json.dumps(aliases, sort_keys=True),
         "tbt.model_class": type(model).__name__,
         "tbt.lm_head": json.dumps(_lm_head_entry(model), sort_keys=True),
+        TENSOR_DIGESTS_KEY: json.dumps({k: array_digest(_tensor_bytes(t))
+                                        for k, t in tensors.items()}, sort_keys=True),
     })
-    metadata[CHECKSUM_KEY] = _checksum(
-        metadata, {k: (_ST_DTYPES[t.dtype], tuple(t.shape)) for k, t in tensors.items()})
 
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
-        model.config.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)  # first: the weights file records their sha256
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
+        metadata[FILE_DIGESTS_KEY] = json.dumps(file_digests(tmp), sort_keys=True)
+        metadata[CHECKSUM_KEY] = _checksum(
+            metadata, {k: (_ST_DTYPES[t.dtype], tuple(t.shape)) for k, t in tensors.items()})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -255,9 +271,13 @@ def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "
 
 def read_packed_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """Parsed metadata of a packed checkpoint: ``header``, ``quant_config``, ``layers``,
-    ``aliases``, ``model_class``, and ``tensors`` (name → (dtype, shape, nbytes)).
+    ``aliases``, ``model_class``, ``lm_head``, ``tensors`` (name → (dtype, shape)), ``path``,
+    ``tensor_digests`` and ``file_digests`` (the sha256 maps of :mod:`tbt.export.integrity`;
+    ``None`` in a file written before them).
 
-    Raises :class:`FormatError` on a bad header or a layer whose tensors do not fit its packing.
+    Raises :class:`FormatError` on a bad header, a header checksum that does not match, or a
+    layer whose tensors do not fit its packing. Reads the header only: tensor bytes and
+    ``config.json`` are verified by :func:`load_packed`.
     """
     from safetensors import safe_open
 
@@ -277,10 +297,8 @@ def read_packed_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     except SafetensorError as e:
         raise FormatError(f"{path} is not a readable safetensors file ({e}): truncated or "
                           f"corrupted") from e
-    if md.get(CHECKSUM_KEY) != _checksum(md, tensors):
-        raise FormatError(f"{path}: the header checksum ({CHECKSUM_KEY}) does not match its "
-                          f"metadata and tensor index: a corrupted file (or one written "
-                          f"before tbt stored checksums): export it again")
+    verify_header(md, tensors, path)
+    tensor_digests, signed_files = read_digests(md, tensors, path)
     try:
         layers = json.loads(md["tbt.layers"])
         aliases = json.loads(md.get("tbt.aliases", "{}"))
@@ -298,7 +316,8 @@ def read_packed_metadata(directory: str | os.PathLike) -> dict[str, Any]:
         raise FormatError(f"packed checkpoint metadata lacks or garbles {e!r}") from e
     return {"header": header, "quant_config": quant_config, "layers": layers,
             "aliases": aliases, "model_class": md.get("tbt.model_class"), "lm_head": lm_head,
-            "tensors": tensors, "path": path}
+            "tensors": tensors, "path": path, "tensor_digests": tensor_digests,
+            "file_digests": signed_files}
 
 
 def _check_tensor(what: str, key: str, tensors: dict, dtype: str | None, shape: tuple) -> None:
@@ -344,6 +363,29 @@ def _check_lm_head(entry: dict, tensors: dict) -> None:
         _check_tensor("int8 lm_head", entry["scale"], tensors, "F32", (n,))
 
 
+def _model_class(tf, name: str | None, config):
+    """The transformers class ``tbt.model_class`` names, or None (then the Auto class of the
+    config builds the model: tbt's own architectures). Only a concrete model class whose
+    config class fits ``config.json`` is accepted: the name comes from the file."""
+    if not name:
+        return None
+    if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+        raise FormatError(f"tbt.model_class={name!r} is not a class name")
+    cls = getattr(tf, name, None)
+    if cls is None:
+        return None
+    if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel)) \
+            or cls is tf.PreTrainedModel:
+        raise FormatError(f"tbt.model_class={name!r} is not a transformers model class "
+                          f"(a PreTrainedModel such as BartForConditionalGeneration): a "
+                          f"corrupted or crafted file, export it again")
+    want = getattr(cls, "config_class", None)
+    if isinstance(want, type) and not isinstance(config, want):
+        raise FormatError(f"tbt.model_class={name!r} takes a {want.__name__}, but config.json "
+                          f"is a {type(config).__name__}: export it again")
+    return cls
+
+
 def _build_skeleton(config, model_class: str | None, qcfg, lm_head: dict,
                     layers: dict | None = None, tensors: dict | None = None) -> nn.Module:
     """The converted architecture with empty packed buffers; weights never initialised.
@@ -357,7 +399,7 @@ def _build_skeleton(config, model_class: str | None, qcfg, lm_head: dict,
     from tbt.export.ptq_layers import SchemeLinear
     from tbt.quant.surgery import quantize_model
 
-    cls = getattr(tf, model_class or "", None)
+    cls = _model_class(tf, model_class, config)
     with no_init_weights():  # untouched pages cost no RSS; load_state_dict fills what is kept
         if cls is None:
             auto = (tf.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False)
@@ -399,9 +441,15 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
         kernel_backend: the kernel implementation for ``"native"`` (``tbt.runtime.kernels``:
             ``ref``, ``native``, ``scalar``, ``avx2``, ``avx512``; default auto).
 
+    Verifies the checksums (``docs/format.md`` §8): the header, then ``config.json`` and
+    ``generation_config.json``, then every tensor's bytes, then the scales' values
+    (:mod:`tbt.export.integrity`). A file written before tensor checksums loads with a logged
+    warning. Never runs code from the directory: a ``config.json`` or ``tokenizer_config.json``
+    with an ``auto_map`` is refused, and transformers gets ``trust_remote_code=False``.
+
     Raises:
-        FormatError: a bad header, a truncated or corrupted file, or tensors that do not fit
-            the layer table.
+        FormatError: a bad header, a truncated or corrupted file, a checksum or value that does
+            not match, a custom-code folder, or tensors that do not fit the layer table.
     """
     import transformers as tf
     from safetensors import SafetensorError
@@ -409,28 +457,50 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
 
     from tbt.config import QuantConfig
 
+    from tbt.hf import refuse_custom_code
+
     directory = Path(directory)
     meta = read_packed_metadata(directory)
+    path = meta["path"]
+    refuse_custom_code(directory, FormatError)  # before transformers reads config.json
+    if meta["tensor_digests"] is None:
+        warn_unverified(path)
+    verify_files(directory, meta["file_digests"])
     qcfg = QuantConfig.from_json(meta["quant_config"])
     from tbt.models import register as register_models
 
     register_models()  # tbt's own architectures (the MatMul-free LM) for AutoConfig
-    config = tf.AutoConfig.from_pretrained(directory)
+    try:
+        config = tf.AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise FormatError(f"{directory / 'config.json'} is not a readable transformers config "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # quantize_model sets it again
+    try:
+        state = load_file(str(path))
+    except SafetensorError as e:
+        raise FormatError(f"{path}: cannot read the tensors ({e}): truncated or "
+                          f"corrupted file") from e
+    if meta["tensor_digests"] is not None:
+        for name, t in state.items():
+            verify_array(name, _tensor_bytes(t), meta["tensor_digests"], path)
+
+    def as_numpy(name: str):
+        t = state.get(name)
+        if t is None:
+            return None
+        return t.float().numpy() if t.is_floating_point() else t.numpy()
+
+    check_layer_values(meta["layers"], meta["lm_head"], as_numpy, path)
     model = _build_skeleton(config, meta["model_class"], qcfg, meta["lm_head"], meta["layers"],
                             meta["tensors"])
-    try:
-        state = load_file(str(meta["path"]))
-    except SafetensorError as e:
-        raise FormatError(f"{meta['path']}: cannot read the tensors ({e}): truncated or "
-                          f"corrupted file") from e
     for alias, stored in meta["aliases"].items():
         state[alias] = state[stored]  # one tensor object: the modules share it again
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise FormatError(f"{meta['path']} does not fit the architecture of config.json: "
+        raise FormatError(f"{path} does not fit the architecture of config.json: "
                           f"{e}") from e
     if (directory / "generation_config.json").is_file():
         model.generation_config = tf.GenerationConfig.from_pretrained(directory)

@@ -21,6 +21,48 @@ def register() -> None:
     register_models()  # tbt's own architectures (the MatMul-free LM) for the Auto classes
 
 
+CODE_FILES = ("config.json", "tokenizer_config.json")  # where transformers looks for auto_map
+
+
+def refuse_custom_code(path: str | os.PathLike, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` (one line) if the local folder ``path`` asks to run its own Python code.
+
+    A ``config.json`` or ``tokenizer_config.json`` with an ``auto_map`` points transformers at
+    modules shipped in the folder; without ``trust_remote_code`` transformers either asks
+    "run the custom code? [y/N]" on stdin or quietly uses its built-in class instead. tbt does
+    neither: it refuses the folder before transformers reads it, and passes
+    ``trust_remote_code=False`` to every ``from_pretrained``. A hub name (not a directory) is
+    left to that flag.
+    """
+    import json
+
+    d = os.fspath(path)
+    if not os.path.isdir(d):
+        return
+    for name in CODE_FILES:
+        f = os.path.join(d, name)
+        try:
+            with open(f, encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except (OSError, ValueError):
+            continue  # absent or unreadable: the loader reports it
+        auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
+        if auto_map:
+            what = sorted(auto_map) if isinstance(auto_map, dict) else auto_map
+            raise error(f"{f} has an auto_map ({what}): it asks to run Python code shipped with "
+                        f"the model, which tbt never does; remove the auto_map entry to load "
+                        f"it with transformers' built-in classes, if its model_type has them")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """``AutoTokenizer.from_pretrained(path)`` that never runs the folder's code
+    (:func:`refuse_custom_code`, ``trust_remote_code=False``)."""
+    import transformers
+
+    refuse_custom_code(path)
+    return transformers.AutoTokenizer.from_pretrained(os.fspath(path), trust_remote_code=False)
+
+
 def _auto_class(config: Any):
     import transformers
 
@@ -35,6 +77,8 @@ def load_pretrained(path: str | os.PathLike, device: str | None = None, dtype: A
 
     Seq2seq configs load with ``AutoModelForSeq2SeqLM``, others with ``AutoModelForCausalLM``.
     ``tokenizer`` is ``None`` when the directory has none (or ``with_tokenizer=False``).
+    Never runs code from the folder: one with an ``auto_map`` is a ``ValueError``
+    (:func:`refuse_custom_code`).
     """
     import transformers
 
@@ -47,8 +91,9 @@ def load_pretrained(path: str | os.PathLike, device: str | None = None, dtype: A
             raise FileNotFoundError(
                 f"{path!r} has no config.json: pass a directory written by save_pretrained / tbt train"
             )
-    config = transformers.AutoConfig.from_pretrained(path)
-    kw: dict[str, Any] = {}
+    refuse_custom_code(path)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    kw: dict[str, Any] = {"trust_remote_code": False}
     if dtype is not None:
         kw["dtype"] = dtype
     model = _auto_class(config).from_pretrained(path, **kw)
@@ -57,7 +102,7 @@ def load_pretrained(path: str | os.PathLike, device: str | None = None, dtype: A
     tok = None
     if with_tokenizer:
         try:
-            tok = transformers.AutoTokenizer.from_pretrained(path)
+            tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError, TypeError):
             tok = None
     return model, tok

@@ -58,8 +58,13 @@ def save_adapters(state: dict[str, torch.Tensor], directory: str) -> None:
 
     ranks = {k[: -len(".lora_a")]: int(v.shape[0]) for k, v in state.items()
              if k.endswith(".lora_a")}
+    from tbt.export.integrity import TENSOR_DIGESTS_KEY, array_digest
+    from tbt.export.io import _tensor_bytes
+
+    digests = {k: array_digest(_tensor_bytes(v)) for k, v in state.items()}
     save_file(state, os.path.join(directory, ADAPTERS_NAME),
-              metadata={"tbt.eora.ranks": json.dumps(ranks, sort_keys=True)})
+              metadata={"tbt.eora.ranks": json.dumps(ranks, sort_keys=True),
+                        TENSOR_DIGESTS_KEY: json.dumps(digests, sort_keys=True)})
 
 
 def attach_adapters(model: nn.Module, directory: str | os.PathLike) -> int:
@@ -68,14 +73,33 @@ def attach_adapters(model: nn.Module, directory: str | os.PathLike) -> int:
 
     ``load_packed`` calls this, so a packed RTN checkpoint with EoRA adapters runs them on the
     packed runtime. A name that matches no layer, or factors whose shapes do not fit it, raise
-    ``ValueError`` naming the layer.
+    ``ValueError`` naming the layer. The file records the sha256 of each tensor
+    (``tbt.tensor_sha256``, as the packed file does): a damaged file is a ``FormatError``.
     """
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
+
+    from tbt.export.format import FormatError
+    from tbt.export.integrity import TENSOR_DIGESTS_KEY, verify_array
+    from tbt.export.io import _tensor_bytes
 
     path = os.path.join(os.fspath(directory), ADAPTERS_NAME)
     if not os.path.isfile(path):
         return 0
-    state = load_file(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get(TENSOR_DIGESTS_KEY)
+        state = load_file(path)
+        digests = None if raw is None else json.loads(raw)
+    except (SafetensorError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path} is not a readable adapters file ({e}): truncated or "
+                          f"corrupted") from e
+    if digests is not None:  # files written before the checksums have none
+        if not isinstance(digests, dict) or set(digests) != set(state):
+            raise FormatError(f"{path}: {TENSOR_DIGESTS_KEY} does not list its tensors: a "
+                              f"corrupted file, save it again")
+        for k, t in state.items():
+            verify_array(k, _tensor_bytes(t), digests, path)
     names = sorted(k[: -len(".lora_a")] for k in state if k.endswith(".lora_a"))
     modules = dict(model.named_modules())
     for name in names:

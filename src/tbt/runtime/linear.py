@@ -48,7 +48,15 @@ from typing import Any
 
 import numpy as np
 
-from tbt.export.format import FormatHeader, Packing
+from tbt.export.format import FormatError, FormatHeader, Packing
+from tbt.export.integrity import (
+    check_layer_values,
+    read_digests,
+    verify_array,
+    verify_files,
+    verify_header,
+    warn_unverified,
+)
 from tbt.runtime.kernels import get_kernel
 from tbt.runtime.kernels.ref import (
     ALPHA_EPS,
@@ -285,53 +293,116 @@ class PackedLinearNP:
                         backend: str | None = None) -> PackedLinearNP:
         """Layer ``name`` (e.g. ``"model.encoder.layers.0.fc1"``) of a ``save_packed`` directory.
 
-        Reads only that layer's tensors with safetensors' numpy reader and validates the format
-        header; needs the layer's ``act`` entry (written by tbt >= the version adding it).
+        Reads only that layer's tensors with safetensors' numpy reader, with the checks of
+        ``load_packed`` (``docs/format.md`` §8, :mod:`tbt.export.integrity`): the format header
+        and its checksum, ``config.json``'s checksum, the sha256 of each tensor it reads, and
+        finite, non-negative scales. Tensors of other layers are not read, so not verified. A
+        file written before tensor checksums loads with a logged warning. Needs the layer's
+        ``act`` entry (written by tbt >= the version adding it).
+
+        Raises:
+            FormatError: a damaged, truncated or inconsistent file (never a raw safetensors
+                error).
+            KeyError: ``name`` is not a packed linear layer of the file.
+            ValueError: the layer has no integer kernel (float activations, a packed PTQ
+                scheme, per-group scales).
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(directory) / WEIGHTS_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: not a tbt packed checkpoint")
-        with safe_open(str(path), framework="numpy") as f:
-            md = f.metadata() or {}
-            FormatHeader.from_metadata(md)
-            layers = json.loads(md.get("tbt.layers", "{}"))
-            aliases = json.loads(md.get("tbt.aliases", "{}"))
-            info = layers.get(name)
-            if info is None or info.get("kind") != "linear":
-                linears = sorted(k for k, v in layers.items() if v.get("kind") == "linear")
-                raise KeyError(f"{name!r} is not a packed linear layer of {path}; "
-                               f"linear layers: {linears[:8]}{' ...' if len(linears) > 8 else ''}")
-            if "scheme" in info:
-                raise ValueError(f"layer {name} is a packed PTQ layer (scheme "
-                                 f"{info['scheme']!r}, float activations): no integer kernel; "
-                                 f"run it with tbt.export.io.load_packed")
-            keys = set(f.keys())
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                md = f.metadata() or {}
+                FormatHeader.from_metadata(md)
+                index = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
+                         for k in f.keys()}
+                verify_header(md, index, path)
+                digests, files = read_digests(md, index, path)
+                layers, aliases = _layer_table(md, path)
+                info = layers.get(name)
+                if not isinstance(info, dict) or info.get("kind") != "linear":
+                    linears = sorted(k for k, v in layers.items()
+                                     if isinstance(v, dict) and v.get("kind") == "linear")
+                    raise KeyError(f"{name!r} is not a packed linear layer of {path}; linear "
+                                   f"layers: {linears[:8]}{' ...' if len(linears) > 8 else ''}")
+                if digests is None:
+                    warn_unverified(path)
+                verify_files(directory, files)
+                if "scheme" in info:
+                    raise ValueError(f"layer {name} is a packed PTQ layer (scheme "
+                                     f"{info['scheme']!r}, float activations): no integer "
+                                     f"kernel; run it with tbt.export.io.load_packed")
+                if "act" not in info:
+                    raise ValueError(f"layer {name}: the checkpoint records no activation "
+                                     f"quantizer (written by an older tbt): export it again")
+                if "group_size" in info or "offset" in info:  # docs/methods.md: torch only
+                    raise ValueError(f"layer {name}: per-group scales or a weight offset (DLT) "
+                                     f"have no runtime kernel format; use load_packed")
+                read: dict[str, np.ndarray] = {}
 
-            def get(tensor: str) -> np.ndarray | None:
-                tensor = aliases.get(tensor, tensor)
-                return f.get_tensor(tensor) if tensor in keys else None
+                def get(tensor: str) -> np.ndarray | None:
+                    tensor = aliases.get(tensor, tensor)
+                    if tensor not in index:
+                        return None
+                    if tensor not in read:
+                        a = f.get_tensor(tensor)
+                        verify_array(tensor, a, digests, path)
+                        read[tensor] = a
+                    return read[tensor]
 
-            if "act" not in info:
-                raise ValueError(f"layer {name}: the checkpoint records no activation quantizer "
-                                 f"(written by an older tbt): export it again")
+                return cls._from_entry(name, info, get, backend, path)
+        except SafetensorError as e:
+            raise FormatError(f"{path} is not a readable safetensors file ({e}): truncated or "
+                              f"corrupted") from e
+
+    @classmethod
+    def _from_entry(cls, name: str, info: dict, get, backend: str | None,
+                    path: Path) -> PackedLinearNP:
+        """The layer of a verified ``tbt.layers`` entry; ``get(tensor)`` reads (and checks)."""
+        try:
+            n, k = (int(v) for v in info["shape"])
+            packing = Packing(info["packing"])
             act = info["act"]
             spec = None
             if act is not None:
                 act = dict(act)
                 if "alpha_tensor" in act:
-                    act["alpha"] = float(get(act.pop("alpha_tensor")))
+                    alpha = get(act.pop("alpha_tensor"))
+                    if alpha is None or alpha.size != 1:
+                        raise FormatError(f"layer {name}: its activation step tensor is "
+                                          f"missing or not a scalar")
+                    act["alpha"] = float(alpha.reshape(-1)[0])
                 spec = ActSpec.from_dict(act)
-            if "group_size" in info or "offset" in info:  # docs/methods.md: torch path only
-                raise ValueError(f"layer {name}: per-group scales or a weight offset (DLT) "
-                                 f"have no runtime kernel format; use load_packed")
-            n, k = info["shape"]
-            packed, scale = get(info["packed"]), get(info["scale"])
-            bias = get(f"{name}.bias")
+            packed, scale, bias = get(info["packed"]), get(info["scale"]), get(f"{name}.bias")
+        except FormatError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{path}: layer {name}'s entry in tbt.layers is malformed "
+                              f"({e!r}): a corrupted file, export it again") from e
         if packed is None or scale is None:
-            raise ValueError(f"layer {name}: packed or scale tensor missing from {path}")
-        if packed.shape != (n, Packing(info["packing"]).row_bytes(k)):
-            raise ValueError(f"layer {name}: packed tensor {packed.shape} does not fit "
-                             f"{info['packing']} ({n}, {k})")
-        return cls(packed, k, scale, bias, info["packing"], spec, backend)
+            raise FormatError(f"layer {name}: packed or scale tensor missing from {path}")
+        if n < 1 or packed.dtype != np.uint8 or packed.shape != (n, packing.row_bytes(k)):
+            raise FormatError(f"layer {name}: packed tensor {packed.dtype} {packed.shape} does "
+                              f"not fit {packing.value} ({n}, {k})")
+        if scale.shape != (n,) or scale.dtype.kind != "f":
+            raise FormatError(f"layer {name}: scale {scale.dtype} {scale.shape}, expected "
+                              f"float ({n},)")
+        if bias is not None and (bias.shape != (n,) or bias.dtype.kind != "f"):
+            raise FormatError(f"layer {name}: bias {bias.dtype} {bias.shape}, expected "
+                              f"float ({n},)")
+        check_layer_values({name: info}, {}, lambda t: get(t), path, only=name)
+        return cls(packed, k, scale, bias, packing, spec, backend)
+
+
+def _layer_table(md: dict[str, str], path: Path) -> tuple[dict, dict]:
+    """``(tbt.layers, tbt.aliases)`` of verified metadata, as dicts (FormatError otherwise)."""
+    try:
+        layers = json.loads(md["tbt.layers"])
+        aliases = json.loads(md.get("tbt.aliases", "{}"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: packed checkpoint metadata lacks or garbles {e!r}") from e
+    if not isinstance(layers, dict) or not isinstance(aliases, dict):
+        raise FormatError(f"{path}: tbt.layers and tbt.aliases must be JSON objects")
+    return layers, aliases

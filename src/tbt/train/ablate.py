@@ -95,7 +95,7 @@ def run_ablation(dc: DemoConfig, suites: tuple[str, ...] = DEFAULT_SUITES,
     stage = _Stages(5)
     if from_demo:
         paths, tok_dir, teacher_dir = _reuse(from_demo)
-        tok = AutoTokenizer.from_pretrained(tok_dir)
+        tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
         stage(3, f"teacher, data and tokenizer reused from {from_demo}")
         teacher_logs = {"summaries": os.path.join(teacher_dir, "log.jsonl")}
     else:

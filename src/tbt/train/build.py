@@ -21,14 +21,14 @@ from tbt.train.presets import build_from_scratch, is_architecture
 logger = logging.getLogger(__name__)
 
 def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
+    from tbt.hf import load_tokenizer as load_pretrained_tokenizer  # never runs the folder's code
 
     src = cfg.tokenizer or cfg.teacher or (None if is_architecture(cfg.model) else cfg.model)
     if src is None:
         raise ValueError(f"--model {cfg.model} is built from scratch: pass --tokenizer DIR "
                          "(train one with `tbt tokenizer train`)")
     try:
-        tok = load_gguf_tokenizer(src) if is_gguf(src) else AutoTokenizer.from_pretrained(src)
+        tok = load_gguf_tokenizer(src) if is_gguf(src) else load_pretrained_tokenizer(src)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load a tokenizer from {src!r}: {e}. Pass --tokenizer DIR"
                          ) from None
@@ -49,10 +49,10 @@ def _load_model(name: str):
         return load_pretrained(name, with_tokenizer=False)[0]
     register()
     try:
-        config = transformers.AutoConfig.from_pretrained(name)
+        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False)
         auto = (transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder
                 else transformers.AutoModelForCausalLM)
-        return auto.from_pretrained(name)
+        return auto.from_pretrained(name, trust_remote_code=False)
     except OSError as e:
         raise ValueError(f"could not load model {name!r}: not a local directory, and the hub "
                          f"failed ({e}). Pass a directory, a GGUF file (gguf:PATH) or a preset "

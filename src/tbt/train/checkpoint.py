@@ -184,14 +184,32 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: Any, scheduler
     with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
         state = json.load(f)
     load_weights(model, path)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    optimizer.load_state_dict(_load_tensors(os.path.join(path, "optimizer.pt")))
+    scheduler.load_state_dict(_load_tensors(os.path.join(path, "scheduler.pt")))
     rng_file = os.path.join(path, f"rng_state_{rank}.pt")
     if not os.path.isfile(rng_file):
         raise ValueError(f"{path} has no RNG state for process {rank}: resume with the "
                          f"number of processes it was written with ({state.get('world_size')})")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(_load_tensors(rng_file))
     return state
+
+
+def _load_tensors(file: str) -> Any:
+    """``torch.load(file, weights_only=True)``: tensors, numbers, strings and containers only.
+
+    A pickle can run any code when it is loaded; ``weights_only`` refuses every other object
+    (the genuine optimizer, scheduler and RNG files hold none), so a crafted ``.pt`` file in a
+    checkpoint is a one-line ``ValueError``, never executed."""
+    import pickle
+
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.split("error:", 1)[1].split(". ")[0].strip()
+                    for line in str(e).splitlines() if "Unpickler error:" in line), "")
+        raise ValueError(f"{file} holds objects other than tensors and plain values, which tbt "
+                         f"refuses to unpickle (they could run code){': ' + why if why else ''}; "
+                         f"resume from a checkpoint written by tbt train") from None
 
 
 def truncate_log(log_path: str, step: int) -> None:

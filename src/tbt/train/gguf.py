@@ -72,7 +72,8 @@ def load_gguf_model(name: str, dtype: Any = None) -> Any:
 
     directory, fname = resolve_gguf(name)
     kw = {} if dtype is None else {"dtype": dtype}
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=fname, **kw)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=fname,
+                                                 trust_remote_code=False, **kw)
     # The weights are plain float tensors now; forget the GGUF "quantization" so that
     # save_pretrained writes a normal checkpoint and tbt's surgery may quantize the model.
     if getattr(model.config, "quantization_config", None) is not None:
@@ -90,4 +91,4 @@ def load_gguf_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
     directory, fname = resolve_gguf(name)
-    return AutoTokenizer.from_pretrained(directory, gguf_file=fname)
+    return AutoTokenizer.from_pretrained(directory, gguf_file=fname, trust_remote_code=False)

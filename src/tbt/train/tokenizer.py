@@ -156,4 +156,4 @@ def train_tokenizer(files: list[str], columns: list[str], vocab_size: int, outpu
     wrapped.save_pretrained(output_dir)
     logger.info("trained a %s tokenizer (%d tokens) on %d texts -> %s", kind,
                 tok.get_vocab_size(), n, output_dir)
-    return AutoTokenizer.from_pretrained(output_dir)
+    return AutoTokenizer.from_pretrained(output_dir, trust_remote_code=False)
