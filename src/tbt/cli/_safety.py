@@ -73,6 +73,25 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
+def _makedirs(path: str) -> list[str]:
+    """``os.makedirs(path, exist_ok=True)``; returns the folders it created, deepest first."""
+    created, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        created.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    return created
+
+
+def _remove_if_empty(folders: list[str]) -> None:
+    """Remove folders this process created, deepest first, as long as they are empty."""
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+
+
 def _check_writable(path: str, flag: str) -> None:
     """``path`` (or the folder it would be created in) must accept new files."""
     base = _nearest_existing(path)
@@ -140,9 +159,10 @@ def staged_output(path: str, *, overwrite: bool = False) -> Iterator[str]:
     """
     path = os.path.normpath(path)
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    parents = _makedirs(parent)
     name = os.path.basename(os.path.abspath(path))
     tmp = tempfile.mkdtemp(prefix=f".{name}.tbt-new-", dir=parent)
+    done = False
     try:
         yield tmp
         old = None
@@ -158,9 +178,12 @@ def staged_output(path: str, *, overwrite: bool = False) -> Iterator[str]:
                            "nothing was replaced (pass --overwrite to replace it)") from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        done = True
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            _remove_if_empty(parents)
 
 
 def clear_dir(path: str) -> None:
@@ -240,11 +263,10 @@ def run_lock(directory: str, flag: str = "--output-dir") -> Iterator[str]:
     """Hold ``directory/.tbt.lock`` for the duration (the folder is created if needed).
 
     Raises :class:`CliError` when a live process holds it. A lock whose pid is dead (on this
-    host) is taken over. The lock file is removed on exit, and the folder too if this call
-    created it and it is still empty.
+    host) is taken over. The lock file is removed on exit, and the folders this call created
+    too if they are still empty.
     """
-    created = not os.path.isdir(directory)
-    os.makedirs(directory, exist_ok=True)
+    created = _makedirs(directory)
     path = os.path.join(directory, LOCK_NAME)
     me = f"{os.getpid()}\n{socket.gethostname()}\n"
     for _ in range(5):
@@ -276,9 +298,7 @@ def run_lock(directory: str, flag: str = "--output-dir") -> Iterator[str]:
                 mine = f.read() == me
             if mine:
                 os.remove(path)
-        if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)  # only if still empty
+        _remove_if_empty(created)  # the folders made for the lock, if nothing was written
 
 
 # ---- commands that own their folder (demo, ablate) ----------------------------------------
