@@ -172,6 +172,9 @@ def staged_output(path: str, *, overwrite: bool = False) -> Iterator[str]:
         try:
             os.replace(tmp, path)  # POSIX: succeeds onto a missing or empty folder only
         except OSError as e:
+            if old is not None:  # put the old folder back where it was
+                with contextlib.suppress(OSError):
+                    os.rename(old, path)
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             raise CliError(f"{path} was filled by another process while this one ran; "
