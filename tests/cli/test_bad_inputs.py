@@ -383,3 +383,41 @@ def test_input_inside_output_is_refused_only_where_overwrite_would_delete_it(tmp
     with pytest.raises(CliError, match="--overwrite would delete it"):
         check_output_dir(str(out), overwrite=True, inputs={"--train-file": str(data)})
     check_output_dir(str(out / "sub"), inputs={"--model": str(out)})  # output inside input: ok
+
+
+def test_path_like_names_never_go_to_the_hub(tmp_path, monkeypatch):
+    from tbt._paths import is_path_like
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "gpt2-local").mkdir()
+    local = ["./tok", "../tok", "~/tok", "/abs/tok", "a/b/c", "out/tok", "gpt2-local",
+             "dir\\tok", "out/"]
+    hub = ["gpt2", "bart-tiny", "facebook/bart-base", "Helsinki-NLP/opus-mt-en-ro"]
+    assert [n for n in local if not is_path_like(n)] == []
+    assert [n for n in hub if is_path_like(n)] == []
+
+
+def test_a_real_second_run_refuses_while_the_first_trains(ws, tmp_path, capsys):
+    import time
+
+    from train_helpers import tbt_cli
+
+    out = tmp_path / "run"
+    argv = _train(ws, str(out))
+    argv[argv.index("--max-steps") + 1] = "100000"  # runs until killed
+    first = tbt_cli(*argv)
+    try:
+        deadline = time.time() + 240
+        lock = out / LOCK_NAME
+        while not (lock.exists() and lock.read_text().split()[:1] == [str(first.pid)]):
+            assert first.poll() is None, first.stdout.read()
+            assert time.time() < deadline, "the first run never took its lock"
+            time.sleep(0.05)
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and f"in use by another tbt run (pid {first.pid}" in lines[0]
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.kill()
+        first.wait()

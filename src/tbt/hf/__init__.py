@@ -42,7 +42,7 @@ def load_pretrained(path: str | os.PathLike, device: str | None = None, dtype: A
 
     register()
     path = os.fspath(path)
-    if is_path_like(path):
+    if is_path_like(path) or os.path.sep in path:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model directory {path!r} does not exist")
         if os.path.isfile(os.path.join(path, "tbt_packed.safetensors")):
