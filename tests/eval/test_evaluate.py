@@ -142,5 +142,5 @@ def test_cli_evaluate(tok, tmp_path):
     assert set(metrics) == {"bleu", "chrf", "gen_len", "n_examples"} and metrics["n_examples"] == 3
     assert metrics["gen_len"] <= 6
     rc = main(["evaluate", "--model", str(model_dir), "--test-file", str(test_file),
-               "--source-column", "article", "--output-dir", str(out)])
+               "--source-column", "article", "--output-dir", str(tmp_path / "eval2")])
     assert rc == 2  # clear error, no traceback

@@ -96,7 +96,8 @@ def test_cli_train_evaluate_perplexity_and_generate(ws, tmp_path):
     p = tbt_cli("train", *cli_args(flat))
     log, _ = p.communicate(timeout=300)
     assert p.returncode == 0, log
-    assert '"task": "causal-lm"' in log and '"w_relation": 1.0' in log
+    saved = json.load(open(os.path.join(out, "train_config.json")))  # the resolved settings
+    assert saved["data"]["task"] == "causal-lm" and saved["distill"]["w_relation"] == 1.0
     ev = str(tmp_path / "eval")
     p = tbt_cli("evaluate", "--model", out, "--test-file", ws["val_text"], "--metrics",
                 "perplexity", "--output-dir", ev, "--device", "cpu", "--no-progress")

@@ -80,6 +80,7 @@ def test_cli_tokenizer_train(data_file, tmp_path, capsys):
     assert "bpe tokenizer" in capsys.readouterr().out
     assert AutoTokenizer.from_pretrained(str(out))("Return")["input_ids"][0] == 0
     rc = main(["tokenizer", "train", "--train-file", data_file, "--source-column", "nope",
-               "--vocab-size", "300", "--output-dir", str(out)])
+               "--vocab-size", "300", "--output-dir", str(tmp_path / "tok2")])
     assert rc == 2
     assert "columns present" in capsys.readouterr().err
+    assert not (tmp_path / "tok2").exists()  # nothing left behind by a failed run

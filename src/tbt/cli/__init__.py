@@ -51,13 +51,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         rc = args.func(args)
-    except (CliError, ValueError, FileNotFoundError) as e:
-        print(f"tbt {args.command}: error: {e}", file=sys.stderr)
+    except (CliError, ValueError, OSError) as e:  # OSError: missing, unreadable, read-only ...
+        print(f"tbt {_command(args)}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def _command(args: argparse.Namespace) -> str:
+    sub = getattr(args, "tokenizer_command", None)  # two-word commands: tbt tokenizer train
+    return f"{args.command} {sub}" if sub else args.command
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line (library and OS messages may span several)."""
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename is not None and not text:
+        text = f"{e.strerror}: {e.filename}"
+    return text or type(e).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

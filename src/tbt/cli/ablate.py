@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from tbt.cli._safety import add_overwrite_flag, owned_run_dir
+
+ABLATE_MARKER = ".tbt-ablate"  # an ablation folder holds it (see tbt.cli.demo.DEMO_MARKER)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from tbt.train.ablate import DEFAULT_SUITES, SUITES
@@ -36,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (0)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="hide progress bars")
+    add_overwrite_flag(p, help=f"use a non-empty --output-dir that is not an earlier "
+                               f"ablation's (which holds {ABLATE_MARKER}): its content is "
+                               f"deleted first")
     p.set_defaults(func=run)
 
 
@@ -47,5 +54,7 @@ def run(args: argparse.Namespace) -> int:
                          student_steps=args.student_steps, eval_samples=args.eval_samples,
                          style=args.style, variant=args.variant, seed=args.seed,
                          progress=args.progress)
-    run_ablation(dc, suites, from_demo=args.from_demo)
+    with owned_run_dir(dc.output_dir, ABLATE_MARKER, overwrite=args.overwrite,
+                       inputs={"--from-demo": args.from_demo}):
+        run_ablation(dc, suites, from_demo=args.from_demo)
     return 0

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from tbt.cli._safety import add_overwrite_flag, owned_run_dir
+
+# A demo folder holds this file; `tbt demo` reuses (rewrites) such a folder, and refuses any
+# other non-empty one without --overwrite.
+DEMO_MARKER = ".tbt-demo"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -37,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (0)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="hide progress bars")
+    add_overwrite_flag(p, help=f"use a non-empty --output-dir that is not an earlier demo's "
+                               f"(which holds {DEMO_MARKER}): its content is deleted first")
     p.set_defaults(func=run)
 
 
@@ -48,5 +56,6 @@ def run(args: argparse.Namespace) -> int:
                      style=args.style, warmup_steps=args.warmup_steps,
                      variant=args.variant, bf16=args.bf16, seed=args.seed,
                      progress=args.progress)
-    run_demo(dc)
+    with owned_run_dir(dc.output_dir, DEMO_MARKER, overwrite=args.overwrite):
+        run_demo(dc)
     return 0

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from tbt.cli import CliError
+from tbt.cli._safety import add_overwrite_flag, check_local_dir, check_output_dir, staged_output
 
 _GEN_FLAGS = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size")
 
@@ -70,6 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--device", default=None, choices=("cpu", "cuda"),
                      help="default: cuda when available, else cpu")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_overwrite_flag(run, help="replace the content of a non-empty --output-dir (e.g. an "
+                                 "earlier evaluation's metrics.json)")
     p.set_defaults(func=run_evaluate)
 
 
@@ -86,6 +89,36 @@ def _gen_kwargs(args: argparse.Namespace) -> dict:
         if value is not None:
             kw[flag] = value
     return kw
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before loading a model (one-line errors)."""
+    import os
+
+    from tbt.export.io import WEIGHTS_NAME
+
+    if not args.test_file and not args.dataset:
+        raise CliError("nothing to evaluate on: pass --test-file F or --dataset NAME")
+    for flag in ("num_beams", "max_length", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CliError(f"--{flag.replace('_', '-')} {value}: must be >= 1")
+    for flag in ("min_length", "no_repeat_ngram_size", "max_samples", "max_source_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise CliError(f"--{flag.replace('_', '-')} {value}: must be >= 0")
+    check_local_dir(args.model, "--model", "give a model folder written by `tbt train`")
+    if os.path.isfile(os.path.join(args.model, WEIGHTS_NAME)):
+        raise CliError(f"--model {args.model} is a packed checkpoint (tbt export output), which "
+                       "tbt evaluate cannot run yet: pass the folder it was exported from (the "
+                       "`tbt train --output-dir`)")
+    if args.tokenizer:
+        check_local_dir(args.tokenizer, "--tokenizer",
+                        "give a tokenizer folder (tbt tokenizer train) or a model folder")
+    check_output_dir(args.output_dir, overwrite=args.overwrite,
+                     inputs={"--model": args.model, "--tokenizer": args.tokenizer,
+                             "--test-file": args.test_file},
+                     what="e.g. an earlier evaluation:")
 
 
 def _load_model(args: argparse.Namespace):
@@ -107,8 +140,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from tbt.eval.evaluate import evaluate
     from tbt.train.data import DataConfig, load_raw_splits
 
-    if not args.test_file and not args.dataset:
-        raise CliError("nothing to evaluate on: pass --test-file F or --dataset NAME")
+    _check_args(args)
     metrics = args.metrics or (["bleu"] if args.source_lang else ["rouge"])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -127,8 +159,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     gen_kwargs = _gen_kwargs(args)
     print(f"evaluating {args.model} on {len(rows)} rows; metrics {metrics}; "
           f"generation {json.dumps(gen_kwargs)}; device {device}")
-    evaluate(model, tok, rows, metrics=metrics, gen_kwargs=gen_kwargs,
-             batch_size=args.batch_size, device=device, output_dir=args.output_dir,
-             task="causal-lm" if causal else "seq2seq",
-             max_source_length=args.max_source_length, progress=not args.no_progress)
+    with staged_output(args.output_dir, overwrite=args.overwrite) as tmp:
+        evaluate(model, tok, rows, metrics=metrics, gen_kwargs=gen_kwargs,
+                 batch_size=args.batch_size, device=device, output_dir=tmp,
+                 task="causal-lm" if causal else "seq2seq",
+                 max_source_length=args.max_source_length, progress=not args.no_progress)
     return 0

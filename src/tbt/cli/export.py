@@ -6,6 +6,7 @@ import argparse
 import os
 
 from tbt.cli import CliError
+from tbt.cli._safety import add_overwrite_flag, check_output_dir, staged_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "packed when the model was trained with --skip-modules and the head "
                         "quantized: it then shares the embedding's codes) or int8 (per-row "
                         "symmetric int8 of an FP head, ~4x smaller, post-training)")
+    add_overwrite_flag(p)
     p.set_defaults(func=run)
 
 
@@ -34,12 +36,15 @@ def run(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(args.model):
         raise CliError(f"--model {args.model}: no such directory")
+    out = check_output_dir(args.output_dir, overwrite=args.overwrite,
+                           inputs={"--model": args.model})
     model, tok = load_pretrained(args.model)
     if getattr(model.config, "quantization_config", None) is None:
         raise CliError(f"--model {args.model} is not quantized (no quantization_config in its "
                        "config.json): train it with `tbt train --bits 2-2-8 ...` first")
-    out = save_packed(model, args.output_dir, lm_head=args.lm_head)
-    if tok is not None:  # keep the tokenizer next to the packed weights
-        tok.save_pretrained(out)
+    with staged_output(out, overwrite=args.overwrite) as tmp:
+        save_packed(model, tmp, lm_head=args.lm_head)
+        if tok is not None:  # keep the tokenizer next to the packed weights
+            tok.save_pretrained(tmp)
     print(f"packed checkpoint -> {out} (tbt inspect {out})")
     return 0

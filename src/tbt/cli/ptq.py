@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from tbt.cli import CliError
+from tbt.cli._safety import add_overwrite_flag, check_local_dir, check_output_dir, staged_output
 
 # CLI flag dest -> method-config field (only flags given on the command line are passed on)
 METHOD_FLAGS = {
@@ -88,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--text-column", default="text", help="causal-LM text column (text)")
     d.add_argument("--source-column", default="document", help="seq2seq input column")
     d.add_argument("--target-column", default="summary", help="seq2seq target column")
+    add_overwrite_flag(p)
     p.set_defaults(func=run_ptq)
 
 
@@ -158,6 +160,13 @@ def run_ptq(args: argparse.Namespace) -> int:
     from tbt.ptq.save import save_packed_ptq, save_packed_rtn, save_ptq_checkpoint
 
     cfg = _ptq_config(args)  # validate the options before loading anything
+    if not (args.model.startswith("gguf:") or args.model.lower().endswith(".gguf")):
+        check_local_dir(args.model, "--model", "give a model folder, a GGUF file or a hub name")
+    if args.tokenizer:
+        check_local_dir(args.tokenizer, "--tokenizer", "give a tokenizer or model folder")
+    check_output_dir(args.output_dir, overwrite=args.overwrite,
+                     inputs={"--model": args.model, "--tokenizer": args.tokenizer,
+                             "--calib-file": args.calib_file, "--eval-file": args.eval_file})
     model, tok = _load(args)
     model.to(args.device)
     causal = not getattr(model.config, "is_encoder_decoder", False)
@@ -188,22 +197,35 @@ def run_ptq(args: argparse.Namespace) -> int:
         print(f"{k}: {v:.3f}")
     print(f"quantization time: {report.seconds:.1f} s")
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    out = report.to_dict()
-    out.update(metrics=metrics, model=args.model,
-               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    if args.save_packed:
-        packed_dir = os.path.join(args.output_dir, "packed")
-        out["packed"] = (save_packed_rtn(fp_copy, cfg, packed_dir, model) if fp_copy is not None
-                         else save_packed_ptq(model, report, cfg, packed_dir))
-        if os.path.isdir(packed_dir) and tok is not None:
-            tok.save_pretrained(packed_dir)  # the packed model runs on its own (tbt evaluate ...)
-        print(f"packed checkpoint: {out['packed']}")
-    if args.save:
-        save_ptq_checkpoint(model, tok, cfg, args.output_dir)
-    with open(os.path.join(args.output_dir, "ptq_report.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    with open(os.path.join(args.output_dir, "ptq_table.txt"), "w") as f:
-        f.write(report.table() + "\n")
+    with staged_output(args.output_dir, overwrite=args.overwrite) as tmp:
+        out = report.to_dict()
+        out.update(metrics=metrics, model=args.model,
+                   peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        if args.save_packed:
+            packed_dir = os.path.join(tmp, "packed")
+            out["packed"] = (save_packed_rtn(fp_copy, cfg, packed_dir, model)
+                             if fp_copy is not None
+                             else save_packed_ptq(model, report, cfg, packed_dir))
+            if os.path.isdir(packed_dir) and tok is not None:
+                tok.save_pretrained(packed_dir)  # the packed model runs on its own
+            out["packed"] = _final_paths(out["packed"], tmp, args.output_dir)
+            print(f"packed checkpoint: {out['packed']}")
+        if args.save:
+            save_ptq_checkpoint(model, tok, cfg, tmp)
+        with open(os.path.join(tmp, "ptq_report.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        with open(os.path.join(tmp, "ptq_table.txt"), "w") as f:
+            f.write(report.table() + "\n")
     print(f"saved the PTQ {'model' if args.save else 'report'} to {args.output_dir}")
     return 0
+
+
+def _final_paths(value, tmp: str, final: str):
+    """Paths inside the staging folder ``tmp`` -> the same paths under ``final``."""
+    if isinstance(value, str):
+        return final + value[len(tmp):] if value.startswith(tmp) else value
+    if isinstance(value, dict):
+        return {k: _final_paths(v, tmp, final) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_final_paths(v, tmp, final) for v in value]
+    return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tbt.cli import CliError
+from tbt.cli._safety import add_overwrite_flag, check_output_dir, staged_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "tokens (decoder-only); default: bart")
     train.add_argument("--min-frequency", type=int, default=2, metavar="N",
                        help="BPE: merge only pairs seen at least N times (default: 2)")
+    add_overwrite_flag(train)
     train.set_defaults(func=_train)
     parser.set_defaults(func=lambda args: _no_action(parser))
 
@@ -59,9 +61,12 @@ def _train(args: argparse.Namespace) -> int:
         else:
             raise CliError("say which columns to learn from: --source-column and/or "
                            "--target-column (or --text-column)")
-    tok = train_tokenizer(args.train_file, columns, args.vocab_size, args.output_dir,
-                          kind=args.kind, model_type=args.model_type,
-                          min_frequency=args.min_frequency)
+    out = check_output_dir(args.output_dir, overwrite=args.overwrite,
+                           inputs=[("--train-file", f) for f in args.train_file])
+    with staged_output(out, overwrite=args.overwrite) as tmp:
+        tok = train_tokenizer(args.train_file, columns, args.vocab_size, tmp,
+                              kind=args.kind, model_type=args.model_type,
+                              min_frequency=args.min_frequency)
     print(f"trained {args.kind} tokenizer: {len(tok)} tokens on columns {columns} "
           f"-> {args.output_dir}")
     return 0

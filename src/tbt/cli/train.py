@@ -8,9 +8,11 @@ nested ``train_config.json`` a run saves), and the flags given on the command li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 from tbt.cli import CliError
+from tbt.cli._safety import add_overwrite_flag, check_output_dir, clear_dir, entries, run_lock
 
 
 def _float_pair(s: str) -> tuple[float, float]:
@@ -47,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="where the model, log.jsonl and checkpoints/ are written (required)")
     src.add_argument("--resume", action="store_true",
                      help="continue from the last checkpoint in --output-dir")
+    add_overwrite_flag(src, help="start afresh in a non-empty --output-dir: its content is "
+                                 "deleted when the run starts (never allowed when it is the "
+                                 "--teacher, --model or --tokenizer folder)")
     q = p.add_argument_group("quantization")
     q.add_argument("--bits", metavar="E-W-A",
                    help="embedding-weight-activation bits, e.g. 2-2-8, 1-1-1, or fp (default)")
@@ -173,7 +178,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
 
-_NOT_SETTINGS = {"func", "command", "verbose", "config", "recipe"}
+_NOT_SETTINGS = {"func", "command", "verbose", "config", "recipe", "overwrite"}
 
 
 def resolve_settings(args: argparse.Namespace) -> dict:
@@ -187,17 +192,67 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     return merge_settings(resolve_recipe(recipe) if recipe else {}, file_settings, given)
 
 
+# what an interrupted run leaves before its first checkpoint (safe to start again over)
+_RUN_LEFTOVERS = {"log.jsonl", "checkpoints", ".tmp-final"}
+
+
+def check_train_output(cfg, overwrite: bool) -> None:
+    """Refuse (one line) an --output-dir this run would wrongly write into or destroy.
+
+    Called before the lock (cheap checks) and again under it (the folder's content).
+    """
+    from tbt.train.checkpoint import latest_checkpoint
+
+    out = cfg.output_dir
+    if overwrite and cfg.resume:
+        raise CliError("--resume continues the run in --output-dir, --overwrite starts it "
+                       "afresh: give one of them")
+    inputs = [("--model", cfg.model), ("--teacher", cfg.teacher),
+              ("--tokenizer", cfg.tokenizer), ("--train-file", cfg.data.train_file),
+              ("--validation-file", cfg.data.validation_file)]
+    check_output_dir(out, overwrite=overwrite, inputs=inputs, allow_occupied=True)
+    found = entries(out)
+    if not found or overwrite:
+        return
+    ckpt = latest_checkpoint(out)
+    if cfg.resume:
+        if ckpt is not None or set(found) <= _RUN_LEFTOVERS:
+            return
+        raise CliError(f"--resume: {out} has no checkpoint to continue (it holds "
+                       f"{_shown(found)}); pass --overwrite to train it afresh, or choose "
+                       "another --output-dir")
+    if ckpt is not None:
+        raise CliError(f"{out} holds checkpoints of an earlier run ({ckpt}): pass --resume to "
+                       "continue it, --overwrite to start afresh, or choose another "
+                       "--output-dir")
+    kind = "a trained model: " if "config.json" in found or "packed" in found else ""
+    raise CliError(f"--output-dir {out} is not empty (it holds {kind}{_shown(found)}): choose "
+                   "a new folder, or pass --overwrite to replace its content")
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from tbt.train.config import TrainConfig
     from tbt.train.loop import NonFiniteLossError, train
 
     cfg = TrainConfig.from_flat(resolve_settings(args))
-    if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
-        print(f"tbt train: resolved config\n{cfg.to_json()}", flush=True)
-    try:
-        result = train(cfg)
-    except NonFiniteLossError as e:
-        raise CliError(str(e)) from None
+    overwrite = bool(getattr(args, "overwrite", False))
+    # under torchrun every process runs this: the first one checks and locks the folder
+    first = int(os.environ.get("RANK", "0")) == 0
+    if first:
+        check_train_output(cfg, overwrite)
+    with run_lock(cfg.output_dir) if first else contextlib.nullcontext():
+        if first:
+            check_train_output(cfg, overwrite)  # again, now that no other run can write
+            if overwrite:
+                clear_dir(cfg.output_dir)
+        try:
+            result = train(cfg)
+        except NonFiniteLossError as e:
+            raise CliError(str(e)) from None
     val = result["validation"].get("loss")
     print(f"done: {result['steps']} steps in {result['train_time_s']:.1f}s; final train loss "
           f"{result['train'].get('loss', float('nan')):.4f}"

@@ -82,11 +82,16 @@ def load_pretrained(path: str | os.PathLike, device: str | None = None, dtype: A
     """
     import transformers
 
+    from tbt._paths import is_path_like
+
     register()
     path = os.fspath(path)
-    if os.path.sep in path or path.startswith("."):
+    if is_path_like(path) or os.path.sep in path:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model directory {path!r} does not exist")
+        if os.path.isfile(os.path.join(path, "tbt_packed.safetensors")):
+            raise ValueError(f"{path!r} is a packed checkpoint (tbt export): load it with "
+                             "tbt.export.io.load_packed")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(
                 f"{path!r} has no config.json: pass a directory written by save_pretrained / tbt train"

@@ -13,6 +13,7 @@ import shutil
 from dataclasses import replace
 from typing import Any
 
+from tbt._paths import check_local_dir
 from tbt.train.checkpoint import save_model_dir
 from tbt.train.config import TrainConfig
 from tbt.train.gguf import is_gguf, load_gguf_model, load_gguf_tokenizer
@@ -27,6 +28,10 @@ def load_tokenizer(cfg: TrainConfig):
     if src is None:
         raise ValueError(f"--model {cfg.model} is built from scratch: pass --tokenizer DIR "
                          "(train one with `tbt tokenizer train`)")
+    flag = "--tokenizer" if cfg.tokenizer else "--teacher" if cfg.teacher else "--model"
+    if not is_gguf(src):  # a path-like name never goes to the hub
+        check_local_dir(src, flag, "give a tokenizer folder (train one with `tbt tokenizer "
+                                   "train`) or a model folder that holds one")
     try:
         tok = load_gguf_tokenizer(src) if is_gguf(src) else load_pretrained_tokenizer(src)
     except (OSError, ValueError) as e:
@@ -37,7 +42,7 @@ def load_tokenizer(cfg: TrainConfig):
     return tok
 
 
-def _load_model(name: str):
+def _load_model(name: str, flag: str = "--model"):
     """A transformers model from a local directory (tbt-quantized or not) or a hub name."""
     import transformers
 
@@ -47,6 +52,8 @@ def _load_model(name: str):
         return load_gguf_model(name)
     if os.path.isdir(name):
         return load_pretrained(name, with_tokenizer=False)[0]
+    check_local_dir(name, flag, "give a model folder, a GGUF file (gguf:PATH), a hub name or "
+                                "a preset (bart-tiny, bart-small, gpt2-tiny)")
     register()
     try:
         config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False)
@@ -73,11 +80,12 @@ def build_models(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
         student = build_from_scratch(src, len(tokenizer), tokenizer.pad_token_id,
                                      tokenizer.bos_token_id, tokenizer.eos_token_id)
     else:
-        student = _load_model(src)
+        student = _load_model(src, "--model" if cfg.model else "--teacher")
     teacher = None
     t_src = cfg.teacher or (None if cfg.quant is None or is_architecture(cfg.model) else cfg.model)
     if cfg.distill.needs_teacher and t_src is not None:
-        teacher = copy.deepcopy(student) if t_src == src else _load_model(t_src)
+        teacher = copy.deepcopy(student) if t_src == src else _load_model(
+            t_src, "--teacher" if cfg.teacher else "--model")
         if _quant_of(teacher) is not None:
             raise ValueError(f"the teacher {t_src} is quantized; pass a full-precision --teacher")
         # eager returns attention probabilities; tbt_eager (FP without quantizers) also lets
@@ -119,8 +127,13 @@ def _fp_attention(cfg: TrainConfig) -> str:
     return register_attention()
 
 
-def load_data(cfg: TrainConfig, tokenizer, model) -> tuple[dict[str, list[dict]], Any]:
-    """Tokenized ``train`` (and ``validation``) rows and the collate function."""
+def load_data(cfg: TrainConfig, tokenizer, model, raw: dict[str, list[dict]] | None = None
+              ) -> tuple[dict[str, list[dict]], Any]:
+    """Tokenized ``train`` (and ``validation``) rows and the collate function.
+
+    ``raw``: the splits already read by ``load_raw_splits(cfg.data, ("train", "validation"))``
+    (the loop reads them first, so a bad data file fails before any model is loaded).
+    """
     from tbt.train.data import load_raw_splits, make_collator, tokenize_rows
 
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
@@ -131,7 +144,8 @@ def load_data(cfg: TrainConfig, tokenizer, model) -> tuple[dict[str, list[dict]]
     causal = not model.config.is_encoder_decoder
     if not causal and dc.task == "causal-lm":
         raise ValueError("--model is a seq2seq model but the data task is causal-lm")
-    raw = load_raw_splits(dc, ("train", "validation"))
+    if raw is None:
+        raw = load_raw_splits(dc, ("train", "validation"))
     if causal:  # a decoder-only model reads "source target" as one text
         raw = {s: [r if "text" in r else {"text": f"{r['source']}\n{r['target']}"}
                    for r in rows] for s, rows in raw.items()}

@@ -213,11 +213,27 @@ def _load_tensors(file: str) -> Any:
 
 
 def truncate_log(log_path: str, step: int) -> None:
-    """Drop log records written after ``step`` (by the run that died after its checkpoint)."""
+    """Drop log records written after ``step`` (by the run that died after its checkpoint).
+
+    A line that does not parse (torn by a crash mid-write) is dropped with a warning.
+    """
     if not os.path.isfile(log_path):
         return
-    with open(log_path, encoding="utf-8") as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError:
+                logger.warning("%s:%d: dropped a torn log line (a crash while writing it): %.60r",
+                               log_path, lineno, line.rstrip("\n"))
+                continue
+            if record.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
     tmp = f"{log_path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(keep)

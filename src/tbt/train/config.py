@@ -304,12 +304,10 @@ class TrainConfig:
         """Build from flat ``name: value`` pairs (``bits`` = ``"fp"`` or E-W-A, plus any field
         of TrainConfig, DataConfig, DistillConfig or QuantConfig, ``version`` excepted)."""
         owners = _flat_owners()
+        check_setting_types(flat)
         parts: dict[str, dict[str, Any]] = {"train": {}, "quant": {}, "data": {}, "distill": {}}
         for key, value in flat.items():
             key = key.replace("-", "_")
-            if key not in owners:
-                raise ValueError(f"unknown setting {key!r}; valid settings: "
-                                 f"{', '.join(sorted(owners))}")
             parts[owners[key]][key] = value
         quant = parts["quant"]
         bits = str(quant.pop("bits", "fp"))
@@ -371,6 +369,63 @@ def _flat_owners() -> dict[str, str]:
     return owners
 
 
+def _setting_types() -> dict[str, str]:
+    """Flat setting name -> its annotation (``"float"``, ``"int | None"``, ...)."""
+    types = {"bits": "str"}
+    for klass in (TrainConfig, QuantConfig, DataConfig, DistillConfig):
+        for f in dataclasses.fields(klass):
+            if f.name not in ("version", "quant", "data", "distill"):
+                types[f.name] = f.type if isinstance(f.type, str) else getattr(
+                    f.type, "__name__", str(f.type))
+    return types
+
+
+def _type_ok(value: Any, annotation: str) -> str | None:
+    """``None`` if ``value`` fits ``annotation``, else what was expected (for the message)."""
+    alternatives = [a.strip() for a in annotation.split("|")]
+    if value is None:
+        return None if "None" in alternatives else "a value (it cannot be empty)"
+    wanted = []
+    for a in alternatives:
+        if a == "None":
+            continue
+        if a == "bool":
+            ok, what = isinstance(value, bool), "true or false"
+        elif a == "int":
+            ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif a == "float":
+            ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif a == "str":
+            ok, what = isinstance(value, str), "a string"
+        elif a.startswith("tuple[float"):
+            ok = isinstance(value, (list, tuple)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            what = "a list of numbers"
+        elif a.startswith("tuple["):  # layer lists and patterns: a list, or a string to parse
+            ok, what = isinstance(value, (list, tuple, str)), "a list (or a string)"
+        else:
+            ok, what = True, a
+        if ok:
+            return None
+        wanted.append(what)
+    return " or ".join(wanted)
+
+
+def check_setting_types(flat: Mapping[str, Any], where: str = "") -> None:
+    """Raise ``ValueError`` (one line) for an unknown flat setting or one of the wrong type,
+    e.g. ``lr = "abc"`` in a config file; ``where`` names the source for the message."""
+    types = _setting_types()
+    src = f" in {where}" if where else ""
+    for key, value in flat.items():
+        key = key.replace("-", "_")
+        if key not in types:
+            raise ValueError(f"unknown setting {key!r}{src}; valid settings: "
+                             f"{', '.join(sorted(types))}")
+        wanted = _type_ok(value, types[key])
+        if wanted is not None:
+            raise ValueError(f"setting {key} = {value!r}{src}: expected {wanted}")
+
+
 def flatten_config(d: Mapping[str, Any]) -> dict[str, Any]:
     """A config-file mapping in flat or nested form (``quant``/``data``/``distill`` tables,
     as :meth:`TrainConfig.to_dict` writes) -> flat settings."""
@@ -409,7 +464,9 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"config file {path!r} does not parse: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} must hold a table/object of settings")
-    return flatten_config(data)
+    flat = flatten_config(data)
+    check_setting_types(flat, f"config file {path}")
+    return flat
 
 
 def _check_keys(klass: type, d: Mapping[str, Any], what: str) -> None:

@@ -124,6 +124,9 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     extension, an unparsable line or an empty file, each naming the file.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"data file {path!r} is a folder: pass a file in it "
+                         f"({', '.join(FILE_EXTENSIONS)})")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
@@ -178,8 +181,35 @@ def _read_json(path: str) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: str) -> list[dict[str, Any]]:
+    """Rows of a CSV file with a header line; a malformed file is an error naming the line
+    (strict quoting: an unterminated quote would otherwise swallow the rest of the file into
+    one field; every row must have as many fields as the header)."""
+    rows: list[dict[str, Any]] = []
     with open(path, encoding="utf-8", newline="") as f:
-        return [dict(r) for r in csv.DictReader(f)]
+        reader = csv.reader(f, strict=True)
+        header: list[str] | None = None
+        start = 1
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                what = ("a quoted field opened here is never closed (unterminated quote)"
+                        if "unexpected end of data" in str(e) else f"malformed CSV ({e})")
+                raise ValueError(f"{path}:{start}: {what}") from None
+            line, start = start, reader.line_num + 1
+            if not fields or fields == [""]:
+                continue  # blank line
+            if header is None:
+                header = fields
+                continue
+            if len(fields) != len(header):
+                raise ValueError(f"{path}:{line}: this row has {len(fields)} fields, the header "
+                                 f"has {len(header)} ({', '.join(header)}); quote fields that "
+                                 f"contain commas")
+            rows.append(dict(zip(header, fields, strict=True)))
+    return rows
 
 
 def _read_parquet(path: str) -> list[dict[str, Any]]:

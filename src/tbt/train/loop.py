@@ -74,10 +74,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if main:
         logger.debug("resolved config:\n%s", cfg.to_json())
 
+    from tbt.train.data import load_raw_splits
+
+    raw = load_raw_splits(cfg.data, ("train", "validation"))  # a bad file fails before models
     tokenizer = load_tokenizer(cfg)
     teacher, student = build_models(cfg, tokenizer)
     seq2seq = bool(student.config.is_encoder_decoder)
-    splits, collate = load_data(cfg, tokenizer, student)
+    splits, collate = load_data(cfg, tokenizer, student, raw)
     plan = BatchPlan(splits["train"], cfg.batch_size, cfg.seed, rank, world, collate)
     total = cfg.max_steps or math.ceil(cfg.epochs * plan.per_epoch / cfg.grad_accum)
     optimizer = build_optimizer(student, cfg)
