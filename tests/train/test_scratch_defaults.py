@@ -21,7 +21,7 @@ def _cfg(**kw) -> TrainConfig:
 def test_seq2seq_preset_from_scratch_gets_its_defaults_and_the_copy_warmup(preset):
     cfg = _cfg(model=preset, bits="fp")
     assert (cfg.lr, cfg.batch_size, cfg.warmup_ratio, cfg.weight_decay) == (1e-3, 32, 0.25, 0.01)
-    assert cfg.copy_warmup_steps == 300
+    assert cfg.copy_warmup_steps == 400
     assert (FINE_TUNING.lr, FINE_TUNING.batch_size, FINE_TUNING.copy_warmup_steps) == \
         (2.5e-4, 8, 0)  # the fine-tuning defaults are unchanged
 
@@ -57,7 +57,7 @@ def test_recipe_values_win_and_round_trip_keeps_the_resolved_values():
     assert cfg.lr == 2e-3 and cfg.copy_warmup_steps == 0
     cfg = _cfg(model="bart-tiny")
     again = TrainConfig.from_json(cfg.to_json())  # train_config.json: the resolved values
-    assert again == cfg and again.lr == 1e-3 and again.copy_warmup_steps == 300
+    assert again == cfg and again.lr == 1e-3 and again.copy_warmup_steps == 400
     assert TrainConfig.from_flat(cfg.to_flat()) == cfg
 
 

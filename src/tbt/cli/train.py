@@ -127,7 +127,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="examples per process (8; a preset from scratch: 32)")
     o.add_argument("--copy-warmup-steps", type=int, metavar="N",
                    help="first train a seq2seq model N steps on a synthetic copy task so it "
-                        "learns to read its input (0 = off; default 300 for bart-tiny / "
+                        "learns to read its input, stopping early once it copies (0 = off; "
+                        "default 400 for bart-tiny / "
                         "bart-small from scratch without --teacher, else 0)")
     o.add_argument("--copy-warmup-lr", type=float, metavar="X",
                    help="copy warm-up learning rate, constant (1e-3)")

@@ -171,7 +171,8 @@ class TrainConfig:
             the synthetic copy task (:func:`tbt.train.corpus.copy_warmup_batch`: random tokens,
             the target is their first part) so that it learns to read its input through
             cross attention; ``0`` = none. Preset architectures trained from scratch default
-            to 300 (:func:`tbt.train.presets.scratch_defaults`). Skipped on ``resume``.
+            to 400 (:func:`tbt.train.presets.scratch_defaults`); it stops early once the model
+            copies (:func:`tbt.train.loop.copy_warmup`). Skipped on ``resume``.
         copy_warmup_lr, copy_warmup_batch_size: the warm-up's constant learning rate and batch.
 
     Training from scratch: :meth:`from_flat` fills the preset's own defaults

@@ -55,11 +55,16 @@ class NonFiniteLossError(RuntimeError):
     """A loss term (or the gradient norm) became NaN/inf; raised before the bad update."""
 
 
-# The copy warm-up draws its random tokens from the first ids of the vocabulary: the task was
-# measured to start within ~225 steps at a vocabulary of 1000 and only from step ~200-275 at
-# 2000 (tbt.train.corpus.copy_warmup_batch), and what it teaches (reading the source through
-# cross attention, position by position) does not depend on which tokens are copied.
+# The copy warm-up draws its random tokens from the first ids of the vocabulary and takes its
+# softmax over those ids only. What it teaches (reading the source through cross attention,
+# position by position) does not depend on which tokens are copied, but how soon it starts
+# does depend on the size of the softmax: on bart-tiny with a full softmax over 2000 ids it
+# had not started after 300-400 steps in 8 runs (seeds 0 and 28, token ranges 200 and 1000,
+# sources of 30 and 62, length curricula), while restricted to the first 1000 ids the same
+# model switched on at steps ~125-175 (seed 28) and ~150 (seed 0), like a model whose whole
+# vocabulary is 1000 (docs/training.md).
 COPY_WARMUP_VOCAB = 1000
+COPY_WARMUP_STOP_CE = 0.3  # the warm-up ends early once the last 10 steps average below this
 # A seq2seq model "uses its input" when deranging the sources across the batch raises its
 # validation cross-entropy by at least this many nats per target token.
 INPUT_USE_MARGIN = 0.1
@@ -219,18 +224,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def copy_warmup(student, cfg: TrainConfig, acc, log_path: str | None, main: bool = True
                 ) -> dict[str, Any]:
-    """Train ``student`` in place for ``cfg.copy_warmup_steps`` steps on the synthetic copy
-    task (:func:`tbt.train.corpus.copy_warmup_batch`): fresh random batches of
+    """Train ``student`` in place for up to ``cfg.copy_warmup_steps`` steps on the synthetic
+    copy task (:func:`tbt.train.corpus.copy_warmup_batch`): fresh random batches of
     ``cfg.copy_warmup_batch_size``, AdamW at the constant ``cfg.copy_warmup_lr``, clipping at
-    1, label cross-entropy only, dropout off (a full-precision student runs in eval mode).
+    1, label cross-entropy only, dropout off (a full-precision student runs in eval mode). It
+    stops early once the mean cross-entropy of the last 10 steps is below
+    ``COPY_WARMUP_STOP_CE`` (the model copies).
 
-    Tokens come from the first ``COPY_WARMUP_VOCAB`` ids; sources are
+    Tokens come from the first ``COPY_WARMUP_VOCAB`` ids, and the cross-entropy is a softmax
+    over those ids only (the logits of the others are dropped; see ``COPY_WARMUP_VOCAB``
+    for why); sources are
     ``min(62, max_source_length - 2)`` tokens and targets their first
     ``min(24, max_target_length - 2)``. Seeded by ``cfg.seed``, so every process computes the
     same weights. Each step's loss goes to ``copy_warmup.jsonl`` next to ``log_path``.
 
-    Returns ``{"steps", "ce_first", "ce_last", "train_time_s", "log"}`` (``ce_last``: the mean
-    of the last 10 steps). A ``ce_last`` above 1 nat is logged as a warning: the model has not
+    Returns ``{"steps", "ce_first", "ce_last", "train_time_s", "log"}`` (``steps``: those run;
+    ``ce_last``: the mean of the last 10). A ``ce_last`` above 1 nat is logged as a warning: the model has not
     started copying (it still may on the real data).
     """
     from tbt.train.corpus import copy_warmup_batch
@@ -257,7 +266,9 @@ def copy_warmup(student, cfg: TrainConfig, acc, log_path: str | None, main: bool
                                       generator=gen, bos_token_id=bos, eos_token_id=eos)
             batch = {n: v.to(acc.device) for n, v in batch.items()}
             with acc.autocast():
-                loss = student(**batch).loss
+                logits = student(**batch).logits[..., :vocab].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab),
+                                                     batch["labels"].reshape(-1))
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"copy warm-up loss is {float(loss.detach())} at "
                                          f"step {k}; lower --copy-warmup-lr")
@@ -268,6 +279,8 @@ def copy_warmup(student, cfg: TrainConfig, acc, log_path: str | None, main: bool
             losses.append(float(loss.detach()))
             if path:
                 log.write(json.dumps({"step": k, "ce": losses[-1]}) + "\n")
+            if len(losses) >= 10 and sum(losses[-10:]) / 10 < COPY_WARMUP_STOP_CE:
+                break
     student.train()
     tail = losses[-10:]
     out = {"steps": len(losses), "ce_first": losses[0], "ce_last": sum(tail) / len(tail),
