@@ -233,14 +233,13 @@ def copy_warmup(student, cfg: TrainConfig, acc, log_path: str | None, main: bool
 
     Tokens come from the first ``COPY_WARMUP_VOCAB`` ids, and the cross-entropy is a softmax
     over those ids only (the logits of the others are dropped; see ``COPY_WARMUP_VOCAB``
-    for why); sources are
-    ``min(62, max_source_length - 2)`` tokens and targets their first
+    for why); sources are ``min(62, max_source_length - 2)`` tokens and targets their first
     ``min(24, max_target_length - 2)``. Seeded by ``cfg.seed``, so every process computes the
     same weights. Each step's loss goes to ``copy_warmup.jsonl`` next to ``log_path``.
 
     Returns ``{"steps", "ce_first", "ce_last", "train_time_s", "log"}`` (``steps``: those run;
-    ``ce_last``: the mean of the last 10). A ``ce_last`` above 1 nat is logged as a warning: the model has not
-    started copying (it still may on the real data).
+    ``ce_last``: the mean of the last 10). A ``ce_last`` above 1 nat is logged as a warning:
+    the model has not started copying (it still may on the real data).
     """
     from tbt.train.corpus import copy_warmup_batch
 
@@ -252,8 +251,10 @@ def copy_warmup(student, cfg: TrainConfig, acc, log_path: str | None, main: bool
     bos = conf.bos_token_id if conf.bos_token_id is not None else 0
     eos = conf.eos_token_id if conf.eos_token_id is not None else 2
     gen = torch.Generator().manual_seed(cfg.seed)
+    # torch's AdamW defaults (eps 1e-8, weight decay 0.01), the setting the warm-up was
+    # measured with; not the run's eps 1e-6, which damps the small gradients of the plateau
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad],
-                            lr=cfg.copy_warmup_lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+                            lr=cfg.copy_warmup_lr)
     student.to(acc.device)
     student.train(cfg.quant is not None)  # eval mode = no dropout (BART has no batch norm)
     losses = []
@@ -279,6 +280,8 @@ def copy_warmup(student, cfg: TrainConfig, acc, log_path: str | None, main: bool
             losses.append(float(loss.detach()))
             if path:
                 log.write(json.dumps({"step": k, "ce": losses[-1]}) + "\n")
+                if k % 25 == 0:
+                    log.flush()
             if len(losses) >= 10 and sum(losses[-10:]) / 10 < COPY_WARMUP_STOP_CE:
                 break
     student.train()
