@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tbt.train.loop import INPUT_USE_MARGIN, derange, input_use_check
+from tbt.train.loop import INPUT_USE_MARGIN, INPUT_USE_REL_MARGIN, derange, input_use_check
 
 V, S = 12, 6  # vocabulary, sequence length
 
@@ -85,6 +85,11 @@ def test_a_model_that_copies_its_input_passes():
     assert use["ce"] == pytest.approx(ref_true, rel=1e-5)
     assert use["ce_shuffled"] == pytest.approx(ref_shuf, rel=1e-5)
     assert use["gap"] > INPUT_USE_MARGIN and use["ok"] is True
+    # a weak copier (scale 0.2): the losses differ, but by less than 10 % of the loss
+    weak = input_use_check(Toy(True, scale=0.2), rows, _collate, batch_size=8)
+    ref_true, ref_shuf = _reference(rows, 8, 0.2)
+    assert weak["gap"] == pytest.approx(ref_shuf - ref_true, rel=1e-4)
+    assert 0 < weak["gap"] < INPUT_USE_REL_MARGIN * weak["ce"] and weak["ok"] is False
 
 
 def test_a_model_that_ignores_its_input_fails():
@@ -138,7 +143,8 @@ def test_train_runs_the_copy_warmup_and_logs_the_check(tmp_path, capsys):
     last = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))][-1]
     use = result["input_use"]
     assert {k: last[f"input_use_{k}"] for k in use} == use
-    assert use["ok"] == (use["ce_shuffled"] - use["ce"] >= INPUT_USE_MARGIN)
+    assert use["ok"] == (use["ce_shuffled"] - use["ce"]
+                         >= max(INPUT_USE_MARGIN, INPUT_USE_REL_MARGIN * use["ce"]))
     assert use["ce"] == pytest.approx(last["val_ce"], rel=1e-4)  # same rows, same loss
     err = capsys.readouterr().err
     assert ("WARNING: the model does not use its input" in err) == (not use["ok"])

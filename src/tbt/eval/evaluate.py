@@ -92,7 +92,7 @@ def degenerate_output(predictions: Sequence[str], references: Sequence[str] | No
                        f"{shown!r} (references: at most {100 * ref_top:.1f}% identical)")
     if mean_words < MIN_MEAN_WORDS:
         reasons.append(f"the mean prediction is {mean_words:.2f} words long")
-    return {"empty_frac": empty_frac, "top_prediction_frac": top_frac, "top_prediction": top,
+    return {"empty_frac": empty_frac, "top_prediction_frac": top_frac, "top_prediction": top[:200],
             "distinct_frac": len(set(preds)) / n, "mean_words": mean_words,
             "verdict": "degenerate" if reasons else "ok", "reasons": reasons}
 
