@@ -58,11 +58,11 @@ class NonFiniteLossError(RuntimeError):
 # The copy warm-up draws its random tokens from the first ids of the vocabulary and takes its
 # softmax over those ids only. What it teaches (reading the source through cross attention,
 # position by position) does not depend on which tokens are copied, but how soon it starts
-# does depend on the size of the softmax: on bart-tiny with a full softmax over 2000 ids it
-# had not started after 300-400 steps in 8 runs (seeds 0 and 28, token ranges 200 and 1000,
-# sources of 30 and 62, length curricula), while restricted to the first 1000 ids the same
-# model switched on at steps ~125-175 (seed 28) and ~150 (seed 0), like a model whose whole
-# vocabulary is 1000 (docs/training.md).
+# does depend on the size of the softmax: on bart-tiny with a 2000-id vocabulary and a softmax
+# over all of it, 5 runs (seed 28; token ranges 1000 and 200, sources of 62 and 30 tokens, AdamW
+# eps 1e-6 and 1e-8) had not started after 250-350 steps; restricted to the first 1000 ids,
+# 5 of 5 runs (seeds 28 and 0, eps 1e-8 and 1e-6, a 4000-id vocabulary) copied (loss < 0.5)
+# by steps 214-250 (benchmarks/results/scratch-real-data-2026-12-05.md).
 COPY_WARMUP_VOCAB = 1000
 COPY_WARMUP_STOP_CE = 0.3  # the warm-up ends early once the last 10 steps average below this
 # A seq2seq model "uses its input" when deranging the sources across the batch raises its
