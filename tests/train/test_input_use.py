@@ -154,3 +154,22 @@ def test_train_runs_the_copy_warmup_and_logs_the_check(tmp_path, capsys):
     assert ("WARNING: the model does not use its input" in err) == (not use["ok"])
     saved = TrainConfig.from_json(open(os.path.join(out, "train_config.json")).read())
     assert saved.copy_warmup_steps == 25
+
+
+def test_resume_does_not_repeat_the_copy_warmup(tmp_path):
+    from tbt.train.config import TrainConfig
+    from tbt.train.loop import train
+
+    from train_helpers import flat_settings, make_model_dir, make_workspace
+
+    ws = make_workspace(str(tmp_path / "ws"))
+    start = make_model_dir(ws, "bart-tiny", "bart")
+    out = str(tmp_path / "run")
+    kw = dict(model=start, bits="fp", copy_warmup_steps=4, copy_warmup_batch_size=4,
+              save_every=1)
+    first = train(TrainConfig.from_flat(flat_settings(ws, out, max_steps=1, **kw)))
+    assert first["copy_warmup"]["steps"] == 4
+    warm_log = open(os.path.join(out, "copy_warmup.jsonl")).read()
+    again = train(TrainConfig.from_flat(flat_settings(ws, out, max_steps=2, resume=True, **kw)))
+    assert again["copy_warmup"] is None and again["steps"] == 2
+    assert open(os.path.join(out, "copy_warmup.jsonl")).read() == warm_log
