@@ -133,7 +133,8 @@ def flat_settings(ws: dict[str, str], out: str, **kw) -> dict:
     flat = dict(train_file=ws["train"], validation_file=ws["validation"],
                 source_column="document", target_column="summary", output_dir=out,
                 batch_size=8, lr=3e-3, warmup_ratio=0.0, max_source_length=32,
-                max_target_length=16, max_length=48, device="cpu", progress=False, seed=0)
+                max_target_length=16, max_length=48, device="cpu", progress=False, seed=0,
+                copy_warmup_steps=0)
     flat.update(kw)
     return flat
 

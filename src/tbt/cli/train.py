@@ -28,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         argument_default=argparse.SUPPRESS,
         description="Train a quantized student by distillation from a full-precision teacher "
                     "(TBT, Liu et al. 2023), or a full-precision model with --bits fp. "
-                    "Precedence: flags > --config file > --recipe > defaults.")
+                    "Precedence: flags > --config file > --recipe > defaults; a preset "
+                    "--model trained from scratch (bart-tiny, ...) has its own defaults "
+                    "(docs/training.md).")
     src = p.add_argument_group("models and settings")
     src.add_argument("--model", metavar="M",
                      help="student start: hub name, local checkpoint, GGUF file (gguf:PATH, "
@@ -118,12 +120,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o = p.add_argument_group("optimisation")
     o.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
     o.add_argument("--epochs", type=float, metavar="N", help="passes over the training set")
-    o.add_argument("--lr", type=float, metavar="X", help="peak learning rate (2.5e-4)")
-    o.add_argument("--weight-decay", type=float, metavar="X", help="AdamW weight decay (0)")
-    o.add_argument("--warmup-ratio", type=float, metavar="X", help="linear warmup share (0.05)")
+    o.add_argument("--lr", type=float, metavar="X",
+                   help="peak learning rate (2.5e-4; a preset from scratch: 1e-3)")
+    o.add_argument("--weight-decay", type=float, metavar="X",
+                   help="AdamW weight decay (0; a preset from scratch: 0.01)")
+    o.add_argument("--warmup-ratio", type=float, metavar="X",
+                   help="linear warmup share (0.05; a preset from scratch: 0.25)")
     o.add_argument("--adam-betas", type=_float_pair, metavar="B1,B2", help="(0.9,0.999)")
     o.add_argument("--adam-eps", type=float, metavar="X", help="AdamW epsilon (1e-6)")
-    o.add_argument("--batch-size", type=int, metavar="N", help="examples per process (8)")
+    o.add_argument("--batch-size", type=int, metavar="N",
+                   help="examples per process (8; a preset from scratch: 32)")
+    o.add_argument("--copy-warmup-steps", type=int, metavar="N",
+                   help="first train a seq2seq model N steps on a synthetic copy task so it "
+                        "learns to read its input, stopping early once it copies (0 = off; "
+                        "default 400 for bart-tiny / "
+                        "bart-small from scratch without --teacher, else 0)")
+    o.add_argument("--copy-warmup-lr", type=float, metavar="X",
+                   help="copy warm-up learning rate, constant (1e-3)")
+    o.add_argument("--copy-warmup-batch-size", type=int, metavar="N",
+                   help="copy warm-up batch (32)")
     o.add_argument("--grad-accum", type=int, metavar="N",
                    help="micro-batches per optimizer step (1)")
     o.add_argument("--max-grad-norm", type=float, metavar="X", help="clip (1.0; 0 = off)")

@@ -16,6 +16,11 @@ including the decoder start token and ``</s>``. A model that never stops therefo
 
 Sources are generated in batches sorted by length (less padding, same outputs) and written back
 in input order.
+
+Degenerate output (:func:`degenerate_output`): a model that has not learned to use its input
+writes the empty string, or the same sentence, for every source, and scores near zero with no
+other sign. ``evaluate`` checks the predictions, writes the finding to ``metrics.json``
+(``"degenerate"``) and prints one WARNING block on stderr when the output is degenerate.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +46,73 @@ GENERATION_PRESETS: dict[str, dict[str, Any]] = {
     "default": {"num_beams": 4, "length_penalty": 1.0, "max_length": 128},
 }
 METRICS = ("rouge", "bleu", "perplexity")
+
+# Degenerate-output thresholds (degenerate_output): a test set where more than half the
+# predictions are empty, or more than half are one identical string (and the references are
+# not that repetitive themselves), or the mean prediction is shorter than one word.
+MAX_EMPTY_FRAC = 0.5
+MAX_TOP_FRAC = 0.5
+MIN_MEAN_WORDS = 1.0
+
+
+def degenerate_output(predictions: Sequence[str], references: Sequence[str] | None = None
+                      ) -> dict[str, Any]:
+    """Whether ``predictions`` are degenerate: mostly empty, mostly one string, or near-empty.
+
+    Args:
+        predictions: the generated texts (whitespace is stripped before comparing).
+        references: the reference texts, if any. "Mostly one string" is only a finding when the
+            most common prediction is more common than the most common reference (a test set
+            whose references repeat may legitimately get repeated predictions).
+
+    Returns:
+        ``{"empty_frac", "top_prediction_frac", "top_prediction", "distinct_frac",
+        "mean_words", "verdict", "reasons"}``: fractions of the predictions that are empty,
+        equal to the most common one, and distinct; the mean count of whitespace-separated
+        words; ``verdict`` ``"ok"`` or ``"degenerate"`` and the reasons (empty list if ok).
+    """
+    preds = [" ".join(p.split()) for p in predictions]
+    n = len(preds)
+    if n == 0:
+        raise ValueError("no predictions to check")
+    top, top_n = Counter(preds).most_common(1)[0]
+    empty_frac = sum(not p for p in preds) / n
+    top_frac = top_n / n
+    mean_words = sum(len(p.split()) for p in preds) / n
+    reasons = []
+    if empty_frac > MAX_EMPTY_FRAC:
+        reasons.append(f"{100 * empty_frac:.1f}% of the predictions are empty")
+    ref_top = 0.0
+    if references:
+        refs = [" ".join(r.split()) for r in references]
+        ref_top = Counter(refs).most_common(1)[0][1] / len(refs)
+    if n >= 2 and top and top_frac > MAX_TOP_FRAC and top_frac > ref_top:
+        shown = top if len(top) <= 60 else top[:57] + "..."
+        reasons.append(f"{100 * top_frac:.1f}% of the predictions are the same string "
+                       f"{shown!r} (references: at most {100 * ref_top:.1f}% identical)")
+    if mean_words < MIN_MEAN_WORDS:
+        reasons.append(f"the mean prediction is {mean_words:.2f} words long")
+    return {"empty_frac": empty_frac, "top_prediction_frac": top_frac, "top_prediction": top[:200],
+            "distinct_frac": len(set(preds)) / n, "mean_words": mean_words,
+            "verdict": "degenerate" if reasons else "ok", "reasons": reasons}
+
+
+def warn_degenerate(finding: dict[str, Any], file: Any = None) -> None:
+    """Print one WARNING block for a degenerate :func:`degenerate_output` finding."""
+    if finding["verdict"] == "ok":
+        return
+    file = file if file is not None else sys.stderr
+    bar = "=" * 78
+    lines = [bar, "WARNING: degenerate output -- the scores above measure a model that does not "
+             "use its input", *(f"  * {r}" for r in finding["reasons"]),
+             f"  distinct predictions: {100 * finding['distinct_frac']:.1f}%",
+             "  A model trained from scratch on too little data, too few steps or with "
+             "fine-tuning",
+             "  settings writes the same text for every input. See docs/training.md "
+             "(\"Training from",
+             "  scratch\"): the presets' defaults and the copy warm-up (--copy-warmup-steps).",
+             bar]
+    print("\n".join(lines), file=file, flush=True)
 
 
 def resolve_preset(name: str | None) -> dict[str, Any]:
@@ -155,6 +229,8 @@ def format_table(metrics: dict[str, float]) -> str:
     width = max(len(k) for k in metrics)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -------"]
     for k, v in metrics.items():
+        if isinstance(v, dict) and "verdict" in v:  # degenerate_output's finding
+            v = v["verdict"]
         lines.append(f"{k:<{width}}  {v:.2f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     return "\n".join(lines)
 
@@ -204,6 +280,7 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], metrics: Sequence
         if "bleu" in metrics:
             result.update(M.bleu(predictions, references))
         result["gen_len"] = sum(lengths) / len(lengths)
+        result["degenerate"] = degenerate_output(predictions, references)
     if "perplexity" in metrics:
         result["perplexity"] = _perplexity(model, tokenizer, rows, task, batch_size, device,
                                            max_source_length)
@@ -211,6 +288,8 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], metrics: Sequence
     if output_dir is not None:
         _write(output_dir, result, rows, predictions)
     print(format_table(result))
+    if "degenerate" in result:
+        warn_degenerate(result["degenerate"])
     return result
 
 

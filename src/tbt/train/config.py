@@ -167,6 +167,17 @@ class TrainConfig:
         lrqat_scale_lr: learning rate of the LR-QAT scale group (row scales, activation α;
             :func:`tbt.quant.lrqat.lrqat_parameters`), the factors A, B keeping ``lr``
             (docs/related.md §16: separate learning rates). ``None`` = ``lr`` (one group).
+        copy_warmup_steps: before the run, train a seq2seq student this many AdamW steps on
+            the synthetic copy task (:func:`tbt.train.corpus.copy_warmup_batch`: random tokens,
+            the target is their first part) so that it learns to read its input through
+            cross attention; ``0`` = none. Preset architectures trained from scratch default
+            to 400 (:func:`tbt.train.presets.scratch_defaults`); it stops early once the model
+            copies (:func:`tbt.train.loop.copy_warmup`). Skipped on ``resume``.
+        copy_warmup_lr, copy_warmup_batch_size: the warm-up's constant learning rate and batch.
+
+    Training from scratch: :meth:`from_flat` fills the preset's own defaults
+    (:data:`tbt.train.presets.SCRATCH_DEFAULTS`) for settings not given, when ``model`` is an
+    architecture preset; constructing ``TrainConfig(...)`` directly does not.
     """
 
     output_dir: str
@@ -202,6 +213,9 @@ class TrainConfig:
     lrqat_storage: str = "int8"
     lrqat_checkpoint: bool = False
     lrqat_scale_lr: float | None = None
+    copy_warmup_steps: int = 0
+    copy_warmup_lr: float = 1e-3
+    copy_warmup_batch_size: int = 32
     version: int = TRAIN_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -220,11 +234,14 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("save_every", "eval_every"):
+        for name in ("save_every", "eval_every", "copy_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = off)")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if not self.copy_warmup_lr > 0 or self.copy_warmup_batch_size < 1:
+            raise ValueError(f"copy_warmup_lr={self.copy_warmup_lr} must be > 0 and "
+                             f"copy_warmup_batch_size={self.copy_warmup_batch_size} >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
@@ -302,7 +319,14 @@ class TrainConfig:
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> TrainConfig:
         """Build from flat ``name: value`` pairs (``bits`` = ``"fp"`` or E-W-A, plus any field
-        of TrainConfig, DataConfig, DistillConfig or QuantConfig, ``version`` excepted)."""
+        of TrainConfig, DataConfig, DistillConfig or QuantConfig, ``version`` excepted).
+
+        With ``model`` an architecture preset, the preset's from-scratch defaults
+        (:func:`tbt.train.presets.scratch_defaults`) fill the settings ``flat`` leaves out."""
+        from tbt.train.presets import scratch_defaults
+
+        flat = {k.replace("-", "_"): v for k, v in flat.items()}
+        flat = {**scratch_defaults(flat), **flat}
         owners = _flat_owners()
         check_setting_types(flat)
         parts: dict[str, dict[str, Any]] = {"train": {}, "quant": {}, "data": {}, "distill": {}}

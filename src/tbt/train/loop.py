@@ -14,12 +14,18 @@
    from the same α (:func:`tbt.quant.activation.calibrate`);
 4. **AdamW** with a linear warmup then linear decay to zero (:func:`build_optimizer`; LR-QAT
    may give its scales their own learning rate, ``--lrqat-scale-lr``);
+4b. **copy warm-up** (``cfg.copy_warmup_steps``, the default of the BART presets trained from
+   scratch): the seq2seq student first learns the synthetic copy task (:func:`copy_warmup`),
+   logged to ``copy_warmup.jsonl``; not on resume (the checkpoint holds its result);
 5. **resume** (``cfg.resume``): weights, optimizer, scheduler, RNG states and the step are
    restored from the last checkpoint, so the run continues exactly as if never interrupted;
 6. **the loop**: student forward, teacher forward under ``no_grad``, named loss terms
    (:mod:`tbt.train.objective`), a finiteness check *before* the update (a NaN/inf stops the run
    with the step and the term), backward, clipping, step, schedule, a log line per step
-   (``log.jsonl``), checkpoints (:mod:`tbt.train.checkpoint`) and validation loss;
+   (``log.jsonl``), checkpoints (:mod:`tbt.train.checkpoint`) and validation loss; a seq2seq
+   model's validation also measures whether it uses its input (:func:`input_use_check`: the
+   loss with the sources deranged across the batch against the true sources), and the run
+   ends with a WARNING when it does not;
 7. **save**: the final student with ``save_pretrained`` (+ tokenizer, ``tbt_config.json``,
    ``train_config.json``) into ``cfg.output_dir``, file by file atomically.
 """
@@ -47,6 +53,27 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """A loss term (or the gradient norm) became NaN/inf; raised before the bad update."""
+
+
+# The copy warm-up draws its random tokens from the first ids of the vocabulary and takes its
+# softmax over those ids only. What it teaches (reading the source through cross attention,
+# position by position) does not depend on which tokens are copied, but how soon it starts
+# does depend on the size of the softmax: on bart-tiny with a 2000-id vocabulary and a softmax
+# over all of it, 5 runs (seed 28; token ranges 1000 and 200, sources of 62 and 30 tokens, AdamW
+# eps 1e-6 and 1e-8) had not started after 250-350 steps; restricted to the first 1000 ids,
+# 5 of 5 runs (seeds 28 and 0, eps 1e-8 and 1e-6, a 4000-id vocabulary) copied (loss < 0.5)
+# by steps 214-250 (benchmarks/results/scratch-real-data-2026-12-05.md).
+COPY_WARMUP_VOCAB = 1000
+COPY_WARMUP_STOP_CE = 0.3  # the warm-up ends early once the last 10 steps average below this
+# A seq2seq model "uses its input" when deranging the sources across the batch raises its
+# validation cross-entropy by at least INPUT_USE_MARGIN nats per target token and by at least
+# INPUT_USE_REL_MARGIN of the true-source cross-entropy. Measured on bart-tiny trained on real
+# data (docs/training.md): a model writing the empty string for 82 % of its test sources had a
+# gap of 0.14 nats (2.9 % of its loss of 4.97); models writing varied output that copies
+# words of the source 0.38 (7.4 %, Debian summaries) and 1.45 (44 %, UI strings).
+INPUT_USE_MARGIN = 0.1
+INPUT_USE_REL_MARGIN = 0.05
+INPUT_USE_ROWS = 64  # training rows checked at the end when there is no validation split
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -112,6 +139,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
             with acc.autocast():
                 calibrate(student, [plan.batch(0, acc.device)])
+    warm = None
+    if cfg.copy_warmup_steps and ckpt is None:
+        if not seq2seq:
+            raise ValueError(f"copy_warmup_steps={cfg.copy_warmup_steps}: the copy warm-up is "
+                             "for encoder-decoder models; pass --copy-warmup-steps 0")
+        warm = copy_warmup(student, cfg, acc, log_path if main else None, main)
+        elapsed = warm["train_time_s"]
     model, optimizer = acc.prepare(student, optimizer)
 
     if main:
@@ -161,6 +195,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.eval_every and step % cfg.eval_every == 0 or step == total:
             val = validate(model, teacher, splits.get("validation"), collate, cfg, acc, seq2seq)
             record.update({f"val_{k}": v for k, v in val.items()})
+            if seq2seq:
+                use_rows = splits.get("validation") or (
+                    splits["train"][:INPUT_USE_ROWS] if step == total else None)
+                if use_rows:
+                    use = input_use_check(acc.unwrap_model(model), use_rows, collate,
+                                          cfg.batch_size, acc)
+                    if use is not None:
+                        record.update({f"input_use_{k}": v for k, v in use.items()})
         if main:
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -175,12 +217,160 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                             state, quant_json, cfg.to_json(), rank, acc.wait_for_everyone,
                             cfg.keep_checkpoints)
     bar.close()
+    input_use = {k[len("input_use_"):]: v for k, v in record.items()
+                 if k.startswith("input_use_")}
+    if main and input_use and not input_use["ok"]:
+        warn_input_use(input_use)
     if main:
         save_final(cfg, acc.unwrap_model(model), tokenizer, quant_json)
     acc.wait_for_everyone()
     return {"output_dir": cfg.output_dir, "steps": step, "train": record, "validation": val,
             "train_time_s": elapsed, "log": log_path, "checkpoint": latest_checkpoint(
-                cfg.output_dir), "model": acc.unwrap_model(model), "tokenizer": tokenizer}
+                cfg.output_dir), "model": acc.unwrap_model(model), "tokenizer": tokenizer,
+            "copy_warmup": warm, "input_use": input_use or None}
+
+
+def copy_warmup(student, cfg: TrainConfig, acc, log_path: str | None, main: bool = True
+                ) -> dict[str, Any]:
+    """Train ``student`` in place for up to ``cfg.copy_warmup_steps`` steps on the synthetic
+    copy task (:func:`tbt.train.corpus.copy_warmup_batch`): fresh random batches of
+    ``cfg.copy_warmup_batch_size``, AdamW at the constant ``cfg.copy_warmup_lr``, clipping at
+    1, label cross-entropy only, dropout off (a full-precision student runs in eval mode). It
+    stops early once the mean cross-entropy of the last 10 steps is below
+    ``COPY_WARMUP_STOP_CE`` (the model copies).
+
+    Tokens come from the first ``COPY_WARMUP_VOCAB`` ids, and the cross-entropy is a softmax
+    over those ids only (the logits of the others are dropped; see ``COPY_WARMUP_VOCAB``
+    for why); sources are ``min(62, max_source_length - 2)`` tokens and targets their first
+    ``min(24, max_target_length - 2)``. Seeded by ``cfg.seed``, so every process computes the
+    same weights. Each step's loss goes to ``copy_warmup.jsonl`` next to ``log_path``.
+
+    Returns ``{"steps", "ce_first", "ce_last", "train_time_s", "log"}`` (``steps``: those run;
+    ``ce_last``: the mean of the last 10). A ``ce_last`` above 1 nat is logged as a warning:
+    the model has not started copying (it still may on the real data).
+    """
+    from tbt.train.corpus import copy_warmup_batch
+
+    t0 = time.time()
+    conf = student.config
+    vocab = min(conf.vocab_size, COPY_WARMUP_VOCAB)
+    src = max(2, min(62, cfg.data.max_source_length - 2))
+    tgt = max(1, min(24, src, cfg.data.max_target_length - 2))
+    bos = conf.bos_token_id if conf.bos_token_id is not None else 0
+    eos = conf.eos_token_id if conf.eos_token_id is not None else 2
+    gen = torch.Generator().manual_seed(cfg.seed)
+    # torch's AdamW defaults (eps 1e-8, weight decay 0.01), the setting the warm-up was
+    # measured with; not the run's eps 1e-6, which damps the small gradients of the plateau
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad],
+                            lr=cfg.copy_warmup_lr)
+    student.to(acc.device)
+    student.train(cfg.quant is not None)  # eval mode = no dropout (BART has no batch norm)
+    losses = []
+    path = None if log_path is None else os.path.join(os.path.dirname(log_path),
+                                                        "copy_warmup.jsonl")
+    log = open(path, "w", encoding="utf-8") if path else contextlib.nullcontext()
+    with log:
+        for k in range(1, cfg.copy_warmup_steps + 1):
+            batch = copy_warmup_batch(cfg.copy_warmup_batch_size, vocab, src, tgt,
+                                      generator=gen, bos_token_id=bos, eos_token_id=eos)
+            batch = {n: v.to(acc.device) for n, v in batch.items()}
+            with acc.autocast():
+                logits = student(**batch).logits[..., :vocab].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab),
+                                                     batch["labels"].reshape(-1))
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"copy warm-up loss is {float(loss.detach())} at "
+                                         f"step {k}; lower --copy-warmup-lr")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if path:
+                log.write(json.dumps({"step": k, "ce": losses[-1]}) + "\n")
+                if k % 25 == 0:
+                    log.flush()
+            if len(losses) >= 10 and sum(losses[-10:]) / 10 < COPY_WARMUP_STOP_CE:
+                break
+    student.train()
+    tail = losses[-10:]
+    out = {"steps": len(losses), "ce_first": losses[0], "ce_last": sum(tail) / len(tail),
+           "train_time_s": time.time() - t0, "log": path}
+    if main:
+        print(f"copy warm-up: {out['steps']} steps, cross-entropy {out['ce_first']:.2f} -> "
+              f"{out['ce_last']:.2f} ({out['train_time_s']:.0f} s)", flush=True)
+        if out["ce_last"] > 1.0:
+            logger.warning("the copy warm-up ended at cross-entropy %.2f: the model has not "
+                           "started copying yet (raise --copy-warmup-steps)", out["ce_last"])
+    return out
+
+
+def derange(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` with every example's source (``input_ids``, ``attention_mask``) taken from
+    the next example (a cyclic shift: no example keeps its own when ``B >= 2``)."""
+    out = dict(batch)
+    for k in ("input_ids", "attention_mask"):
+        if k in out:
+            out[k] = torch.roll(out[k], shifts=1, dims=0)
+    return out
+
+
+@torch.no_grad()
+def input_use_check(model, rows, collate, batch_size: int, acc=None,
+                    margin: float = INPUT_USE_MARGIN, rel_margin: float = INPUT_USE_REL_MARGIN
+                    ) -> dict[str, Any] | None:
+    """Does a seq2seq ``model`` use its input? Its label cross-entropy on ``rows`` with the
+    true sources against the same with the sources deranged across each batch (:func:`derange`).
+
+    Both are means over every target token (``-100`` labels excluded), in eval mode. Batches
+    of one example are skipped (nothing to swap with); ``None`` if no batch remains.
+
+    Returns ``{"ce": true-source CE, "ce_shuffled": deranged CE, "gap": their difference,
+    "ok": gap >= max(margin, rel_margin * ce)}``. A model that ignores its input has ``gap`` 0.
+    """
+    device = acc.device if acc is not None else next(model.parameters()).device
+    autocast = acc.autocast if acc is not None else contextlib.nullcontext
+    was_training = model.training
+    model.eval()
+    sums = {"ce": 0.0, "ce_shuffled": 0.0}
+    n_tok = 0
+    try:
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            if len(chunk) < 2:
+                continue
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            n = int((batch["labels"] != -100).sum())
+            if n == 0:
+                continue
+            for key, b in (("ce", batch), ("ce_shuffled", derange(batch))):
+                with autocast():
+                    sums[key] += float(model(**b).loss.detach()) * n
+            n_tok += n
+    finally:
+        model.train(was_training)
+    if n_tok == 0:
+        return None
+    ce, ce_s = sums["ce"] / n_tok, sums["ce_shuffled"] / n_tok
+    return {"ce": ce, "ce_shuffled": ce_s, "gap": ce_s - ce,
+            "ok": ce_s - ce >= max(margin, rel_margin * ce)}
+
+
+def warn_input_use(use: dict[str, Any], file: Any = None) -> None:
+    """One WARNING block on stderr: the model does not use its input (:func:`input_use_check`)."""
+    import sys
+
+    bar = "=" * 78
+    print("\n".join([
+        bar, "WARNING: the model does not use its input.",
+        f"  validation cross-entropy with the true sources {use['ce']:.3f}, with the sources "
+        f"shuffled",
+        f"  across the batch {use['ce_shuffled']:.3f}: gap {use['gap']:.3f}, below "
+        f"max({INPUT_USE_MARGIN} nats, {INPUT_USE_REL_MARGIN:.0%} of",
+        "  the loss). Its output hardly depends on its input (often: the same text or the empty",
+        "  string for every source). Train longer, on more data, or with the presets'",
+        "  from-scratch defaults and the copy warm-up (--copy-warmup-steps); docs/training.md.",
+        bar]), file=file if file is not None else sys.stderr, flush=True)
 
 
 def _terms(model, teacher, batch, cfg: TrainConfig, seq2seq: bool) -> dict[str, torch.Tensor]:
