@@ -46,7 +46,7 @@ from tbt.runtime.linear import WEIGHTS_NAME, ActSpec, PackedLinearNP
 __all__ = ["Engine", "EngineError", "SUPPORTED_MODEL_TYPES", "SamplingConfig"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-_ABI = 1
+_ABI = 2
 _P, _I64, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
@@ -81,7 +81,7 @@ class _Model(ctypes.Structure):
                 ("head_kind", _I32), ("emb_f", _P), ("emb_p", _P), ("emb_scale", _P),
                 ("emb_stride", _I64), ("norm_w", _P), ("head_w", _P), ("head_b", _P),
                 ("head", _Lin), ("rope_cos", _P), ("rope_sin", _P), ("rope_len", _I64),
-                ("layers", _P)]
+                ("layers", _P), ("prof", _P)]
 
 
 def _lib() -> ctypes.CDLL:
@@ -480,6 +480,7 @@ class Engine:
         self.attn_scale = float(np.float32(hd ** -0.5))
         self.generation_config = self._generation_config()
         self._max_b = self._max_t = 0
+        self._prof: np.ndarray | None = None
         self._model: _Model | None = None
         self._scratch: np.ndarray | None = None
         self._scratch_key = (0, 0, 0)
@@ -542,6 +543,7 @@ class Engine:
                    layers=ctypes.addressof(layers))
         if self._head is not None:
             m.head = self._head.struct
+        m.prof = _ptr(self._prof) if self._prof is not None else None
         self._layers_c, self._model = layers, m
         self._max_b, self._max_t = max_b, max_t
         self.position = 0
@@ -555,6 +557,21 @@ class Engine:
                 raise RuntimeError(f"tbt_dec_scratch_bytes failed ({n})")
             self._scratch, self._scratch_key = aligned_empty((int(n),), np.uint8), key
         return self._scratch
+
+    PROFILE_PARTS = ("linear", "attention", "other", "head")
+
+    def profile(self, on: bool = True) -> None:
+        """Start (zeroed) or stop timing the parts of each step (:meth:`profile_result`)."""
+        self._prof = np.zeros(2 * len(self.PROFILE_PARTS), np.float64) if on else None
+        if self._model is not None:
+            self._model.prof = _ptr(self._prof) if on else None
+
+    def profile_result(self) -> dict[str, tuple[float, float]]:
+        """``{part: (wall seconds, calling-thread CPU seconds)}`` since :meth:`profile`."""
+        if self._prof is None:
+            return {}
+        return {p: (float(self._prof[2 * i]), float(self._prof[2 * i + 1]))
+                for i, p in enumerate(self.PROFILE_PARTS)}
 
     def reset(self) -> None:
         """Forget the cached sequences (the next :meth:`forward` starts at position 0)."""

@@ -16,6 +16,9 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("O3")
 #endif
+#if !defined(_POSIX_C_SOURCE) && !defined(_WIN32)
+#define _POSIX_C_SOURCE 200809L
+#endif
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
@@ -23,6 +26,33 @@
 
 #include "tbt_engine.h"
 #include "tbt_internal.h"
+
+#if defined(_POSIX_C_SOURCE)
+#include <time.h>
+static void now2(double t[2]) {
+  struct timespec a, b;
+  clock_gettime(CLOCK_MONOTONIC, &a);
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+  t[0] = (double)a.tv_sec + 1e-9 * (double)a.tv_nsec;
+  t[1] = (double)b.tv_sec + 1e-9 * (double)b.tv_nsec;
+}
+#else
+static void now2(double t[2]) { t[0] = t[1] = 0.0; }
+#endif
+
+/* opt-in profile (m->prof): time since the last mark goes to `part` */
+typedef struct {
+  double *acc;
+  double t[2];
+} prof_t;
+static void prof_mark(prof_t *p, int part) {
+  if (!p->acc) return;
+  double t[2];
+  now2(t);
+  p->acc[2 * part] += t[0] - p->t[0];
+  p->acc[2 * part + 1] += t[1] - p->t[1];
+  p->t[0] = t[0], p->t[1] = t[1];
+}
 
 #if TBT_X86 && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)
 #define TBT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -35,6 +65,27 @@
 int tbt_engine_abi(void) { return TBT_ENGINE_ABI; }
 
 static inline float rint_s(float v) { return (v + MAGIC) - MAGIC; }
+
+/* exp(x) for float32, vectorisable (no libm call): Cody-Waite reduction x = n ln2 + r and
+ * Cephes' degree-6 polynomial, about 1 ulp (torch's vectorised exp is Sleef's, 1 ulp: the two
+ * may differ in the last bit). x is clamped to [-87.3, 88]: exp(88) = 1.65e38, not inf. */
+static inline float exp_f(float x) {
+  x = x < -87.33654f ? -87.33654f : x > 88.0f ? 88.0f : x;
+  const float n = rint_s(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t e = ((int32_t)n + 127) << 23;
+  float sc;
+  memcpy(&sc, &e, sizeof sc);
+  return p * sc;
+}
 static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
 static size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
 
@@ -202,7 +253,8 @@ static int64_t ceil_log2(int64_t x) {
 }
 
 /* multi_row_sum + row_sum over `size` elements of W lanes (W = 1: scalars) */
-static void cascade(const float *x, int64_t size, int W, float out[16]) {
+static void cascade(const float *x, int64_t size, int W, int sq, float out[16]) {
+#define LD(i) (sq ? x[i] * x[i] : x[i])
   float acc[TS_LEVELS][TS_ILP][16];
   memset(acc, 0, sizeof acc);
   const int64_t size_ilp = size / TS_ILP;
@@ -213,7 +265,7 @@ static void cascade(const float *x, int64_t size, int W, float out[16]) {
   while (i + step <= size_ilp) {
     for (int64_t j = 0; j < step; ++j, ++i)
       for (int k = 0; k < TS_ILP; ++k)
-        for (int l = 0; l < W; ++l) acc[0][k][l] += x[(i * TS_ILP + k) * W + l];
+        for (int l = 0; l < W; ++l) acc[0][k][l] += LD((i * TS_ILP + k) * W + l);
     for (int j = 1; j < TS_LEVELS; ++j) {
       for (int k = 0; k < TS_ILP; ++k)
         for (int l = 0; l < W; ++l) {
@@ -225,34 +277,38 @@ static void cascade(const float *x, int64_t size, int W, float out[16]) {
   }
   for (; i < size_ilp; ++i)
     for (int k = 0; k < TS_ILP; ++k)
-      for (int l = 0; l < W; ++l) acc[0][k][l] += x[(i * TS_ILP + k) * W + l];
+      for (int l = 0; l < W; ++l) acc[0][k][l] += LD((i * TS_ILP + k) * W + l);
   for (int j = 1; j < TS_LEVELS; ++j)
     for (int k = 0; k < TS_ILP; ++k)
       for (int l = 0; l < W; ++l) acc[0][k][l] += acc[j][k][l];
   for (int64_t v = size_ilp * TS_ILP; v < size; ++v) /* row_sum's tail */
-    for (int l = 0; l < W; ++l) acc[0][0][l] += x[v * W + l];
+    for (int l = 0; l < W; ++l) acc[0][0][l] += LD(v * W + l);
   for (int k = 1; k < TS_ILP; ++k)
     for (int l = 0; l < W; ++l) acc[0][0][l] += acc[0][k][l];
   for (int l = 0; l < W; ++l) out[l] = acc[0][0][l];
+#undef LD
 }
 
-float tbt_torch_sum(const float *x, int64_t n) {
+/* sq: the sum of squares (torch's x.pow(2).sum(-1): the squares are exact float products) */
+static float torch_sum(const float *x, int64_t n, int sq) {
   const int W = torch_lanes();
   float part[16];
   if (n < W) { /* scalar_inner_sum */
-    cascade(x, n, 1, part);
+    cascade(x, n, 1, sq, part);
     return 0.0f + part[0];
   }
   const int64_t nv = n / W;
-  cascade(x, nv, W, part);
+  cascade(x, nv, W, sq, part);
   float acc = 0.0f;
-  for (int64_t k = nv * W; k < n; ++k) acc += x[k];
+  for (int64_t k = nv * W; k < n; ++k) acc += sq ? x[k] * x[k] : x[k];
   for (int l = 0; l < W; ++l) acc += part[l];
   return 0.0f + acc;
 }
 
+float tbt_torch_sum(const float *x, int64_t n) { return torch_sum(x, n, 0); }
+
 /* torch's x.mean() of a contiguous float32 tensor: sum / numel, in float32 */
-static float tensor_mean(const float *x, int64_t n) { return tbt_torch_sum(x, n) / (float)n; }
+static float tensor_mean(const float *x, int64_t n) { return torch_sum(x, n, 0) / (float)n; }
 
 /* Signed binary activations: a1 codes an exact 0 as +1; subtract d * alpha_n * sum of the
  * weight codes of those columns (PackedLinearNP.undo_binary_zeros, same float steps). */
@@ -294,11 +350,10 @@ static int lin_run(const tbt_elin *L, const float *x, int64_t M, float *y, const
 
 /* ---- elementwise pieces ------------------------------------------------------------------- */
 
-/* LlamaRMSNorm: w * (x * rsqrt(mean(x^2) + eps)), rsqrt = 1 / sqrt (torch's vector rsqrt) */
+/* LlamaRMSNorm: w * (x * rsqrt(mean(x^2) + eps)), rsqrt = 1 / sqrt (torch's vector rsqrt);
+ * the mean is torch's (its float32 sum order, then / d) */
 static void rmsnorm(const float *x, const float *w, float eps, int64_t d, float *out) {
-  double s = 0.0;
-  for (int64_t k = 0; k < d; ++k) s += (double)(x[k] * x[k]);
-  const float var = (float)(s / (double)d);
+  const float var = torch_sum(x, d, 1) / (float)d;
   const float r = 1.0f / sqrtf(var + eps);
   for (int64_t k = 0; k < d; ++k) out[k] = w[k] * (x[k] * r);
 }
@@ -328,6 +383,11 @@ static void embed_row(const tbt_dec_model *m, int32_t tok, float *out) {
   } else {
     for (int64_t k = 0; k < d; ++k) out[k] = (float)((row[k >> 3] >> (k & 7) & 1) ? 1 : -1) * sc;
   }
+}
+
+/* SiLU(g) * u: torch's silu is x / (1 + exp(-x)) */
+TBT_CLONES static void silu_mul(const float *g, const float *u, float *a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) a[i] = g[i] / (1.0f + exp_f(-g[i])) * u[i];
 }
 
 /* ---- attention ---------------------------------------------------------------------------- */
@@ -370,10 +430,8 @@ static void att_scores(void *ctx, int64_t u0, int64_t u1) {
         mx = p[j] > mx ? p[j] : mx;
       }
       float sum = 0.0f;
-      for (int64_t j = 0; j < n; ++j) {
-        p[j] = expf(p[j] - mx);
-        sum += p[j];
-      }
+      for (int64_t j = 0; j < n; ++j) p[j] = exp_f(p[j] - mx);
+      for (int64_t j = 0; j < n; ++j) sum += p[j];
       const float inv = 1.0f / sum;
       for (int64_t j = 0; j < n; ++j) p[j] = p[j] * inv;
       for (int64_t j = n; j < Tk; ++j) p[j] = 0.0f; /* masked: exp(-inf) */
@@ -485,11 +543,12 @@ int64_t tbt_dec_scratch_bytes(const tbt_dec_model *m, int64_t B, int64_t T) {
   } while (0)
 
 static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *bf, int64_t B,
-                         int64_t T, int64_t pos0) {
+                         int64_t T, int64_t pos0, prof_t *pf) {
   const int64_t M = B * T, d = m->d, H = m->n_heads, nkv = m->n_kv, D = m->head_dim;
   const int64_t nq = H * D, nk = nkv * D, Tk = pos0 + T, I = m->inter;
   /* attention block */
   for (int64_t r = 0; r < M; ++r) rmsnorm(bf->x + r * d, L->ln1, m->eps, d, bf->h + r * d);
+  prof_mark(pf, TBT_PROF_OTHER);
   const float *qs, *ks, *vs;
   int64_t qst, kst, vst;
   if (!L->k.plan) { /* fused q|k|v */
@@ -503,6 +562,7 @@ static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *b
     CHECK(lin_run(&L->v, bf->h, M, vo, &bf->ws));
     qs = qo, ks = ko, vs = vo, qst = nq, kst = vst = nk;
   }
+  prof_mark(pf, TBT_PROF_LINEAR);
   const int64_t half = D / 2;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) {
@@ -526,10 +586,13 @@ static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *b
   aq_tensor(&L->aq_p, bf->probs, B * H * T * Tk);
   if (par) tbt_parallel_for(B * H, att_values, &J);
   else att_values(&J, 0, B * H);
+  prof_mark(pf, TBT_PROF_ATTENTION);
   CHECK(lin_run(&L->o, bf->att, M, bf->h, &bf->ws));
+  prof_mark(pf, TBT_PROF_LINEAR);
   for (int64_t i = 0; i < M * d; ++i) bf->x[i] = bf->x[i] + bf->h[i];
   /* MLP block */
   for (int64_t r = 0; r < M; ++r) rmsnorm(bf->x + r * d, L->ln2, m->eps, d, bf->h + r * d);
+  prof_mark(pf, TBT_PROF_OTHER);
   const float *gs, *us;
   int64_t gst;
   if (!L->up.plan) { /* fused gate|up */
@@ -540,12 +603,11 @@ static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *b
     CHECK(lin_run(&L->up, bf->h, M, bf->mlp + M * I, &bf->ws));
     gs = bf->mlp, us = bf->mlp + M * I, gst = I;
   }
-  for (int64_t r = 0; r < M; ++r) {
-    const float *g = gs + r * gst, *u = us + r * gst;
-    float *a = bf->act + r * I;
-    for (int64_t i = 0; i < I; ++i) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i]; /* silu */
-  }
+  prof_mark(pf, TBT_PROF_LINEAR);
+  for (int64_t r = 0; r < M; ++r) silu_mul(gs + r * gst, us + r * gst, bf->act + r * I, I);
+  prof_mark(pf, TBT_PROF_OTHER);
   CHECK(lin_run(&L->down, bf->act, M, bf->h, &bf->ws));
+  prof_mark(pf, TBT_PROF_LINEAR);
   for (int64_t i = 0; i < M * d; ++i) bf->x[i] = bf->x[i] + bf->h[i];
   return TBT_OK;
 }
@@ -563,16 +625,20 @@ int tbt_dec_forward(const tbt_dec_model *m, const int32_t *tokens, int64_t B, in
   uint8_t *base = (uint8_t *)scratch + ((64 - (uintptr_t)scratch % 64) % 64);
   carve(m, B, T, pos0 + T, base, &bf);
   const int64_t d = m->d;
+  prof_t pf = {m->prof, {0.0, 0.0}};
+  if (pf.acc) now2(pf.t);
   for (int64_t i = 0; i < B * T; ++i) embed_row(m, tokens[i], bf.x + i * d);
   for (int64_t l = 0; l < m->n_layers; ++l)
-    CHECK(layer_forward(m, m->layers + l, &bf, B, T, pos0));
+    CHECK(layer_forward(m, m->layers + l, &bf, B, T, pos0, &pf));
   for (int64_t b = 0; b < B; ++b)
     rmsnorm(bf.x + (b * T + T - 1) * d, m->norm_w, m->eps, d, bf.last + b * d);
+  prof_mark(&pf, TBT_PROF_OTHER);
   if (m->head_kind == TBT_HEAD_PACKED) {
     CHECK(lin_run(&m->head, bf.last, B, logits, &bf.ws));
   } else {
     head_job J = {m, bf.last, logits, B};
     tbt_parallel_for((m->vocab + HEAD_ROWS - 1) / HEAD_ROWS, head_rows, &J);
   }
+  prof_mark(&pf, TBT_PROF_HEAD);
   return TBT_OK;
 }

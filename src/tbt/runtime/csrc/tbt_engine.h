@@ -20,7 +20,7 @@
 extern "C" {
 #endif
 
-#define TBT_ENGINE_ABI 1
+#define TBT_ENGINE_ABI 2
 
 /* A fake quantizer on a float tensor (the attention's Q, K, V and probabilities), one set of
  * statistics per tensor: tbt.quant.activation (MinMaxQuantizer, ElasticQuantizer). */
@@ -72,7 +72,13 @@ typedef struct tbt_dec_model {
   const float *rope_cos, *rope_sin; /* (rope_len, head_dim / 2) */
   int64_t rope_len;
   const tbt_dec_layer *layers;
+  double *prof; /* NULL, or TBT_PROF_N x 2 accumulators: wall and thread-CPU seconds per part */
 } tbt_dec_model;
+
+/* the parts of a step the profile splits: packed linears (quantizer + kernel), attention
+ * (RoPE, cache, quantizers, scores, softmax, P V), norms + residuals + SiLU + embedding, LM head */
+enum { TBT_PROF_LINEAR = 0, TBT_PROF_ATTENTION = 1, TBT_PROF_OTHER = 2, TBT_PROF_HEAD = 3,
+       TBT_PROF_N = 4 };
 
 TBT_API int tbt_engine_abi(void);
 /* torch's float32 sum of x[0..n) (one thread; engine.c explains), for tests */
