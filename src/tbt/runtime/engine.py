@@ -391,6 +391,9 @@ class Engine:
         if threads is not None:
             native.set_num_threads(int(threads))
         directory = Path(directory)
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{directory / WEIGHTS_NAME} not found: not a tbt packed "
+                                    f"checkpoint (write one with tbt export or save_packed)")
         cfg = _read_config(directory)
         mtype = cfg.get("model_type")
         if mtype not in SUPPORTED_MODEL_TYPES or cfg.get("is_encoder_decoder"):

@@ -179,6 +179,29 @@ static void aq_tensor(const tbt_aq *q, float *x, int64_t n) {
   aq_apply(q, aq_from_stats(q, lo, hi, q->center ? tensor_mean(x, n) : 0.0f), x, x, n);
 }
 
+/* rows [r0, r1) of every block through the quantizer; transposed: out holds each block as
+ * (D, max_t), so that the scores of all keys are one vector loop per dimension */
+static void aq_rows(const tbt_aq *q, aq_params p, const float *raw, float *out, int64_t blocks,
+                    int64_t max_t, int64_t D, int64_t r0, int64_t r1, int transposed) {
+  float tmp[512];
+  for (int64_t g = 0; g < blocks; ++g) {
+    const float *src = raw + (g * max_t + r0) * D;
+    if (!transposed) {
+      aq_apply(q, p, src, out + (g * max_t + r0) * D, (r1 - r0) * D);
+      continue;
+    }
+    float *dst = out + g * D * max_t;
+    for (int64_t t = r0; t < r1; ++t, src += D) {
+      const float *v = src;
+      if (D <= 512) {
+        aq_apply(q, p, src, tmp, D);
+        v = tmp;
+      }
+      for (int64_t i = 0; i < D; ++i) dst[i * max_t + t] = v[i];
+    }
+  }
+}
+
 /* The cache of one layer: rows [0, n_new) of each of the B * n_kv (max_t x D) blocks of raw,
  * quantized as ONE tensor into out. st (8 doubles): [0] rows counted in the statistics,
  * [1] lo, [2] hi, [4] [5] the parameters out holds, [6] rows of out valid with them.
@@ -189,12 +212,10 @@ static void aq_tensor(const tbt_aq *q, float *x, int64_t n) {
  * transposed projection itself, (B, n_kv, T, D) after it, when torch.cat made it contiguous. */
 static void aq_cache(const tbt_aq *q, const float *raw, float *out, int64_t B, int64_t nkv,
                      int64_t max_t, int64_t D, int64_t n_old, int64_t n_new, double *st,
-                     float *gbuf) {
+                     float *gbuf, int transposed) {
   const int64_t blocks = B * nkv;
   if (q->kind == TBT_AQ_NONE) {
-    for (int64_t g = 0; g < blocks; ++g)
-      memcpy(out + (g * max_t + n_old) * D, raw + (g * max_t + n_old) * D,
-             (size_t)((n_new - n_old) * D) * sizeof(float));
+    aq_rows(q, (aq_params){0.0f, 0.0f}, raw, out, blocks, max_t, D, n_old, n_new, transposed);
     return;
   }
   const int64_t first = n_old;
@@ -225,9 +246,7 @@ static void aq_cache(const tbt_aq *q, const float *raw, float *out, int64_t B, i
   int64_t start = 0;
   if ((int64_t)st[6] == n_old && n_old > 0 && (float)st[4] == p.p0 && (float)st[5] == p.p1)
     start = n_old; /* same parameters: the old rows keep their values */
-  for (int64_t g = 0; g < blocks; ++g)
-    aq_apply(q, p, raw + (g * max_t + start) * D, out + (g * max_t + start) * D,
-             (n_new - start) * D);
+  aq_rows(q, p, raw, out, blocks, max_t, D, start, n_new, transposed);
   st[4] = p.p0, st[5] = p.p1, st[6] = (double)n_new;
 }
 
@@ -412,23 +431,27 @@ TBT_CLONES static float dot(const float *a, const float *b, int64_t n) {
   return acc[0];
 }
 
-/* scores and softmax of (b, h) pairs [u0, u1) */
-static void att_scores(void *ctx, int64_t u0, int64_t u1) {
+/* scores and softmax of (b, h) pairs [u0, u1); the quantized keys are (D, max_t) per block */
+TBT_CLONES static void att_scores(void *ctx, int64_t u0, int64_t u1) {
   const att_job *J = (const att_job *)ctx;
   const tbt_dec_model *m = J->m;
   const int64_t H = m->n_heads, D = m->head_dim, T = J->T, Tk = J->Tk, rep = H / m->n_kv;
+  const int64_t mt = m->max_t;
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t b = u / H, h = u % H, g = b * m->n_kv + h / rep;
-    const float *kq = J->L->kq + g * m->max_t * D;
+    const float *kt = J->L->kq + g * D * mt;
     for (int64_t t = 0; t < T; ++t) {
       const float *q = J->qb + ((b * T + t) * H + h) * D;
       float *p = J->probs + ((b * H + h) * T + t) * Tk;
       const int64_t n = J->pos0 + t + 1; /* causal: keys 0 .. pos0 + t */
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        p[j] = dot(q, kq + j * D, D);
-        mx = p[j] > mx ? p[j] : mx;
+      for (int64_t j = 0; j < n; ++j) p[j] = 0.0f;
+      for (int64_t i = 0; i < D; ++i) {
+        const float qi = q[i];
+        const float *kr = kt + i * mt;
+        for (int64_t j = 0; j < n; ++j) p[j] += qi * kr[j];
       }
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) mx = p[j] > mx ? p[j] : mx;
       float sum = 0.0f;
       for (int64_t j = 0; j < n; ++j) p[j] = exp_f(p[j] - mx);
       for (int64_t j = 0; j < n; ++j) sum += p[j];
@@ -577,8 +600,8 @@ static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *b
         rope(qs + r * qst + h * D, c, s, D, m->attn_scale, bf->qb + (r * H + h) * D);
     }
   aq_tensor(&L->aq_q, bf->qb, M * H * D);
-  aq_cache(&L->aq_k, L->kc, L->kq, B, nkv, m->max_t, D, pos0, Tk, L->st, bf->gbuf);
-  aq_cache(&L->aq_v, L->vc, L->vq, B, nkv, m->max_t, D, pos0, Tk, L->st + 8, bf->gbuf);
+  aq_cache(&L->aq_k, L->kc, L->kq, B, nkv, m->max_t, D, pos0, Tk, L->st, bf->gbuf, 1);
+  aq_cache(&L->aq_v, L->vc, L->vq, B, nkv, m->max_t, D, pos0, Tk, L->st + 8, bf->gbuf, 0);
   att_job J = {m, L, bf->qb, bf->probs, bf->att, B, T, Tk, pos0};
   const int par = B * H * T * Tk * D >= (1 << 15);
   if (par) tbt_parallel_for(B * H, att_scores, &J);

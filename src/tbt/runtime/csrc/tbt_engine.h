@@ -50,7 +50,7 @@ typedef struct tbt_dec_layer {
   tbt_elin q, k, v, o, gate, up, down; /* k.plan NULL: q is q|k|v; up.plan NULL: gate is gate|up */
   tbt_aq aq_q, aq_k, aq_v, aq_p;
   float *kc, *vc;         /* raw K/V caches [max_b][n_kv][max_t][head_dim] */
-  float *kq, *vq;         /* their fake-quantized copies (same layout) */
+  float *kq, *vq;         /* their fake-quantized copies; kq transposed per block (D, max_t) */
   double *st;             /* 16 doubles of quantizer statistics (K: 0..7, V: 8..15) */
 } tbt_dec_layer;
 
