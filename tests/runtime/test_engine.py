@@ -257,3 +257,19 @@ def test_load_packed_engine_native(ckpts):
     assert isinstance(eng, Engine)
     with pytest.raises(ValueError, match="engine"):
         load_packed(ckpts[("llama", "2-2-8", "packed")], engine="bogus")
+
+
+def test_cli_generate_streams_the_engine_tokens(ckpts):
+    from tbt.runtime.engine import Engine
+
+    d = ckpts[("llama", "2-2-8", "packed")]
+    want = Engine.from_packed_dir(d).generate([5, 6, 7], 8, min_new_tokens=8)[3:]
+    res = subprocess.run([sys.executable, "-m", "tbt", "generate", "--model", str(d),
+                          "--prompt-ids", "5,6,7", "--max-new-tokens", "8",
+                          "--min-new-tokens", "8"], capture_output=True, text=True, check=True)
+    assert [int(t) for t in res.stdout.split()] == want.tolist()
+    assert "tokens/s" in res.stderr
+    bad = subprocess.run([sys.executable, "-m", "tbt", "generate", "--model", str(d),
+                          "--prompt", "hello"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--prompt-ids" in bad.stderr
+    assert "Traceback" not in bad.stderr
