@@ -112,10 +112,9 @@ def worker(args: argparse.Namespace) -> None:
                   "decode_ms_step": best_dec / args.new_tokens * 1e3}
     out = {"batches": res, "peak_rss_mb": _peak_rss_mb()}
     if args.profile and args.worker == "engine":
-        model.profile(True)
-        _loop_engine(model, mk(1), args.new_tokens)
-        model.profile(True)  # decoding steps only: zero after the prefill
-        tok = model.forward(mk(1)[:, :1]).argmax(-1)[:, None]
+        model.reset()
+        tok = model.forward(mk(1), reserve=args.new_tokens).argmax(-1)[:, None]
+        model.profile(True)  # decoding steps only
         for _ in range(args.new_tokens):
             tok = model.forward(tok).argmax(-1)[:, None]
         out["profile_us_per_step"] = {k: [w / args.new_tokens * 1e6, c / args.new_tokens * 1e6]

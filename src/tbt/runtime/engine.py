@@ -509,15 +509,15 @@ class Engine:
 
     # -- buffers ---------------------------------------------------------------------------------
     def _allocate(self, batch: int, length: int) -> None:
-        """KV caches for ``batch`` sequences of ``length`` positions (grown, never shrunk)."""
+        """KV caches for ``batch`` sequences of ``length`` positions (grown, never shrunk;
+        rounded up to 16 positions)."""
         if batch <= self._max_b and length <= self._max_t and self._model is not None:
             return
         if length > self.max_positions:
             raise ValueError(f"{length} positions exceed the model's maximum "
                              f"({self.max_positions}, max_position_embeddings)")
         max_b = max(batch, self._max_b)
-        max_t = min(self.max_positions, max(length, self._max_t, 256))
-        max_t = min(self.max_positions, -(-max_t // 256) * 256)
+        max_t = min(self.max_positions, -(-max(length, self._max_t) // 16) * 16)
         shape = (max_b, self.n_kv, max_t, self.head_dim)
         self._caches = [[aligned_empty(shape, np.float32) for _ in range(4)]
                         for _ in range(self.n_layers)]
