@@ -273,3 +273,24 @@ def test_cli_generate_streams_the_engine_tokens(ckpts):
                           "--prompt", "hello"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--prompt-ids" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_cli_generate_text_with_tokenizer(ckpts, tmp_path):
+    """--prompt through the checkpoint's tokenizer.json; the streamed text is the decoded
+    engine output."""
+    import shutil
+
+    tokenizers = pytest.importorskip("tokenizers")
+    from tbt.runtime.engine import Engine
+
+    d = tmp_path / "with-tok"
+    shutil.copytree(ckpts[("llama", "2-2-8", "packed")], d)
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    want = Engine.from_packed_dir(d).generate([5, 6, 7], 6, min_new_tokens=6)[3:]
+    res = subprocess.run([sys.executable, "-m", "tbt", "generate", "--model", str(d),
+                          "--prompt", "w5 w6 w7", "--max-new-tokens", "6",
+                          "--min-new-tokens", "6"], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == tok.decode(want.tolist())
