@@ -11,8 +11,9 @@
  * spin between the ops of a step instead of sleeping.
  *
  * Rounding: every elementwise step is the float32 operation torch performs, in its order
- * (-ffp-contract=off: no FMA); reductions (sums) accumulate in double or in lanes, which is
- * where this and torch may differ by float32 rounding. */
+ * (-ffp-contract=off: no FMA); the tensor means and RMSNorm's mean of squares use torch's own
+ * float32 summation order (torch_sum below); the attention dot products, softmax and the float
+ * head sum in their own order, where this and torch may differ by float32 rounding. */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("O3")
 #endif

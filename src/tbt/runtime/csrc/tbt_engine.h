@@ -6,9 +6,8 @@
  *
  * The float operations follow the torch model op for op (transformers' Llama modeling and
  * tbt.quant.attention.tbt_attention_forward), so the only differences from the torch backend
- * are the summation orders of reductions (RMSNorm's mean of squares, the attention dot
- * products, softmax's sum, the tensor means of the paper's signed quantizers) and libm's
- * exp/cos; docs/engine.md describes the tolerance. */
+ * are the summation orders of the attention dot products, softmax and the float head, and the
+ * exp function; docs/engine.md describes the tolerance. */
 #ifndef TBT_ENGINE_H
 #define TBT_ENGINE_H
 
