@@ -427,8 +427,13 @@ def _build_skeleton(config, model_class: str | None, qcfg, lm_head: dict,
 
 
 def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu",
-                backend: str = "auto", kernel_backend: str | None = None) -> nn.Module:
+                backend: str = "auto", kernel_backend: str | None = None,
+                engine: str | None = None):
     """Rebuild a converted model (eval mode) from a :func:`save_packed` directory.
+
+    ``engine="native"`` returns instead the native generation engine
+    (:class:`tbt.runtime.engine.Engine`: every layer of a decoding step in one C call, no
+    torch; decoder-only Llama/Qwen2/Mistral checkpoints, ``docs/engine.md``).
 
     Args:
         directory: a :func:`save_packed` directory.
@@ -440,6 +445,7 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
             with a logged reason.
         kernel_backend: the kernel implementation for ``"native"`` (``tbt.runtime.kernels``:
             ``ref``, ``native``, ``scalar``, ``avx2``, ``avx512``; default auto).
+        engine: ``None``/``"torch"`` (the transformers model) or ``"native"`` (the engine).
 
     Verifies the checksums (``docs/format.md`` §8): the header, then ``config.json`` and
     ``generation_config.json``, then every tensor's bytes, then the scales' values
@@ -457,6 +463,13 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
 
     from tbt.config import QuantConfig
 
+    if engine not in (None, "torch", "native"):
+        raise ValueError(f"engine={engine!r}; choose 'torch' (the transformers model) or "
+                         f"'native' (tbt.runtime.engine.Engine)")
+    if engine == "native":
+        from tbt.runtime.engine import Engine
+
+        return Engine.from_packed_dir(directory, kernel_backend=kernel_backend)
     from tbt.hf import refuse_custom_code
 
     directory = Path(directory)

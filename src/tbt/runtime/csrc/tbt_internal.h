@@ -53,7 +53,14 @@ struct tbt_job {
   float *y;
   int32_t *acc_out;
   tbt_gemv_fn lanes; /* t2a8 lanes-layout GEMM over units of 32 rows (ntiles = units), or NULL */
+  /* a generic job (tbt_parallel_for): fn(ctx, t0, t1) over [0, ntiles) in place of a GEMM */
+  void (*fn)(void *ctx, int64_t t0, int64_t t1);
+  void *ctx;
 };
+
+/* Run fn(ctx, t0, t1) over [0, n) on the kernels' thread pool (the caller works too); n <= 1
+ * or one thread: a plain call. For the engine's non-GEMM loops (engine.c). */
+void tbt_parallel_for(int64_t n, void (*fn)(void *ctx, int64_t t0, int64_t t1), void *ctx);
 
 /* out[m] = sum_k a[m][k] over kpad int8 codes of each of M rows (stride as); may be NULL
  * (the driver's portable loop then runs). */

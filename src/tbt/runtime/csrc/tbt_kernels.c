@@ -174,6 +174,10 @@ static void run_tiles(const job_t *j, int64_t t0, int64_t t1) {
 
 /* Tiles [t0, t1): the ISA's GEMV routine for full tiles when M == 1, tiles otherwise. */
 static void run_range(const job_t *j, int64_t t0, int64_t t1) {
+  if (j->fn) {
+    j->fn(j->ctx, t0, t1);
+    return;
+  }
   if (j->lanes) {
     j->lanes(j, t0, t1);
     return;
@@ -381,7 +385,7 @@ static int gemm_run(int fmt, int isa, int lanes, const uint8_t *w, int64_t w_str
   const int64_t ntiles = lanes_fn ? (N + 31) / 32 : (N + TBT_NR - 1) / TBT_NR;
   job_t job = {tab->tile[fmt], tab->gemv[fmt], fmt, w, (size_t)w_stride, wsum, w_scale,
                (const uint8_t *)a, (size_t)a_stride, a_scale, a_offset, bias, asum,
-               M, N, K, Kpad, ntiles, y, acc_out, lanes_fn};
+               M, N, K, Kpad, ntiles, y, acc_out, lanes_fn, NULL, NULL};
   int nt = tbt_get_num_threads();
   if (nt > ntiles) nt = (int)ntiles;
   if (nt > 1 && M * N * Kpad >= g_par_threshold)
@@ -390,6 +394,22 @@ static int gemm_run(int fmt, int isa, int lanes, const uint8_t *w, int64_t w_str
     run_range(&job, 0, ntiles);
   if (asum != asum_stack) free(asum);
   return TBT_OK;
+}
+
+void tbt_parallel_for(int64_t n, void (*fn)(void *ctx, int64_t t0, int64_t t1), void *ctx) {
+  if (n < 1) return;
+  int nt = tbt_get_num_threads();
+  if (nt > n) nt = (int)n;
+  if (nt <= 1) {
+    fn(ctx, 0, n);
+    return;
+  }
+  job_t job;
+  memset(&job, 0, sizeof job);
+  job.fn = fn;
+  job.ctx = ctx;
+  job.ntiles = n;
+  run_parallel(&job, nt);
 }
 
 int tbt_gemm(int fmt, int isa, const uint8_t *w, int64_t w_stride, const int32_t *wsum,

@@ -1,0 +1,668 @@
+/* The engine's forward step (tbt_engine.h): every layer of a packed Llama-style decoder in
+ * one C call. The packed linears run through tbt_linear (activation quantizer + kernel, the
+ * same call the per-layer torch backend makes); everything between them is here: the token
+ * embedding (dequantized rows of the packed matrix), RMSNorm, RoPE, the KV cache, attention
+ * with TBT's four fake quantizers (Q, K, V, probabilities; one set of statistics per tensor,
+ * the cache re-quantized as a whole like tbt.quant.attention does), SiLU-gated MLP, the final
+ * norm and the LM head (packed, or float).
+ *
+ * Threads: the GEMMs split their rows over the kernels' persistent pool (tbt_kernels.c);
+ * attention and the float head use the same pool through tbt_parallel_for, so the workers
+ * spin between the ops of a step instead of sleeping.
+ *
+ * Rounding: every elementwise step is the float32 operation torch performs, in its order
+ * (-ffp-contract=off: no FMA); the tensor means and RMSNorm's mean of squares use torch's own
+ * float32 summation order (torch_sum below); the attention dot products, softmax and the float
+ * head sum in their own order, where this and torch may differ by float32 rounding. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("O3")
+#endif
+#if !defined(_POSIX_C_SOURCE) && !defined(_WIN32)
+#define _POSIX_C_SOURCE 200809L
+#endif
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tbt_engine.h"
+#include "tbt_internal.h"
+
+#if defined(_POSIX_C_SOURCE)
+#include <time.h>
+static void now2(double t[2]) {
+  struct timespec a, b;
+  clock_gettime(CLOCK_MONOTONIC, &a);
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+  t[0] = (double)a.tv_sec + 1e-9 * (double)a.tv_nsec;
+  t[1] = (double)b.tv_sec + 1e-9 * (double)b.tv_nsec;
+}
+#else
+static void now2(double t[2]) { t[0] = t[1] = 0.0; }
+#endif
+
+/* opt-in profile (m->prof): time since the last mark goes to `part` */
+typedef struct {
+  double *acc;
+  double t[2];
+} prof_t;
+static void prof_mark(prof_t *p, int part) {
+  if (!p->acc) return;
+  double t[2];
+  now2(t);
+  p->acc[2 * part] += t[0] - p->t[0];
+  p->acc[2 * part + 1] += t[1] - p->t[1];
+  p->t[0] = t[0], p->t[1] = t[1];
+}
+
+#if TBT_X86 && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)
+#define TBT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TBT_CLONES
+#endif
+
+#define MAGIC 12582912.0f /* 1.5 * 2^23: (v + MAGIC) - MAGIC = rint(v) for |v| < 2^22 */
+
+int tbt_engine_abi(void) { return TBT_ENGINE_ABI; }
+
+static inline float rint_s(float v) { return (v + MAGIC) - MAGIC; }
+
+/* exp(x) for float32, vectorisable (no libm call): Cody-Waite reduction x = n ln2 + r and
+ * Cephes' degree-6 polynomial, about 1 ulp (torch's vectorised exp is Sleef's, 1 ulp: the two
+ * may differ in the last bit). x is clamped to [-87.3, 88]: exp(88) = 1.65e38, not inf. */
+static inline float exp_f(float x) {
+  x = x < -87.33654f ? -87.33654f : x > 88.0f ? 88.0f : x;
+  const float n = rint_s(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t e = ((int32_t)n + 127) << 23;
+  float sc;
+  memcpy(&sc, &e, sizeof sc);
+  return p * sc;
+}
+static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
+static size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+static float tensor_mean(const float *x, int64_t n);
+
+/* ---- fake quantizers on float tensors (tbt/quant/csrc/qops.c's forward values) ------------ */
+
+typedef struct {
+  float p0, p1; /* minmax signed: s; unsigned: lo, rng. elastic: the offset (mean / min) */
+} aq_params;
+
+/* Parameters from statistics: lo/hi (clipped for minmax, raw for elastic), the tensor mean. */
+static aq_params aq_from_stats(const tbt_aq *q, float lo, float hi, float mean) {
+  aq_params p = {0.0f, 0.0f};
+  if (q->kind == TBT_AQ_MINMAX) {
+    if (q->is_signed) {
+      const float ma = fabsf(lo) > fabsf(hi) ? fabsf(lo) : fabsf(hi);
+      const float qp = (float)((1 << (q->bits - 1)) - 1);
+      p.p0 = ma > 0.0f ? qp * (1.0f / ma) : 1.0f; /* torch: qp / t = qp * reciprocal(t) */
+    } else {
+      p.p0 = lo;
+      p.p1 = (hi - lo) + 1e-8f;
+    }
+  } else if (q->kind == TBT_AQ_ELASTIC) {
+    if (q->center) p.p0 = mean;
+    else if (q->shift_min) p.p0 = lo;
+  }
+  return p;
+}
+
+/* y[i] = Q(x[i]) for i < n with parameters p (in place allowed). */
+TBT_CLONES static void aq_apply(const tbt_aq *q, aq_params p, const float *x, float *y,
+                                int64_t n) {
+  if (q->kind == TBT_AQ_MINMAX) {
+    const float c = q->clip;
+    if (q->is_signed) {
+      const float s = p.p0;
+      for (int64_t i = 0; i < n; ++i) y[i] = rint_s(clampf(x[i], -c, c) * s) / s;
+    } else {
+      const float lo = p.p0, rng = p.p1, lv = (float)((1 << q->bits) - 1);
+      for (int64_t i = 0; i < n; ++i)
+        y[i] = rint_s(((clampf(x[i], -c, c) - lo) / rng) * lv) / lv * rng + lo;
+    }
+  } else if (q->kind == TBT_AQ_ELASTIC) {
+    const float a = q->alpha_c, off = p.p0, add = q->shift_min ? p.p0 : 0.0f;
+    const float qn = (float)q->qn, qp = (float)q->qp;
+    if (q->use_sign) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float xs = x[i] - off;
+        y[i] = (float)((xs > 0.0f) - (xs < 0.0f)) * a + add;
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) y[i] = rint_s(clampf((x[i] - off) / a, qn, qp)) * a + add;
+    }
+  } else if (x != y) {
+    memcpy(y, x, (size_t)n * sizeof(float));
+  }
+}
+
+/* statistics of x[0..n): min/max (clipped to [-c, c] for minmax) */
+TBT_CLONES static void aq_stats(const tbt_aq *q, const float *x, int64_t n, float *lo,
+                                float *hi) {
+  const float c = q->kind == TBT_AQ_MINMAX ? q->clip : FLT_MAX;
+  float a[16], b[16];
+  for (int l = 0; l < 16; ++l) a[l] = *lo, b[l] = *hi;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) {
+      const float v = clampf(x[i + l], -c, c);
+      a[l] = v < a[l] ? v : a[l];
+      b[l] = v > b[l] ? v : b[l];
+    }
+  for (; i < n; ++i) {
+    const float v = clampf(x[i], -c, c);
+    a[0] = v < a[0] ? v : a[0];
+    b[0] = v > b[0] ? v : b[0];
+  }
+  for (int l = 1; l < 16; ++l) {
+    a[0] = a[l] < a[0] ? a[l] : a[0];
+    b[0] = b[l] > b[0] ? b[l] : b[0];
+  }
+  *lo = a[0];
+  *hi = b[0];
+}
+
+/* Fake-quantize a whole contiguous tensor in place (its memory order is torch's). */
+static void aq_tensor(const tbt_aq *q, float *x, int64_t n) {
+  if (q->kind == TBT_AQ_NONE || n < 1) return;
+  float lo = INFINITY, hi = -INFINITY;
+  aq_stats(q, x, n, &lo, &hi);
+  aq_apply(q, aq_from_stats(q, lo, hi, q->center ? tensor_mean(x, n) : 0.0f), x, x, n);
+}
+
+/* rows [r0, r1) of every block through the quantizer; transposed: out holds each block as
+ * (D, max_t), so that the scores of all keys are one vector loop per dimension */
+static void aq_rows(const tbt_aq *q, aq_params p, const float *raw, float *out, int64_t blocks,
+                    int64_t max_t, int64_t D, int64_t r0, int64_t r1, int transposed) {
+  float tmp[512];
+  for (int64_t g = 0; g < blocks; ++g) {
+    const float *src = raw + (g * max_t + r0) * D;
+    if (!transposed) {
+      aq_apply(q, p, src, out + (g * max_t + r0) * D, (r1 - r0) * D);
+      continue;
+    }
+    float *dst = out + g * D * max_t;
+    for (int64_t t = r0; t < r1; ++t, src += D) {
+      const float *v = src;
+      if (D <= 512) {
+        aq_apply(q, p, src, tmp, D);
+        v = tmp;
+      }
+      for (int64_t i = 0; i < D; ++i) dst[i * max_t + t] = v[i];
+    }
+  }
+}
+
+/* The cache of one layer: rows [0, n_new) of each of the B * n_kv (max_t x D) blocks of raw,
+ * quantized as ONE tensor into out. st (8 doubles): [0] rows counted in the statistics,
+ * [1] lo, [2] hi, [4] [5] the parameters out holds, [6] rows of out valid with them.
+ * Rows [0, n_old) were counted by the previous call (n_old == 0 restarts). Min and max grow
+ * with the cache (old rows keep their codes while the parameters stay); the mean of the
+ * paper's signed quantizers is recomputed over the whole cache in torch's memory order
+ * (gathered into gbuf): (B, T, n_kv, D) for the first call, when torch's cache is the
+ * transposed projection itself, (B, n_kv, T, D) after it, when torch.cat made it contiguous. */
+static void aq_cache(const tbt_aq *q, const float *raw, float *out, int64_t B, int64_t nkv,
+                     int64_t max_t, int64_t D, int64_t n_old, int64_t n_new, double *st,
+                     float *gbuf, int transposed) {
+  const int64_t blocks = B * nkv;
+  if (q->kind == TBT_AQ_NONE) {
+    aq_rows(q, (aq_params){0.0f, 0.0f}, raw, out, blocks, max_t, D, n_old, n_new, transposed);
+    return;
+  }
+  const int64_t first = n_old;
+  if (n_old == 0 || (int64_t)st[0] != n_old) { /* restart the statistics */
+    st[1] = INFINITY, st[2] = -INFINITY, st[6] = 0.0;
+    n_old = 0;
+  }
+  float lo = (float)st[1], hi = (float)st[2];
+  for (int64_t g = 0; g < blocks; ++g)
+    aq_stats(q, raw + (g * max_t + n_old) * D, (n_new - n_old) * D, &lo, &hi);
+  st[0] = (double)n_new, st[1] = lo, st[2] = hi;
+  float mean = 0.0f;
+  if (q->center) {
+    const size_t row = (size_t)D * sizeof(float);
+    int64_t n = 0;
+    if (first == 0) {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < n_new; ++t)
+          for (int64_t g = 0; g < nkv; ++g, n += D)
+            memcpy(gbuf + n, raw + ((b * nkv + g) * max_t + t) * D, row);
+    } else {
+      for (int64_t g = 0; g < blocks; ++g, n += n_new * D)
+        memcpy(gbuf + n, raw + g * max_t * D, row * (size_t)n_new);
+    }
+    mean = tensor_mean(gbuf, n);
+  }
+  const aq_params p = aq_from_stats(q, lo, hi, mean);
+  int64_t start = 0;
+  if ((int64_t)st[6] == n_old && n_old > 0 && (float)st[4] == p.p0 && (float)st[5] == p.p1)
+    start = n_old; /* same parameters: the old rows keep their values */
+  aq_rows(q, p, raw, out, blocks, max_t, D, start, n_new, transposed);
+  st[4] = p.p0, st[5] = p.p1, st[6] = (double)n_new;
+}
+
+/* ---- packed linears ----------------------------------------------------------------------- */
+
+/* torch's float32 sum of a contiguous array (aten/src/ATen/native/cpu/SumKernel.cpp,
+ * cascade_sum on one thread): vectors of W lanes (16 with AVX-512, else 8) summed in rows of 4
+ * (ILP) through 4 cascade levels of 16 steps, then the scalar tail and the lanes. Reproducing
+ * its rounding matters where a quantizer subtracts the tensor mean (the paper's signed
+ * quantizers): after quantized attention the inputs of o_proj take a few discrete values and
+ * x - mean == 0 decides a code. Torch with several intra-op threads splits tensors of 32768+
+ * elements, and rounds differently. Torch dispatches this kernel at 8 float lanes on AVX2 and
+ * AVX-512 CPUs alike (tests/runtime/test_engine.py holds the sums equal to torch's). */
+#define TS_ILP 4
+#define TS_LEVELS 4
+static int torch_lanes(void) { return 8; } /* torch runs its AVX2 sum kernel on AVX-512 too */
+
+static int64_t ceil_log2(int64_t x) {
+  if (x <= 2) return 1;
+  int64_t r = 0;
+  for (uint64_t v = (uint64_t)x - 1; v; v >>= 1) ++r;
+  return r;
+}
+
+/* multi_row_sum + row_sum over `size` elements of W lanes (W = 1: scalars) */
+static void cascade(const float *x, int64_t size, int W, int sq, float out[16]) {
+#define LD(i) (sq ? x[i] * x[i] : x[i])
+  float acc[TS_LEVELS][TS_ILP][16];
+  memset(acc, 0, sizeof acc);
+  const int64_t size_ilp = size / TS_ILP;
+  int64_t power = ceil_log2(size_ilp) / TS_LEVELS;
+  if (power < 4) power = 4;
+  const int64_t step = (int64_t)1 << power, mask0 = step - 1;
+  int64_t i = 0;
+  while (i + step <= size_ilp) {
+    for (int64_t j = 0; j < step; ++j, ++i)
+      for (int k = 0; k < TS_ILP; ++k)
+        for (int l = 0; l < W; ++l) acc[0][k][l] += LD((i * TS_ILP + k) * W + l);
+    for (int j = 1; j < TS_LEVELS; ++j) {
+      for (int k = 0; k < TS_ILP; ++k)
+        for (int l = 0; l < W; ++l) {
+          acc[j][k][l] += acc[j - 1][k][l];
+          acc[j - 1][k][l] = 0.0f;
+        }
+      if ((i & (mask0 << (j * power))) != 0) break;
+    }
+  }
+  for (; i < size_ilp; ++i)
+    for (int k = 0; k < TS_ILP; ++k)
+      for (int l = 0; l < W; ++l) acc[0][k][l] += LD((i * TS_ILP + k) * W + l);
+  for (int j = 1; j < TS_LEVELS; ++j)
+    for (int k = 0; k < TS_ILP; ++k)
+      for (int l = 0; l < W; ++l) acc[0][k][l] += acc[j][k][l];
+  for (int64_t v = size_ilp * TS_ILP; v < size; ++v) /* row_sum's tail */
+    for (int l = 0; l < W; ++l) acc[0][0][l] += LD(v * W + l);
+  for (int k = 1; k < TS_ILP; ++k)
+    for (int l = 0; l < W; ++l) acc[0][0][l] += acc[0][k][l];
+  for (int l = 0; l < W; ++l) out[l] = acc[0][0][l];
+#undef LD
+}
+
+/* sq: the sum of squares (torch's x.pow(2).sum(-1): the squares are exact float products) */
+static float torch_sum(const float *x, int64_t n, int sq) {
+  const int W = torch_lanes();
+  float part[16];
+  if (n < W) { /* scalar_inner_sum */
+    cascade(x, n, 1, sq, part);
+    return 0.0f + part[0];
+  }
+  const int64_t nv = n / W;
+  cascade(x, nv, W, sq, part);
+  float acc = 0.0f;
+  for (int64_t k = nv * W; k < n; ++k) acc += sq ? x[k] * x[k] : x[k];
+  for (int l = 0; l < W; ++l) acc += part[l];
+  return 0.0f + acc;
+}
+
+float tbt_torch_sum(const float *x, int64_t n) { return torch_sum(x, n, 0); }
+
+/* torch's x.mean() of a contiguous float32 tensor: sum / numel, in float32 */
+static float tensor_mean(const float *x, int64_t n) { return torch_sum(x, n, 0) / (float)n; }
+
+/* Signed binary activations: a1 codes an exact 0 as +1; subtract d * alpha_n * sum of the
+ * weight codes of those columns (PackedLinearNP.undo_binary_zeros, same float steps). */
+static void undo_zeros(const tbt_elin *L, const float *x, int64_t M, float shift, float *y,
+                       int32_t *cols) {
+  const tbt_plan *p = L->plan;
+  const int64_t K = p->K, N = p->N;
+  for (int64_t m = 0; m < M; ++m) {
+    const float *xm = x + m * K;
+    int64_t nz = 0;
+    for (int64_t k = 0; k < K; ++k)
+      if ((L->needs_mean ? xm[k] - shift : xm[k]) == 0.0f) cols[nz++] = (int32_t)k;
+    if (!nz) continue;
+    for (int64_t n = 0; n < N; ++n) {
+      const uint8_t *row = L->b1_rows + n * L->b1_stride;
+      int32_t c = 0;
+      for (int64_t i = 0; i < nz; ++i) c += (row[cols[i] >> 3] >> (cols[i] & 7) & 1) ? 1 : -1;
+      y[m * N + n] = y[m * N + n] - ((float)c * L->zero_d) * p->w_scale[n];
+    }
+  }
+}
+
+typedef struct {
+  void *work;
+  int64_t work_bytes;
+  int32_t *cols;
+} lin_ws;
+
+static int lin_run(const tbt_elin *L, const float *x, int64_t M, float *y, const lin_ws *ws) {
+  const tbt_plan *p = L->plan;
+  const float shift = L->needs_mean ? tensor_mean(x, M * p->K) : 0.0f;
+  int64_t zeros = 0;
+  const int rc = tbt_linear(p, x, M, shift, ws->work, ws->work_bytes, y,
+                            L->b1_rows ? &zeros : NULL);
+  if (rc != TBT_OK) return rc;
+  if (zeros) undo_zeros(L, x, M, shift, y, ws->cols);
+  return TBT_OK;
+}
+
+/* ---- elementwise pieces ------------------------------------------------------------------- */
+
+/* LlamaRMSNorm: w * (x * rsqrt(mean(x^2) + eps)), rsqrt = 1 / sqrt (torch's vector rsqrt);
+ * the mean is torch's (its float32 sum order, then / d) */
+static void rmsnorm(const float *x, const float *w, float eps, int64_t d, float *out) {
+  const float var = torch_sum(x, d, 1) / (float)d;
+  const float r = 1.0f / sqrtf(var + eps);
+  for (int64_t k = 0; k < d; ++k) out[k] = w[k] * (x[k] * r);
+}
+
+/* apply_rotary_pos_emb: (x * cos) + (rotate_half(x) * sin), cos/sin = cat(f, f) */
+static inline void rope(const float *x, const float *c, const float *s, int64_t D, float mul,
+                        float *out) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    out[i] = (a * c[i] + -b * s[i]) * mul;
+    out[i + h] = (b * c[i] + a * s[i]) * mul;
+  }
+}
+
+static void embed_row(const tbt_dec_model *m, int32_t tok, float *out) {
+  const int64_t d = m->d;
+  if (m->emb_kind == TBT_EMB_FLOAT) {
+    memcpy(out, m->emb_f + (int64_t)tok * d, (size_t)d * sizeof(float));
+    return;
+  }
+  const uint8_t *row = m->emb_p + (int64_t)tok * m->emb_stride;
+  const float sc = m->emb_scale[tok];
+  if (m->emb_kind == TBT_EMB_T2) {
+    for (int64_t k = 0; k < d; ++k)
+      out[k] = (float)((int)(row[k >> 2] >> (2 * (k & 3)) & 3) - 1) * sc;
+  } else {
+    for (int64_t k = 0; k < d; ++k) out[k] = (float)((row[k >> 3] >> (k & 7) & 1) ? 1 : -1) * sc;
+  }
+}
+
+/* SiLU(g) * u: torch's silu is x / (1 + exp(-x)) */
+TBT_CLONES static void silu_mul(const float *g, const float *u, float *a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) a[i] = g[i] / (1.0f + exp_f(-g[i])) * u[i];
+}
+
+/* ---- attention ---------------------------------------------------------------------------- */
+
+typedef struct {
+  const tbt_dec_model *m;
+  const tbt_dec_layer *L;
+  const float *qb; /* (B, T, H, D) rotated, scaled, quantized queries (torch's memory order) */
+  float *probs;    /* (B, H, T, Tk) */
+  float *att;      /* (B, T, H, D) */
+  int64_t B, T, Tk, pos0;
+} att_job;
+
+TBT_CLONES static float dot(const float *a, const float *b, int64_t n) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += a[i + l] * b[i + l];
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+/* scores and softmax of (b, h) pairs [u0, u1); the quantized keys are (D, max_t) per block */
+TBT_CLONES static void att_scores(void *ctx, int64_t u0, int64_t u1) {
+  const att_job *J = (const att_job *)ctx;
+  const tbt_dec_model *m = J->m;
+  const int64_t H = m->n_heads, D = m->head_dim, T = J->T, Tk = J->Tk, rep = H / m->n_kv;
+  const int64_t mt = m->max_t;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t b = u / H, h = u % H, g = b * m->n_kv + h / rep;
+    const float *kt = J->L->kq + g * D * mt;
+    for (int64_t t = 0; t < T; ++t) {
+      const float *q = J->qb + ((b * T + t) * H + h) * D;
+      float *p = J->probs + ((b * H + h) * T + t) * Tk;
+      const int64_t n = J->pos0 + t + 1; /* causal: keys 0 .. pos0 + t */
+      for (int64_t j = 0; j < n; ++j) p[j] = 0.0f;
+      for (int64_t i = 0; i < D; ++i) {
+        const float qi = q[i];
+        const float *kr = kt + i * mt;
+        for (int64_t j = 0; j < n; ++j) p[j] += qi * kr[j];
+      }
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) mx = p[j] > mx ? p[j] : mx;
+      float sum = 0.0f;
+      for (int64_t j = 0; j < n; ++j) p[j] = exp_f(p[j] - mx);
+      for (int64_t j = 0; j < n; ++j) sum += p[j];
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j < n; ++j) p[j] = p[j] * inv;
+      for (int64_t j = n; j < Tk; ++j) p[j] = 0.0f; /* masked: exp(-inf) */
+    }
+  }
+}
+
+/* out = P V of (b, h) pairs [u0, u1) */
+TBT_CLONES static void att_values(void *ctx, int64_t u0, int64_t u1) {
+  const att_job *J = (const att_job *)ctx;
+  const tbt_dec_model *m = J->m;
+  const int64_t H = m->n_heads, D = m->head_dim, T = J->T, Tk = J->Tk, rep = H / m->n_kv;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t b = u / H, h = u % H, g = b * m->n_kv + h / rep;
+    const float *vq = J->L->vq + g * m->max_t * D;
+    for (int64_t t = 0; t < T; ++t) {
+      const float *p = J->probs + ((b * H + h) * T + t) * Tk;
+      float *o = J->att + ((b * T + t) * H + h) * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = 0.0f;
+      const int64_t n = J->pos0 + t + 1; /* p = 0 beyond (exactly, unless quantized to > 0) */
+      for (int64_t j = 0; j < Tk; ++j) {
+        const float pj = p[j];
+        if (j >= n && pj == 0.0f) continue;
+        const float *v = vq + j * D;
+        for (int64_t i = 0; i < D; ++i) o[i] += pj * v[i];
+      }
+    }
+  }
+}
+
+/* ---- float LM head ------------------------------------------------------------------------ */
+
+typedef struct {
+  const tbt_dec_model *m;
+  const float *x; /* (B, d) */
+  float *y;       /* (B, vocab) */
+  int64_t B;
+} head_job;
+
+#define HEAD_ROWS 64
+static void head_rows(void *ctx, int64_t c0, int64_t c1) {
+  const head_job *J = (const head_job *)ctx;
+  const tbt_dec_model *m = J->m;
+  const int64_t V = m->vocab, d = m->d;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t v1 = (c + 1) * HEAD_ROWS < V ? (c + 1) * HEAD_ROWS : V;
+    for (int64_t v = c * HEAD_ROWS; v < v1; ++v)
+      for (int64_t b = 0; b < J->B; ++b) {
+        float t = dot(m->head_w + v * d, J->x + b * d, d);
+        if (m->head_b) t = t + m->head_b[v];
+        J->y[b * V + v] = t;
+      }
+  }
+}
+
+/* ---- the step ----------------------------------------------------------------------------- */
+
+typedef struct {
+  float *x, *h, *qkv, *qb, *att, *probs, *mlp, *act, *last, *gbuf;
+  lin_ws ws;
+} bufs;
+
+static int64_t plan_ws(const tbt_elin *L, int64_t M) {
+  return L->plan ? tbt_linear_workspace(L->plan, M) : 0;
+}
+
+static int64_t carve(const tbt_dec_model *m, int64_t B, int64_t T, int64_t Tk, uint8_t *base,
+                     bufs *b) {
+  const int64_t M = B * T, d = m->d, H = m->n_heads, D = m->head_dim;
+  const int64_t nqkv = (H + 2 * m->n_kv) * D;
+  const int64_t sizes[10] = {M * d, M * d, M * nqkv, M * H * D, M * H * D, B * H * T * Tk,
+                             2 * M * m->inter, M * m->inter, B * d, B * m->n_kv * Tk * D};
+  float **ptrs[10] = {&b->x, &b->h, &b->qkv, &b->qb, &b->att, &b->probs, &b->mlp, &b->act,
+                      &b->last, &b->gbuf};
+  size_t off = 0;
+  for (int i = 0; i < 10; ++i) {
+    if (base) *ptrs[i] = (float *)(base + off);
+    off += al64((size_t)sizes[i] * sizeof(float));
+  }
+  int64_t kmax = m->inter > d ? m->inter : d;
+  if (base) b->ws.cols = (int32_t *)(base + off);
+  off += al64((size_t)kmax * sizeof(int32_t));
+  int64_t w = 0;
+  const tbt_dec_layer *L = m->layers;
+  const tbt_elin *all[8] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down, &m->head};
+  for (int i = 0; i < 8; ++i) {
+    if (i == 7 && m->head_kind != TBT_HEAD_PACKED) continue;
+    const int64_t need = plan_ws(all[i], i == 7 ? B : M);
+    if (need < 0) return -1;
+    w = need > w ? need : w;
+  }
+  if (base) {
+    b->ws.work = base + off;
+    b->ws.work_bytes = w;
+  }
+  off += al64((size_t)w);
+  return (int64_t)off + 64;
+}
+
+int64_t tbt_dec_scratch_bytes(const tbt_dec_model *m, int64_t B, int64_t T) {
+  if (!m || B < 1 || T < 1 || m->n_layers < 1) return TBT_EINVAL;
+  return carve(m, B, T, m->max_t, NULL, &(bufs){0});
+}
+
+#define CHECK(call)                     \
+  do {                                  \
+    const int rc_ = (call);             \
+    if (rc_ != TBT_OK) return rc_;      \
+  } while (0)
+
+static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *bf, int64_t B,
+                         int64_t T, int64_t pos0, prof_t *pf) {
+  const int64_t M = B * T, d = m->d, H = m->n_heads, nkv = m->n_kv, D = m->head_dim;
+  const int64_t nq = H * D, nk = nkv * D, Tk = pos0 + T, I = m->inter;
+  /* attention block */
+  for (int64_t r = 0; r < M; ++r) rmsnorm(bf->x + r * d, L->ln1, m->eps, d, bf->h + r * d);
+  prof_mark(pf, TBT_PROF_OTHER);
+  const float *qs, *ks, *vs;
+  int64_t qst, kst, vst;
+  if (!L->k.plan) { /* fused q|k|v */
+    CHECK(lin_run(&L->q, bf->h, M, bf->qkv, &bf->ws));
+    qs = bf->qkv, ks = bf->qkv + nq, vs = bf->qkv + nq + nk;
+    qst = kst = vst = nq + 2 * nk;
+  } else {
+    float *qo = bf->qkv, *ko = qo + M * nq, *vo = ko + M * nk;
+    CHECK(lin_run(&L->q, bf->h, M, qo, &bf->ws));
+    CHECK(lin_run(&L->k, bf->h, M, ko, &bf->ws));
+    CHECK(lin_run(&L->v, bf->h, M, vo, &bf->ws));
+    qs = qo, ks = ko, vs = vo, qst = nq, kst = vst = nk;
+  }
+  prof_mark(pf, TBT_PROF_LINEAR);
+  const int64_t half = D / 2;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r = b * T + t, pos = pos0 + t;
+      const float *c = m->rope_cos + pos * half, *s = m->rope_sin + pos * half;
+      for (int64_t g = 0; g < nkv; ++g) {
+        const int64_t at = ((b * nkv + g) * m->max_t + pos) * D;
+        rope(ks + r * kst + g * D, c, s, D, 1.0f, L->kc + at);
+        memcpy(L->vc + at, vs + r * vst + g * D, (size_t)D * sizeof(float));
+      }
+      for (int64_t h = 0; h < H; ++h)
+        rope(qs + r * qst + h * D, c, s, D, m->attn_scale, bf->qb + (r * H + h) * D);
+    }
+  aq_tensor(&L->aq_q, bf->qb, M * H * D);
+  aq_cache(&L->aq_k, L->kc, L->kq, B, nkv, m->max_t, D, pos0, Tk, L->st, bf->gbuf, 1);
+  aq_cache(&L->aq_v, L->vc, L->vq, B, nkv, m->max_t, D, pos0, Tk, L->st + 8, bf->gbuf, 0);
+  att_job J = {m, L, bf->qb, bf->probs, bf->att, B, T, Tk, pos0};
+  const int par = B * H * T * Tk * D >= (1 << 15);
+  if (par) tbt_parallel_for(B * H, att_scores, &J);
+  else att_scores(&J, 0, B * H);
+  aq_tensor(&L->aq_p, bf->probs, B * H * T * Tk);
+  if (par) tbt_parallel_for(B * H, att_values, &J);
+  else att_values(&J, 0, B * H);
+  prof_mark(pf, TBT_PROF_ATTENTION);
+  CHECK(lin_run(&L->o, bf->att, M, bf->h, &bf->ws));
+  prof_mark(pf, TBT_PROF_LINEAR);
+  for (int64_t i = 0; i < M * d; ++i) bf->x[i] = bf->x[i] + bf->h[i];
+  /* MLP block */
+  for (int64_t r = 0; r < M; ++r) rmsnorm(bf->x + r * d, L->ln2, m->eps, d, bf->h + r * d);
+  prof_mark(pf, TBT_PROF_OTHER);
+  const float *gs, *us;
+  int64_t gst;
+  if (!L->up.plan) { /* fused gate|up */
+    CHECK(lin_run(&L->gate, bf->h, M, bf->mlp, &bf->ws));
+    gs = bf->mlp, us = bf->mlp + I, gst = 2 * I;
+  } else {
+    CHECK(lin_run(&L->gate, bf->h, M, bf->mlp, &bf->ws));
+    CHECK(lin_run(&L->up, bf->h, M, bf->mlp + M * I, &bf->ws));
+    gs = bf->mlp, us = bf->mlp + M * I, gst = I;
+  }
+  prof_mark(pf, TBT_PROF_LINEAR);
+  for (int64_t r = 0; r < M; ++r) silu_mul(gs + r * gst, us + r * gst, bf->act + r * I, I);
+  prof_mark(pf, TBT_PROF_OTHER);
+  CHECK(lin_run(&L->down, bf->act, M, bf->h, &bf->ws));
+  prof_mark(pf, TBT_PROF_LINEAR);
+  for (int64_t i = 0; i < M * d; ++i) bf->x[i] = bf->x[i] + bf->h[i];
+  return TBT_OK;
+}
+
+int tbt_dec_forward(const tbt_dec_model *m, const int32_t *tokens, int64_t B, int64_t T,
+                    int64_t pos0, float *logits, void *scratch, int64_t scratch_bytes) {
+  if (!m || !tokens || !logits || !scratch || B < 1 || T < 1 || pos0 < 0) return TBT_EINVAL;
+  if (B > m->max_b || pos0 + T > m->max_t || pos0 + T > m->rope_len) return TBT_EINVAL;
+  if (m->head_dim % 2 || m->n_heads % m->n_kv) return TBT_EINVAL;
+  const int64_t need = tbt_dec_scratch_bytes(m, B, T);
+  if (need < 0 || scratch_bytes < need) return TBT_EINVAL;
+  for (int64_t i = 0; i < B * T; ++i)
+    if (tokens[i] < 0 || tokens[i] >= m->vocab) return TBT_EINVAL;
+  bufs bf;
+  uint8_t *base = (uint8_t *)scratch + ((64 - (uintptr_t)scratch % 64) % 64);
+  carve(m, B, T, pos0 + T, base, &bf);
+  const int64_t d = m->d;
+  prof_t pf = {m->prof, {0.0, 0.0}};
+  if (pf.acc) now2(pf.t);
+  for (int64_t i = 0; i < B * T; ++i) embed_row(m, tokens[i], bf.x + i * d);
+  for (int64_t l = 0; l < m->n_layers; ++l)
+    CHECK(layer_forward(m, m->layers + l, &bf, B, T, pos0, &pf));
+  for (int64_t b = 0; b < B; ++b)
+    rmsnorm(bf.x + (b * T + T - 1) * d, m->norm_w, m->eps, d, bf.last + b * d);
+  prof_mark(&pf, TBT_PROF_OTHER);
+  if (m->head_kind == TBT_HEAD_PACKED) {
+    CHECK(lin_run(&m->head, bf.last, B, logits, &bf.ws));
+  } else {
+    head_job J = {m, bf.last, logits, B};
+    tbt_parallel_for((m->vocab + HEAD_ROWS - 1) / HEAD_ROWS, head_rows, &J);
+  }
+  prof_mark(&pf, TBT_PROF_HEAD);
+  return TBT_OK;
+}
