@@ -358,12 +358,6 @@ class PackedEmbedding(_PackedBase):
                 f"{self.packing.value}, embed_scale={self.embed_scale}")
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def convert_model(model: nn.Module, skeleton: bool = False) -> nn.Module:
     """Replace 1/2-bit ``QuantLinear``/``QuantEmbedding`` by packed modules, in place.
 
@@ -393,7 +387,7 @@ def convert_model(model: nn.Module, skeleton: bool = False) -> nn.Module:
             new = PackedEmbedding.from_quant(mod, None if tied is None else tied[1], skeleton)
         if tied is None and not transposed:
             shared[id(mod.weight)] = (spec, (new.packed, new.scale, new.offset))
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
         n += 1
     if n == 0:
         raise ValueError("convert_model found no 1/2-bit QuantLinear/QuantEmbedding to pack")

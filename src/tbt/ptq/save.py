@@ -87,12 +87,10 @@ def attach_adapters(model: nn.Module, directory: str | os.PathLike) -> int:
         if (b.shape[0], a.shape[1]) != (out_f, in_f) or a.shape[0] != b.shape[1]:
             raise ValueError(f"{path}: adapter {name!r} has A {tuple(a.shape)}, B "
                              f"{tuple(b.shape)}; the layer is {in_f} -> {out_f}")
-        parent, _, child = name.rpartition(".")
         dev = _device(base)
         scales = {f"{k}_scale": state[f"{name}.lora_{k}_scale"].to(dev) for k in ("a", "b")
                   if f"{name}.lora_{k}_scale" in state}
-        setattr(modules[parent] if parent else model, child,
-                LowRankAdapter(base, a.to(dev), b.to(dev), **scales))
+        model.set_submodule(name, LowRankAdapter(base, a.to(dev), b.to(dev), **scales))
     return len(names)
 
 
@@ -168,12 +166,10 @@ def save_packed_ptq(ptq_model: nn.Module, report, cfg: PTQConfig, directory: str
     if missing:
         raise ValueError(f"the PTQ report has no stored tensors for {missing[0]} (and "
                          f"{len(missing) - 1} more): run with PTQConfig(keep_tensors=True)")
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    swapped: list[tuple[str, nn.Module]] = []
     try:
         for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = ptq_model.get_submodule(parent_name) if parent_name else ptq_model
-            old = getattr(parent, child)
+            old = ptq_model.get_submodule(name)
             base = old.base if isinstance(old, LowRankAdapter) else old
             w_hat = get_weight(base).detach().to(torch.float32).cpu()
             new = SchemeLinear.from_method(scheme, tuple(w_hat.shape), report.tensors[name],
@@ -182,12 +178,12 @@ def save_packed_ptq(ptq_model: nn.Module, report, cfg: PTQConfig, directory: str
             if err > atol * max(float(w_hat.abs().max()), 1e-30):
                 raise RuntimeError(f"{name}: the stored {scheme} codes rebuild the PTQ weight "
                                    f"with max error {err:.3g}: not written (a bug: report it)")
-            setattr(parent, child, new.to(base.weight.device))
-            swapped.append((parent, child, old))
+            ptq_model.set_submodule(name, new.to(base.weight.device))
+            swapped.append((name, old))
         save_packed(ptq_model, directory)
     finally:
-        for parent, child, old in reversed(swapped):
-            setattr(parent, child, old)
+        for name, old in reversed(swapped):
+            ptq_model.set_submodule(name, old)
     state = adapters_state(ptq_model)
     if state:
         save_adapters(state, directory)

@@ -317,12 +317,6 @@ class LRQATLinear(nn.Module):
 
 # ---- model-level verbs -----------------------------------------------------------------------
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def apply_lrqat(model: nn.Module, cfg: LRQATConfig) -> nn.Module:
     """Replace every 1/2-bit ``QuantLinear`` of a quantized model by :class:`LRQATLinear`.
 
@@ -339,7 +333,7 @@ def apply_lrqat(model: nn.Module, cfg: LRQATConfig) -> nn.Module:
                          "(quantize_model with ternary or binary weights)")
     model.requires_grad_(False)
     for name, mod in targets:
-        _set_submodule(model, name, LRQATLinear.from_quant(mod, cfg))
+        model.set_submodule(name, LRQATLinear.from_quant(mod, cfg))
     for m in model.modules():
         if isinstance(m, LRQATLinear):
             for p in (m.lora_a, m.lora_b, m.scale):
@@ -372,7 +366,7 @@ def merge_lrqat(model: nn.Module) -> nn.Module:
     if not found:
         raise ValueError("merge_lrqat found no LRQATLinear (apply_lrqat was not run)")
     for name, mod in found:
-        _set_submodule(model, name, mod.to_packed())
+        model.set_submodule(name, mod.to_packed())
     if any(isinstance(m, (QuantLinear, QuantEmbedding)) and m.weight_spec is not None
            and m.weight_spec.bits in GRIDS for m in model.modules()):
         convert_model(model)
