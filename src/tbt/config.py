@@ -123,7 +123,7 @@ class QuantConfig:
         if self.granularity is not None:
             _check_choice("granularity", self.granularity, GRANULARITIES)
         from tbt.quant.act_methods import check_act_method
-        from tbt.quant.weight import check_weight_method
+        from tbt.quant.weight_registry import check_weight_method
 
         for what, b in (("embedding", e), ("weight", w)):
             if b is not None:

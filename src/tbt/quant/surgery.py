@@ -172,8 +172,9 @@ def _attach_config(model: nn.Module, cfg: QuantConfig) -> None:
         model.set_attn_implementation(impl)
     else:
         hf_cfg._attn_implementation = impl
-    from tbt.hf.quantizer import TbtQuantizationConfig
+    from tbt.quant.hf_quantizer import TbtQuantizationConfig, register_hf_quantizer
 
+    register_hf_quantizer()
     hf_cfg.quantization_config = TbtQuantizationConfig.from_quant_config(cfg)
 
 

@@ -85,6 +85,7 @@ import torch
 from torch import Tensor
 
 from tbt.quant.granularity import GRANULARITIES, check_units, expand_scale, to_units
+from tbt.quant.weight_ops import ABSMEAN_EPS, divisor, mean, round_clip, sign_pm1
 from tbt.quant.weight_registry import (  # re-exported: the registry lives there
     WEIGHT_METHODS, PackedLayout, PackedWeight, QuantFn, QuantizedWeight, WeightMethod,
     check_weight_method, register_weight_method, register_weight_quantizer)
@@ -107,7 +108,6 @@ __all__ = [
 ]
 
 VARIANTS = ("paper", "released")
-ABSMEAN_EPS = 1e-5  # BitNet b1.58: W / (γ + ε)  (RELATED.md §1a)
 TWN_THRESHOLD = 0.7  # Δ = 0.7·mean|W|  (Li & Liu 2016)
 
 
@@ -251,29 +251,6 @@ def _quantize(w, bits, method, variant, granularity, clip, units=(128, 1), *,
     return QuantizedWeight(q.codes.reshape(w.shape), scale, mask)
 
 
-# ---- shared pieces (no host syncs, no Python loops over rows) --------------------------------
-
-def _mean(x: Tensor, per_row: bool) -> Tensor:
-    """Mean over each row ``(out, 1)`` or over the tensor ``(1, 1)``."""
-    return x.mean(dim=1, keepdim=True) if per_row else x.mean().reshape(1, 1)
-
-
-def _divisor(scale: Tensor) -> Tensor:
-    # A zero scale means every weight it covers is 0 (or exactly μ), so any finite divisor gives
-    # ratio 0; 1 avoids 0/0 = NaN. NaN scales stay NaN.
-    return scale.masked_fill(scale == 0, 1.0)
-
-
-def _round_clip(r: Tensor, qp: int) -> Tensor:
-    """int8 ``round(clip(r, −qp, qp))``, half to even; ``r`` is a scratch tensor (in place)."""
-    return r.clamp_(-qp, qp).round_().to(torch.int8)
-
-
-def _sign_pm1(x: Tensor) -> Tensor:
-    """int8 ±1 sign with ``sign(0) = +1`` (always packable in one bit)."""
-    return torch.ones_like(x, dtype=torch.int8).masked_fill_(x < 0, -1)
-
-
 # ---- the methods -----------------------------------------------------------------------------
 
 @register_weight_method("tbt", bits=(1, 2), default_granularity="row")
@@ -281,22 +258,22 @@ def _tbt(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
          want_mask: bool) -> QuantizedWeight:
     """TBT statistics-based quantizer (paper Eq. 8-10, or the released code; module docs)."""
     if variant == "released":  # no centring, identity STE (METHOD.md §1a)
-        mean_abs = _mean(w.abs(), per_row)
+        mean_abs = mean(w.abs(), per_row)
         if bits == 1:  # α·sign(W): sign(0) = 0 kept, as in the reference
             return QuantizedWeight(torch.sign(w).to(torch.int8), mean_abs, None)
         alpha = (4.0 / 3.0) * mean_abs
-        return QuantizedWeight(_round_clip(w / _divisor(alpha), 1), alpha, None)
+        return QuantizedWeight(round_clip(w / divisor(alpha), 1), alpha, None)
     # paper, Eq. 8 (ternary) / Eq. 9 (binary): μ with the granularity of α, not added back
-    centred = w - _mean(w, per_row)  # W − μ; scratch, divided in place below
-    alpha = _mean(centred.abs(), per_row)
+    centred = w - mean(w, per_row)  # W − μ; scratch, divided in place below
+    alpha = mean(centred.abs(), per_row)
     if bits == 1:  # Eq. 9: sign(W − μ), exact 0 -> +1; the ratio is needed only for Eq. 10
-        codes = _sign_pm1(centred)
-        mask = centred.div_(_divisor(alpha)).abs() < 1 if want_mask else None
+        codes = sign_pm1(centred)
+        mask = centred.div_(divisor(alpha)).abs() < 1 if want_mask else None
         return QuantizedWeight(codes, alpha, mask)
     alpha = (4.0 / 3.0) * alpha  # Eq. 8
-    r = centred.div_(_divisor(alpha))  # (W − μ)/α
+    r = centred.div_(divisor(alpha))  # (W − μ)/α
     mask = r.abs() < 1 if want_mask else None  # Eq. 10, before r is clipped in place
-    return QuantizedWeight(_round_clip(r, 1), alpha, mask)
+    return QuantizedWeight(round_clip(r, 1), alpha, mask)
 
 
 @register_weight_method("twn", bits=(2,), default_granularity="row")
@@ -305,7 +282,7 @@ def _twn(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
     """TWN (TernaryBERT ``TwnQuantizer``): Δ = 0.7·mean|W_c|, α = mean(|W_c| : |W_c| > Δ)."""
     wc = w.clamp(-clip, clip)
     a = wc.abs()
-    keep = a > TWN_THRESHOLD * _mean(a, per_row)
+    keep = a > TWN_THRESHOLD * mean(a, per_row)
     kept = a * keep
     if per_row:
         total, count = kept.sum(dim=1, keepdim=True), keep.sum(dim=1, keepdim=True)
@@ -321,16 +298,16 @@ def _twn(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
 def _bwn(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
          want_mask: bool) -> QuantizedWeight:
     """BWN (BiT ``BwnQuantizer``): sign(W − mean(W)) with a per-tensor mean; scale mean|W|."""
-    codes = _sign_pm1(w - w.mean())
-    return QuantizedWeight(codes, _mean(w.abs(), per_row), None)
+    codes = sign_pm1(w - w.mean())
+    return QuantizedWeight(codes, mean(w.abs(), per_row), None)
 
 
 @register_weight_method("absmean", bits=(2,), default_granularity="tensor")
 def _absmean(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
              want_mask: bool) -> QuantizedWeight:
     """BitNet b1.58: γ·round(clip(W/(γ+ε), −1, 1)), γ = mean|W|."""
-    gamma = _mean(w.abs(), per_row)
-    return QuantizedWeight(_round_clip(w / (gamma + ABSMEAN_EPS), 1), gamma, None)
+    gamma = mean(w.abs(), per_row)
+    return QuantizedWeight(round_clip(w / (gamma + ABSMEAN_EPS), 1), gamma, None)
 
 
 @register_weight_method("uniform", bits=(3, 4, 5, 6, 7, 8), default_granularity="row")
@@ -341,10 +318,4 @@ def _uniform(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
     a = w.abs()
     amax = a.amax(dim=1, keepdim=True) if per_row else a.amax().reshape(1, 1)
     scale = amax / qp
-    return QuantizedWeight(_round_clip(w / _divisor(scale), qp), scale, None)
-
-
-# Methods defined in sibling modules register themselves on import (they import this module's
-# registry, so they come last): BitNet binary and TriLM, the learned-step family (which imports
-# Tequila once its base class exists). Any of them may be imported first.
-from tbt.quant import weight_bitnet, weight_learned  # noqa: E402, F401
+    return QuantizedWeight(round_clip(w / divisor(scale), qp), scale, None)

@@ -375,6 +375,3 @@ class DltCentredWeightQuantizer(DltWeightQuantizer):
         alpha = (c * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1)
         self.alpha.copy_(alpha)
         self.shift.copy_(gamma)
-
-# Tequila subclasses WeightQuantizer: imported (and registered) once the base class exists.
-from tbt.quant import pbllm, tequila  # noqa: E402, F401

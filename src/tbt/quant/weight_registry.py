@@ -5,21 +5,28 @@ Every weight method of :mod:`tbt.quant` is one entry of :data:`WEIGHT_METHODS`, 
 per-layer module class for a method with learned tensors or an output bias
 (:func:`register_weight_quantizer`). :func:`check_weight_method` validates ``(method, bits)``
 pairs with messages that name the valid choices. :mod:`tbt.quant.weight` re-exports every name.
+
+The built-in methods are loaded by one explicit step, :func:`load_builtin_methods` (run on the
+first read of :data:`WEIGHT_METHODS`): it imports the modules that define them. A method added
+to one of those modules needs nothing else; a new module gets one line there
+(``docs/methods.md``, "Adding a weight quantizer"). This module itself does not import torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
-
-from torch import Tensor
+from typing import TYPE_CHECKING, NamedTuple
 
 from tbt.quant.granularity import GRANULARITIES
+from tbt.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["QuantizedWeight", "PackedWeight", "PackedLayout", "QuantFn", "WeightMethod",
            "WEIGHT_METHODS", "register_weight_method", "register_weight_quantizer",
-           "check_weight_method"]
+           "check_weight_method", "get_weight_method", "load_builtin_methods"]
 
 
 class QuantizedWeight(NamedTuple):
@@ -87,7 +94,12 @@ class WeightMethod:
     packable: bool = True
 
 
-WEIGHT_METHODS: dict[str, WeightMethod] = {}
+def load_builtin_methods() -> None:
+    """Import the modules that register tbt's own weight methods (the one loading step)."""
+    from tbt.quant import pbllm, tequila, weight, weight_bitnet, weight_learned  # noqa: F401
+
+
+WEIGHT_METHODS: Registry[WeightMethod] = Registry("weight method", load_builtin_methods)
 _BIT_NAMES = {1: "binary", 2: "ternary"}
 
 
@@ -102,7 +114,7 @@ def register_weight_method(
     bits = _check_registration(name, bits, default_granularity)
 
     def deco(fn: QuantFn) -> QuantFn:
-        WEIGHT_METHODS[name] = WeightMethod(name, bits, default_granularity, fn)
+        WEIGHT_METHODS.add(name, WeightMethod(name, bits, default_granularity, fn))
         return fn
 
     return deco
@@ -121,16 +133,16 @@ def register_weight_quantizer(
     bits = _check_registration(name, bits, default_granularity)
 
     def deco(cls: type) -> type:
-        WEIGHT_METHODS[name] = WeightMethod(name, bits, default_granularity, None, cls, packable)
+        WEIGHT_METHODS.add(name, WeightMethod(name, bits, default_granularity, None, cls,
+                                              packable))
         return cls
 
     return deco
 
 
 def _check_registration(name: str, bits, default_granularity: str) -> tuple[int, ...]:
+    WEIGHT_METHODS.check_free(name)
     bits = tuple(bits)
-    if name in WEIGHT_METHODS:
-        raise ValueError(f"weight method {name!r} is already registered; pick another name")
     if not bits or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8
                        for b in bits):
         raise ValueError(f"bits must be a non-empty tuple of ints in 1..8 (int8 codes); got {bits}")
@@ -145,9 +157,7 @@ def check_weight_method(method: str, bits: int, what: str = "bits") -> None:
 
     ``what`` names the bits in the message, e.g. ``"weight bits of bits='2-3-8'"``.
     """
-    spec = WEIGHT_METHODS.get(method)
-    if spec is None:
-        raise ValueError(f"method={method!r} is unknown; choose one of {sorted(WEIGHT_METHODS)}")
+    spec = get_weight_method(method)
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in spec.bits:
         legend = ", ".join(f"{b} = {_BIT_NAMES[b]}" for b in spec.bits if b in _BIT_NAMES)
         others = sorted(n for n, m in WEIGHT_METHODS.items() if bits in m.bits)
@@ -161,3 +171,8 @@ def check_weight_method(method: str, bits: int, what: str = "bits") -> None:
             hint = f"for {bits}-bit weights use one of {others}"
         raise ValueError(f"method={method!r} supports {what} in {spec.bits}"
                          f"{f' ({legend})' if legend else ''}; got {bits!r}; {hint}")
+
+
+def get_weight_method(method: str) -> WeightMethod:
+    """The registry entry of ``method``; ``ValueError`` naming the choices if unknown."""
+    return WEIGHT_METHODS.get_entry(method)
