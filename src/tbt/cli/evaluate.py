@@ -105,7 +105,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from tbt.eval.evaluate import evaluate
-    from tbt.train.data import DataConfig, load_raw_splits
+    from tbt.data import DataConfig, load_raw_splits
 
     if not args.test_file and not args.dataset:
         raise CliError("nothing to evaluate on: pass --test-file F or --dataset NAME")

@@ -437,7 +437,7 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
         logger.info("tbt: the packed layers run on tbt's own thread pool (TBT_NUM_THREADS); "
                     "for decoding, torch.set_num_threads(1) is usually faster, as torch is "
                     "left only small ops (docs/kernels.md)")
-    from tbt.ptq.save import attach_adapters  # EoRA adapters saved next to the weights
+    from tbt.export.adapters import attach_adapters  # EoRA adapters saved next to the weights
 
     attach_adapters(model, directory)
     return model

@@ -31,74 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from tbt.export.adapters import (ADAPTERS_NAME, LowRankAdapter, adapters_state,  # noqa: F401
+                                 attach_adapters, save_adapters)
 from tbt.ptq.apply import PTQConfig, merge_adapters
-from tbt.ptq.eora import LowRankAdapter
 
-ADAPTERS_NAME = "eora_adapters.safetensors"
 PACKED_SCHEMES = {"ptqtp": "ptqtp", "pbllm": "pbllm", "billm": "billm"}  # method -> scheme
 PACKED_UNSUPPORTED = {
     "rtn": "RTN at 3..8 bits: uniform codes have no packing (1 or 2 bits only)",
 }
-
-
-def adapters_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{<layer>.lora_a, <layer>.lora_b}`` of every :class:`LowRankAdapter` in ``model``."""
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, LowRankAdapter):
-            for key in ("lora_a", "lora_b", "lora_a_scale", "lora_b_scale"):
-                t = getattr(mod, key)
-                if t is not None:
-                    out[f"{name}.{key}"] = t.detach().cpu().contiguous()
-    return out
-
-
-def save_adapters(state: dict[str, torch.Tensor], directory: str) -> None:
-    from safetensors.torch import save_file
-
-    ranks = {k[: -len(".lora_a")]: int(v.shape[0]) for k, v in state.items()
-             if k.endswith(".lora_a")}
-    save_file(state, os.path.join(directory, ADAPTERS_NAME),
-              metadata={"tbt.eora.ranks": json.dumps(ranks, sort_keys=True)})
-
-
-def attach_adapters(model: nn.Module, directory: str | os.PathLike) -> int:
-    """Wrap every layer named in ``directory/eora_adapters.safetensors`` in a
-    :class:`LowRankAdapter` (``y = layer(x) + B(A x)``, the branch in float32); returns how many.
-
-    ``load_packed`` calls this, so a packed RTN checkpoint with EoRA adapters runs them on the
-    packed runtime. A name that matches no layer, or factors whose shapes do not fit it, raise
-    ``ValueError`` naming the layer.
-    """
-    from safetensors.torch import load_file
-
-    path = os.path.join(os.fspath(directory), ADAPTERS_NAME)
-    if not os.path.isfile(path):
-        return 0
-    state = load_file(path)
-    names = sorted(k[: -len(".lora_a")] for k in state if k.endswith(".lora_a"))
-    modules = dict(model.named_modules())
-    for name in names:
-        base = modules.get(name)
-        a, b = state[f"{name}.lora_a"], state.get(f"{name}.lora_b")
-        if base is None or b is None:
-            raise ValueError(f"{path}: adapter {name!r} has no layer (or no lora_b) in the model")
-        out_f, in_f = getattr(base, "out_features", None), getattr(base, "in_features", None)
-        if (b.shape[0], a.shape[1]) != (out_f, in_f) or a.shape[0] != b.shape[1]:
-            raise ValueError(f"{path}: adapter {name!r} has A {tuple(a.shape)}, B "
-                             f"{tuple(b.shape)}; the layer is {in_f} -> {out_f}")
-        dev = _device(base)
-        scales = {f"{k}_scale": state[f"{name}.lora_{k}_scale"].to(dev) for k in ("a", "b")
-                  if f"{name}.lora_{k}_scale" in state}
-        model.set_submodule(name, LowRankAdapter(base, a.to(dev), b.to(dev), **scales))
-    return len(names)
-
-
-def _device(mod: nn.Module) -> torch.device:
-    t = next(iter(mod.buffers()), None)
-    if t is None:
-        t = next(iter(mod.parameters()), None)
-    return t.device if t is not None else torch.device("cpu")
 
 
 def save_ptq_checkpoint(model: nn.Module, tokenizer: Any, cfg: PTQConfig, directory: str) -> None:

@@ -71,12 +71,15 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from tbt.quant import fused as _fused
+
+if TYPE_CHECKING:
+    from tbt.runtime.linear import ActSpec
 
 __all__ = ["ElasticQuantizer", "MinMaxQuantizer", "calibrate", "elastic_quantize",
            "minmax_quantize", "initial_alpha", "elastic_spec", "ElasticSpec", "VARIANTS",
@@ -337,6 +340,16 @@ class ElasticQuantizer(nn.Module):
                 _warn_uninitialized()
         return elastic_quantize(x, self.alpha, self.bits, self.signed, self.variant)
 
+    def runtime_spec(self) -> ActSpec:
+        """How the packed runtime quantizes this input (:class:`tbt.runtime.linear.ActSpec`).
+
+        Read on this class only, not on subclasses (they compute something else).
+        """
+        from tbt.runtime.linear import ActSpec
+
+        return ActSpec("elastic", self.bits, self.signed, variant=self.variant,
+                       alpha=float(self.alpha.detach().float()))
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, variant={self.variant!r}"
 
@@ -408,6 +421,12 @@ class MinMaxQuantizer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return minmax_quantize(x, self.bits, self.signed, self.clip)
+
+    def runtime_spec(self) -> ActSpec:
+        """How the packed runtime quantizes this input (:class:`tbt.runtime.linear.ActSpec`)."""
+        from tbt.runtime.linear import ActSpec
+
+        return ActSpec("minmax", self.bits, self.signed, clip=self.clip)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, clip={self.clip}"

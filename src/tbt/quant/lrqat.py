@@ -39,7 +39,7 @@ and ≤ ``2^−(f+1)`` elsewhere.
 ``torch.utils.checkpoint`` (non-reentrant), so the full-size ``Z`` and ``Ŵ`` are recomputed in
 backward instead of stored.
 
-After training, :func:`merge_lrqat` replaces every :class:`LRQATLinear` by a plain
+After training, :func:`tbt.export.lrqat.merge_lrqat` replaces every :class:`LRQATLinear` by a plain
 :class:`~tbt.export.convert.PackedLinear` holding ``grid(Z)`` and ``s``: no adapter is left,
 and ``save_packed`` / ``load_packed`` treat the model as any tbt checkpoint. In eval mode the
 merged model's logits equal the LR-QAT model's bit for bit (both compute
@@ -62,7 +62,7 @@ from tbt.quant.modules import QuantLinear, WeightSpec
 from tbt.quant.weight import ABSMEAN_EPS, dequantize, weight_codes
 
 __all__ = ["GRIDS", "LRQATConfig", "LRQATLinear", "STORAGES", "apply_lrqat", "grid_ratio",
-           "lrqat_parameters", "merge_lrqat"]
+           "lrqat_parameters"]
 
 
 # ---- grids: code set, STE window, and the cell of each code (for the storage nudge) --------
@@ -295,20 +295,6 @@ class LRQATLinear(nn.Module):
             return _checkpoint(self._linear, x, use_reentrant=False)
         return self._linear(x)
 
-    def to_packed(self):
-        """The merged :class:`~tbt.export.convert.PackedLinear` (codes ``grid(Z)``, scale s)."""
-        from tbt.export.convert import PackedLinear, pack_codes
-
-        new = PackedLinear(self.in_features, self.out_features, self.bits,
-                           bias=self.bias is not None, act_quant=self.act_quant,
-                           dtype=self.weight_dtype)
-        dev = self.phi.device
-        new.packed = pack_codes(self.codes(), new.packing).to(dev)
-        new.scale = self.scale.detach().to(torch.float32).reshape(-1).clone()
-        if self.bias is not None:
-            new.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
-        return new.to(dev)
-
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"in={self.in_features}, out={self.out_features}, {self.bits}-bit grid, "
@@ -350,24 +336,3 @@ def lrqat_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
         if p.requires_grad:
             groups["ab" if name.endswith(("lora_a", "lora_b")) else "scales"].append(p)
     return groups
-
-
-def merge_lrqat(model: nn.Module) -> nn.Module:
-    """Replace every :class:`LRQATLinear` by its merged ``PackedLinear`` and convert the rest.
-
-    Remaining 1/2-bit ``QuantLinear``/``QuantEmbedding`` layers are packed with
-    :func:`~tbt.export.convert.convert_model`, so the result is a fully converted model that
-    :func:`~tbt.export.io.save_packed` writes as a plain tbt checkpoint. In place; returns it.
-    """
-    from tbt.export.convert import convert_model
-    from tbt.quant.modules import QuantEmbedding
-
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, LRQATLinear)]
-    if not found:
-        raise ValueError("merge_lrqat found no LRQATLinear (apply_lrqat was not run)")
-    for name, mod in found:
-        model.set_submodule(name, mod.to_packed())
-    if any(isinstance(m, (QuantLinear, QuantEmbedding)) and m.weight_spec is not None
-           and m.weight_spec.bits in GRIDS for m in model.modules()):
-        convert_model(model)
-    return model
