@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,9 +84,12 @@ class QuantConfig:
             tequila, shard for trilm, row otherwise).
         group_size: inputs per scale with ``granularity="group"`` (must divide in_features).
         num_shards: row blocks with ``granularity="shard"`` (TriLM's model-parallel shards).
-        tequila_lambda: Tequila's dead-zone bias factor λ (RELATED.md §7; fixed, 1e-3).
-        salient_frac: PB-LLM's (``method="pbllm"``) fraction of weights kept frozen at 8 bits.
-        weight_clip: clip of the TWN baseline's inputs (METHOD.md §1c), in weight units.
+        method_options: the weight method's own settings, e.g. ``{"clip": 2.5}`` for ``twn``,
+            ``{"lambda": 1e-3}`` for ``tequila``, ``{"salient_frac": 0.1}`` for ``pbllm``
+            (each method declares its options, ``docs/methods.md``); stored with every option
+            of the method, defaults filled in. The old top-level ``weight_clip``,
+            ``tequila_lambda`` and ``salient_frac`` keys of saved configs and flat settings
+            are read into it (:data:`LEGACY_OPTIONS`).
         act_method: ``"elastic"`` (learned α, TBT), ``"minmax"`` (dynamic 8-bit, DQ-BART),
             ``"absmax-token"`` (BitNet), ``"elastic-shift"`` (BiT), ``"lsq"``, ``"lsq-plus"``
             (:mod:`tbt.quant.act_methods`), or ``"auto"``: minmax for 8-bit activations,
@@ -101,11 +105,9 @@ class QuantConfig:
     method: str = "tbt"
     variant: str = "paper"
     granularity: str | None = None
-    weight_clip: float = 2.5
     group_size: int = 128
     num_shards: int = 1
-    tequila_lambda: float = 1e-3
-    salient_frac: float = 0.1
+    method_options: Mapping[str, float] = ()  # type: ignore[assignment]  # stored as pairs
     act_method: str = "auto"
     act_clip: float = 2.5
     quantize_attention: bool = True
@@ -123,7 +125,7 @@ class QuantConfig:
         if self.granularity is not None:
             _check_choice("granularity", self.granularity, GRANULARITIES)
         from tbt.quant.act_methods import check_act_method
-        from tbt.quant.weight_registry import check_weight_method
+        from tbt.quant.weight_registry import check_weight_method, get_weight_method
 
         for what, b in (("embedding", e), ("weight", w)):
             if b is not None:
@@ -133,14 +135,16 @@ class QuantConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int; got {v!r}")
-        if not 0.0 <= self.salient_frac <= 1.0:
-            raise ValueError(f"salient_frac must be in [0, 1] (PB-LLM uses 0.1); got "
-                             f"{self.salient_frac!r}")
-        if not self.tequila_lambda >= 0:
-            raise ValueError(f"tequila_lambda must be >= 0 (Tequila uses 1e-3); "
-                             f"got {self.tequila_lambda!r}")
-        if self.weight_clip <= 0 or self.act_clip <= 0:
-            raise ValueError("weight_clip and act_clip must be positive")
+        opts = self.method_options
+        opts = dict(opts) if isinstance(opts, Mapping) else dict(tuple(p) for p in opts)
+        if e is not None or w is not None:
+            opts = get_weight_method(self.method).resolve_options(opts)
+        elif opts:
+            raise ValueError(f"method_options {sorted(opts)} apply to quantized weights; "
+                             f"bits={self.bits!r} has none")
+        object.__setattr__(self, "method_options", tuple(opts))
+        if self.act_clip <= 0:
+            raise ValueError("act_clip must be positive")
         if self.version > CONFIG_VERSION:
             raise ValueError(
                 f"QuantConfig version {self.version} is newer than this tbt understands "
@@ -166,6 +170,18 @@ class QuantConfig:
             return self.act_method
         return "minmax" if self.act_bits == 8 else "elastic"
 
+    @property
+    def options(self) -> dict[str, float]:
+        """:attr:`method_options` as a dict."""
+        return dict(self.method_options)
+
+    def weight_spec(self, bits: int):
+        """The :class:`~tbt.quant.weight.WeightSpec` of ``bits``-bit weights under this config."""
+        from tbt.quant.weight import WeightSpec
+
+        return WeightSpec(bits, self.method, self.variant, self.granularity, self.group_size,
+                          self.num_shards, self.method_options)
+
     @classmethod
     def released(cls, bits: str = "2-2-8", **kw: Any) -> QuantConfig:
         """The authors' released code (METHOD.md §0): no centring, identity STE, min shift."""
@@ -174,13 +190,16 @@ class QuantConfig:
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["method_options"] = self.options
         d["skip_modules"] = list(self.skip_modules)
         if self.unsigned_inputs is not None:
             d["unsigned_inputs"] = list(self.unsigned_inputs)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantConfig:
+        """The inverse of :meth:`to_dict`; reads the configs of older tbt versions too."""
+        d = read_legacy_options(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names - {"quant_method"})
         if unknown:
@@ -193,6 +212,33 @@ class QuantConfig:
     @classmethod
     def from_json(cls, s: str) -> QuantConfig:
         return cls.from_dict(json.loads(s))
+
+
+# Top-level keys of older configs (and flat settings) -> the weight method option they set.
+LEGACY_OPTIONS = {"weight_clip": "clip", "tequila_lambda": "lambda", "salient_frac": "salient_frac"}
+
+
+def read_legacy_options(d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` with its :data:`LEGACY_OPTIONS` keys moved into ``method_options``.
+
+    Older configs carry all three whatever the method: a key becomes an option only for a
+    method that has that option (``weight_clip`` for ``twn`` ...); an explicit
+    ``method_options`` entry wins.
+    """
+    d = dict(d)
+    legacy = {LEGACY_OPTIONS[k]: d.pop(k) for k in list(d) if k in LEGACY_OPTIONS}
+    if not legacy:
+        return d
+    from tbt.quant.weight_registry import WEIGHT_METHODS
+
+    entry = WEIGHT_METHODS.get(d.get("method", "tbt"))
+    own = set(entry.options) if entry is not None else set()
+    opts = {k: v for k, v in legacy.items() if k in own and v is not None}
+    given = d.get("method_options") or {}
+    opts.update(dict(given) if isinstance(given, Mapping) else dict(tuple(p) for p in given))
+    if opts:
+        d["method_options"] = opts
+    return d
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -224,7 +224,7 @@ def test_hand_twn_clip_threshold_and_grad_mask():
 def test_hand_twn_custom_clip_changes_stats():
     w = torch.tensor([[1.0, -0.125, 0.0625, 0.5]])
     # clip 0.25: [0.25, -0.125, 0.0625, 0.25], mean = 0.6875/4, Δ = 0.1203; α = 0.625/3
-    c, s = weight_codes(w, 2, "twn", clip=0.25)
+    c, s = weight_codes(w, 2, "twn", options={"clip": 0.25})
     assert c.tolist() == [[1, -1, 0, 1]] and s.item() == pytest.approx(0.625 / 3, rel=1e-7)
     # no clip in effect: mean = 1.6875/4, Δ = 0.2953; α = 0.75
     c, s = weight_codes(w, 2, "twn")
@@ -497,7 +497,8 @@ def test_check_weight_method_what_and_valid():
     (dict(granularity="col"), r"granularity='col' is unknown; choose one of "
                               r"\['row', 'tensor', 'group', 'shard'\]"),
     (dict(variant="code"), r"variant='code' is unknown; choose one of \['paper', 'released'\]"),
-    (dict(method="twn", clip=0.0), r"clip must be positive"),
+    (dict(method="twn", options={"clip": 0.0}), r"twn option clip must be a number > 0"),
+    (dict(method="tbt", options={"clip": 1.0}), r"method='tbt' has no option\(s\) \['clip'\]"),
 ])
 def test_bad_arguments(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -531,7 +532,7 @@ def test_registry_contents_and_registration():
     from tbt.quant.weight import QuantizedWeight
 
     @register_weight_method("x_sign", bits=(1,), default_granularity="tensor")
-    def _sign(w, bits, *, per_row, variant, clip, want_mask):
+    def _sign(w, spec, *, per_row, want_mask):
         return QuantizedWeight(torch.sign(w).to(torch.int8), w.abs().amax().reshape(1, 1), None)
 
     try:

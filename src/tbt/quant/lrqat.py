@@ -200,8 +200,7 @@ def grid_ratio(w: Tensor, spec: WeightSpec) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(f"LR-QAT has grids for 1 (binary) and 2 (ternary) bits; got "
                          f"{spec.bits}-bit weights")
     w32 = w.detach().to(torch.float32)
-    codes, s0 = weight_codes(w32, spec.bits, spec.method, spec.variant, spec.granularity,
-                             spec.clip)
+    codes, s0 = weight_codes(w32, spec)
     s0 = s0.to(torch.float32).expand(w32.shape[0], 1).contiguous()
     div = s0 + ABSMEAN_EPS if spec.method == "absmean" else s0.masked_fill(s0 == 0, 1.0)
     phi = ((w32 - _centre(w32, spec)) / div).clamp_(-1.0, 1.0)

@@ -15,8 +15,9 @@ to one of those modules needs nothing else; a new module gets one line there
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tbt.quant.granularity import GRANULARITIES
 from tbt.registry import Registry
@@ -24,7 +25,7 @@ from tbt.registry import Registry
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["QuantizedWeight", "PackedWeight", "PackedLayout", "QuantFn", "WeightMethod",
+__all__ = ["QuantizedWeight", "PackedWeight", "PackedLayout", "QuantFn", "Option", "WeightMethod",
            "WEIGHT_METHODS", "register_weight_method", "register_weight_quantizer",
            "check_weight_method", "get_weight_method", "load_builtin_methods"]
 
@@ -72,9 +73,35 @@ class PackedLayout(NamedTuple):
     transposed: bool
 
 
-# fn(w, bits, *, per_row, variant, clip, want_mask) -> QuantizedWeight;
-# w is a detached float32 2-D tensor; the arguments are already validated.
+# fn(w, spec, *, per_row, want_mask) -> QuantizedWeight; w is a detached float32 2-D tensor,
+# spec the validated WeightSpec (bits, variant, options, ...).
 QuantFn = Callable[..., QuantizedWeight]
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method-specific option (``QuantConfig.method_options``): its default and bounds."""
+
+    default: float
+    ge: float | None = None  # value >= ge
+    gt: float | None = None  # value > gt
+    le: float | None = None  # value <= le
+    doc: str = ""
+
+    def check(self, method: str, name: str, value: Any) -> float:
+        """``value`` as a float; ``ValueError`` naming the bounds when it is outside them."""
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        v = float(value) if ok else float("nan")
+        ok = ok and (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt) \
+            and (self.le is None or v <= self.le)
+        if not ok:
+            bounds = [f">= {self.ge}" if self.ge is not None else "",
+                      f"> {self.gt}" if self.gt is not None else "",
+                      f"<= {self.le}" if self.le is not None else ""]
+            raise ValueError(f"{method} option {name} must be a number "
+                             f"{' and '.join(b for b in bounds if b)} ({self.doc}; default "
+                             f"{self.default}); got {value!r}")
+        return v
 
 
 @dataclass(frozen=True)
@@ -82,8 +109,9 @@ class WeightMethod:
     """A registry entry: the quantizer ``fn`` and the bits and default granularity it offers.
 
     ``quantizer`` is set instead of ``fn`` for a method that keeps per-layer state (a module
-    class with ``from_config``); ``packable`` is False when its codes are not ternary/binary
-    (the exporter then keeps the layer fake-quantized).
+    class with ``from_spec``); ``packable`` is False when its codes are not ternary/binary
+    (the exporter then keeps the layer fake-quantized); ``options`` are the method's own
+    settings (name -> :class:`Option`), given as ``QuantConfig(method_options={...})``.
     """
 
     name: str
@@ -92,6 +120,19 @@ class WeightMethod:
     fn: QuantFn | None
     quantizer: type | None = None
     packable: bool = True
+    options: Mapping[str, Option] = field(default_factory=dict)
+
+    def resolve_options(self, given: Mapping[str, Any] | None) -> tuple[tuple[str, float], ...]:
+        """Every option of the method, ``given`` values checked and defaults filled in,
+        as sorted ``(name, value)`` pairs; ``ValueError`` naming the valid options."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            valid = sorted(self.options) or "none"
+            raise ValueError(f"method={self.name!r} has no option(s) {unknown}; its options: "
+                             f"{valid}")
+        return tuple((n, o.check(self.name, n, given[n]) if n in given else float(o.default))
+                     for n, o in sorted(self.options.items()))
 
 
 def load_builtin_methods() -> None:
@@ -104,29 +145,35 @@ _BIT_NAMES = {1: "binary", 2: "ternary"}
 
 
 def register_weight_method(
-    name: str, bits: tuple[int, ...], default_granularity: str
+    name: str, bits: tuple[int, ...], default_granularity: str,
+    options: Mapping[str, Option] | None = None,
 ) -> Callable[[QuantFn], QuantFn]:
     """Decorator: register ``fn`` as weight method ``name`` for ``bits`` (each in 1..8).
 
-    ``fn(w, bits, *, per_row, variant, clip, want_mask) -> QuantizedWeight`` receives a detached
-    float32 ``(out, in)`` tensor and validated arguments; it must not sync with the host.
+    ``fn(w, spec, *, per_row, want_mask) -> QuantizedWeight`` receives a detached float32
+    ``(out, in)`` tensor (or its unit view) and the validated
+    :class:`~tbt.quant.weight.WeightSpec` (``spec.bits``, ``spec.variant``,
+    ``spec.option(name)``); it must not sync with the host. ``options``: the method's own
+    settings (docs/methods.md, "Adding a weight quantizer").
     """
     bits = _check_registration(name, bits, default_granularity)
 
     def deco(fn: QuantFn) -> QuantFn:
-        WEIGHT_METHODS.add(name, WeightMethod(name, bits, default_granularity, fn))
+        WEIGHT_METHODS.add(name, WeightMethod(name, bits, default_granularity, fn,
+                                              options=dict(options or {})))
         return fn
 
     return deco
 
 
 def register_weight_quantizer(
-    name: str, bits: tuple[int, ...], default_granularity: str, packable: bool = True
+    name: str, bits: tuple[int, ...], default_granularity: str, packable: bool = True,
+    options: Mapping[str, Option] | None = None,
 ) -> Callable[[type], type]:
     """Decorator: register a per-layer quantizer *class* as weight method ``name``.
 
-    The class needs ``from_config(cfg, bits, weight) -> module`` (surgery calls it once per
-    layer with the latent ``(out, in)`` weight) and the module protocol of
+    The class needs ``from_spec(spec, weight) -> module`` (surgery calls it once per layer
+    with the :class:`~tbt.quant.weight.WeightSpec` and the latent ``(out, in)`` weight) and the module protocol of
     :class:`tbt.quant.weight_learned.WeightQuantizer` (``forward``, ``codes_and_scale``,
     ``output_bias``).
     """
@@ -134,7 +181,7 @@ def register_weight_quantizer(
 
     def deco(cls: type) -> type:
         WEIGHT_METHODS.add(name, WeightMethod(name, bits, default_granularity, None, cls,
-                                              packable))
+                                              packable, dict(options or {})))
         return cls
 
     return deco

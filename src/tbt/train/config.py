@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tbt.config import QuantConfig, parse_bits
+from tbt.config import LEGACY_OPTIONS, QuantConfig, parse_bits
 from tbt.data import DataConfig
 
 TRAIN_CONFIG_VERSION = 1
@@ -319,7 +319,7 @@ class TrainConfig:
                                  f"--bits is fp")
             q = None
         else:
-            q = QuantConfig(bits=bits, **quant)
+            q = QuantConfig.from_dict({"bits": bits, **quant})
         parts["train"].setdefault("output_dir", "")  # -> "output_dir is required"
         return cls(quant=q, data=DataConfig(**parts["data"]),
                    distill=DistillConfig(**parts["distill"]), **parts["train"])
@@ -368,6 +368,7 @@ def _flat_owners() -> dict[str, str]:
                 continue
             assert f.name not in owners, f"setting {f.name!r} is ambiguous"
             owners[f.name] = owner
+    owners.update(dict.fromkeys(LEGACY_OPTIONS, "quant"))  # --tequila-lambda, --salient-frac
     return owners
 
 
