@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tbt.quant.weight import WeightSpec  # noqa: F401  (the spec a QuantLinear takes)
+from tbt.quant.weight import WeightSpec
 
 
 class QuantLinear(nn.Module):
