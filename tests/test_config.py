@@ -101,3 +101,10 @@ def test_old_hf_quantization_config_still_loads():
     old = {**OLD_FIELDS, "bits": "2-2-8", "method": "twn", "weight_clip": 1.5}
     got = TbtQuantizationConfig(**old).to_quant_config()
     assert got == QuantConfig(bits="2-2-8", method="twn", method_options={"clip": 1.5})
+
+
+def test_flag_overrides_saved_method_options():
+    # a saved config (method_options) merged with a later --tequila-lambda flag: the flag wins
+    saved = QuantConfig(bits="fp-2-8", method="tequila", method_options={"lambda": 0.02})
+    d = {**saved.to_dict(), "tequila_lambda": 0.05}
+    assert QuantConfig.from_dict(d).options == {"lambda": 0.05}

@@ -222,8 +222,9 @@ def read_legacy_options(d: Mapping[str, Any]) -> dict[str, Any]:
     """``d`` with its :data:`LEGACY_OPTIONS` keys moved into ``method_options``.
 
     Older configs carry all three whatever the method: a key becomes an option only for a
-    method that has that option (``weight_clip`` for ``twn`` ...); an explicit
-    ``method_options`` entry wins.
+    method that has that option (``weight_clip`` for ``twn`` ...). Given with
+    ``method_options`` too (a saved config and a ``--tequila-lambda`` flag), the key wins: the
+    flags are the last layer of the flat settings.
     """
     d = dict(d)
     legacy = {LEGACY_OPTIONS[k]: d.pop(k) for k in list(d) if k in LEGACY_OPTIONS}
@@ -233,9 +234,9 @@ def read_legacy_options(d: Mapping[str, Any]) -> dict[str, Any]:
 
     entry = WEIGHT_METHODS.get(d.get("method", "tbt"))
     own = set(entry.options) if entry is not None else set()
-    opts = {k: v for k, v in legacy.items() if k in own and v is not None}
     given = d.get("method_options") or {}
-    opts.update(dict(given) if isinstance(given, Mapping) else dict(tuple(p) for p in given))
+    opts = dict(given) if isinstance(given, Mapping) else dict(tuple(p) for p in given)
+    opts.update({k: v for k, v in legacy.items() if k in own and v is not None})
     if opts:
         d["method_options"] = opts
     return d
