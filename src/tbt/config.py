@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FP_SPELLINGS = ("fp", "32", "16", "none", "")
-
-VARIANTS = ("paper", "released")
+VARIANTS = ("paper", "released")  # of the weight and the activation quantizers
 GRANULARITIES = ("row", "tensor", "group", "shard")  # tbt.quant.granularity
 
 CONFIG_VERSION = 1
@@ -121,9 +120,7 @@ class QuantConfig:
         object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
         if self.unsigned_inputs is not None:
             object.__setattr__(self, "unsigned_inputs", tuple(self.unsigned_inputs))
-        _check_choice("variant", self.variant, VARIANTS)
-        if self.granularity is not None:
-            _check_choice("granularity", self.granularity, GRANULARITIES)
+        check_weight_fields(self.variant, self.granularity, self.group_size, self.num_shards)
         from tbt.quant.act_methods import check_act_method
         from tbt.quant.weight_registry import check_weight_method, get_weight_method
 
@@ -131,10 +128,6 @@ class QuantConfig:
             if b is not None:
                 check_weight_method(self.method, b, what=f"{what} bits of bits={self.bits!r}")
         check_act_method(self.act_method, a)
-        for name in ("group_size", "num_shards"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int; got {v!r}")
         opts = self.method_options
         opts = dict(opts) if isinstance(opts, Mapping) else dict(tuple(p) for p in opts)
         if e is not None or w is not None:
@@ -242,6 +235,15 @@ def read_legacy_options(d: Mapping[str, Any]) -> dict[str, Any]:
     return d
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+def check_weight_fields(variant: str, granularity: str | None, group_size: int,
+                        num_shards: int) -> None:
+    """The checks of the weight fields that do not depend on the method (``QuantConfig`` and
+    :class:`~tbt.quant.weight.WeightSpec` both run them); ``ValueError`` naming the fix."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is unknown; choose one of {list(VARIANTS)}")
+    if granularity is not None and granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is unknown; choose one of "
+                         f"{list(GRANULARITIES)} or None (the method's default)")
+    for name, v in (("group_size", group_size), ("num_shards", num_shards)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int; got {v!r}")

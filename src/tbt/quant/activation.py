@@ -76,6 +76,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from tbt.config import VARIANTS
 from tbt.quant import fused as _fused
 
 if TYPE_CHECKING:
@@ -87,7 +88,6 @@ __all__ = ["ElasticQuantizer", "MinMaxQuantizer", "calibrate", "elastic_quantize
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("paper", "released")
 ALPHA_EPS = 1e-5  # α_c = max(α, 1e-5), released code's guard
 ASYM_EPS = 1e-8  # DQ-BART AsymQuantizer: range + 1e-8
 

@@ -88,7 +88,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tbt.quant.granularity import GRANULARITIES, check_units, expand_scale, to_units
+from tbt.config import GRANULARITIES, VARIANTS, check_weight_fields  # noqa: F401  (re-exported)
+from tbt.quant.granularity import check_units, expand_scale, to_units
 from tbt.quant.weight_ops import ABSMEAN_EPS, divisor, mean, round_clip, sign_pm1
 from tbt.quant.weight_registry import (  # re-exported: the registry lives there
     WEIGHT_METHODS, Option, PackedLayout, PackedWeight, QuantFn, QuantizedWeight, WeightMethod,
@@ -114,7 +115,6 @@ __all__ = [
     "weight_codes",
 ]
 
-VARIANTS = ("paper", "released")
 TWN_THRESHOLD = 0.7  # Δ = 0.7·mean|W|  (Li & Liu 2016)
 
 
@@ -149,16 +149,7 @@ class WeightSpec:
 
     def __post_init__(self) -> None:
         check_weight_method(self.method, self.bits)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant={self.variant!r} is unknown; choose one of "
-                             f"{list(VARIANTS)}")
-        if self.granularity is not None and self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={self.granularity!r} is unknown; choose one of "
-                             f"{list(GRANULARITIES)} or None (the method's default)")
-        for name in ("group_size", "num_shards"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int; got {v!r}")
+        check_weight_fields(self.variant, self.granularity, self.group_size, self.num_shards)
         given = self.options if isinstance(self.options, Mapping) else dict(self.options)
         object.__setattr__(self, "options", self.entry.resolve_options(given))
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tbt.quant.granularity import GRANULARITIES
+from tbt.config import GRANULARITIES
 from tbt.registry import Registry
 
 if TYPE_CHECKING:
