@@ -195,7 +195,7 @@ class WeightSpec:
 
         Then an embedding lookup can quantize just the gathered rows: same values, same
         gradients, and |batch tokens| rows of work instead of |vocab|. BWN centres with a
-        per-tensor mean (METHOD.md §1c), so it is never row-local.
+        per-tensor mean (docs/numerics.md), so it is never row-local.
         """
         return self.resolved_granularity in ("row", "group") and self.method != "bwn"
 
@@ -316,7 +316,7 @@ def _quantize(w: Tensor, spec: WeightSpec, *, want_mask: bool) -> QuantizedWeigh
 def _tbt(w: Tensor, spec: WeightSpec, *, per_row: bool, want_mask: bool) -> QuantizedWeight:
     """TBT statistics-based quantizer (paper Eq. 8-10, or the released code; module docs)."""
     bits = spec.bits
-    if spec.variant == "released":  # no centring, identity STE (METHOD.md §1a)
+    if spec.variant == "released":  # no centring, identity STE (the released code)
         mean_abs = mean(w.abs(), per_row)
         if bits == 1:  # α·sign(W): sign(0) = 0 kept, as in the reference
             return QuantizedWeight(torch.sign(w).to(torch.int8), mean_abs, None)
