@@ -23,3 +23,12 @@ def test_cli_help_is_light():
     out = subprocess.run([sys.executable, "-m", "tbt", "--help"], capture_output=True, text=True,
                          check=True)
     assert "usage: tbt" in out.stdout
+
+
+def test_config_and_registries_import_no_torch():
+    # the registry type and the weight registry are torch-free; the methods load on first read
+    code = ("import sys, tbt.config, tbt.registry, tbt.quant.weight_registry\n"
+            "assert 'torch' not in sys.modules, 'torch'\n"
+            "from tbt.quant.weight_registry import WEIGHT_METHODS\n"
+            "assert 'twn' in WEIGHT_METHODS and 'torch' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -15,17 +15,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from tbt.quant import _LAZY as _QUANT  # the quantization names (tbt.quant imports nothing)
+
 _LAZY = {
     "QuantConfig": "tbt.config",
     "parse_bits": "tbt.config",
-    "quantize_weight": "tbt.quant.weight",
-    "weight_codes": "tbt.quant.weight",
-    "ElasticQuantizer": "tbt.quant.activation",
-    "MinMaxQuantizer": "tbt.quant.activation",
-    "calibrate": "tbt.quant.activation",
-    "QuantLinear": "tbt.quant.modules",
-    "QuantEmbedding": "tbt.quant.modules",
-    "quantize_model": "tbt.quant.surgery",
+    **_QUANT,
     "soft_cross_entropy": "tbt.distill.losses",
 }
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 FP_SPELLINGS = ("fp", "32", "16", "none", "")
-
-VARIANTS = ("paper", "released")
+VARIANTS = ("paper", "released")  # of the weight and the activation quantizers
 GRANULARITIES = ("row", "tensor", "group", "shard")  # tbt.quant.granularity
 
 CONFIG_VERSION = 1
@@ -83,9 +83,12 @@ class QuantConfig:
             tequila, shard for trilm, row otherwise).
         group_size: inputs per scale with ``granularity="group"`` (must divide in_features).
         num_shards: row blocks with ``granularity="shard"`` (TriLM's model-parallel shards).
-        tequila_lambda: Tequila's dead-zone bias factor λ (docs/related.md §7; fixed, 1e-3).
-        salient_frac: PB-LLM's (``method="pbllm"``) fraction of weights kept frozen at 8 bits.
-        weight_clip: clip of the TWN baseline's inputs (docs/numerics.md §1c), in weight units.
+        method_options: the weight method's own settings, e.g. ``{"clip": 2.5}`` for ``twn``,
+            ``{"lambda": 1e-3}`` for ``tequila``, ``{"salient_frac": 0.1}`` for ``pbllm``
+            (each method declares its options, ``docs/methods.md``); stored with every option
+            of the method, defaults filled in. The old top-level ``weight_clip``,
+            ``tequila_lambda`` and ``salient_frac`` keys of saved configs and flat settings
+            are read into it (:data:`LEGACY_OPTIONS`).
         act_method: ``"elastic"`` (learned α, TBT), ``"minmax"`` (dynamic 8-bit, DQ-BART),
             ``"absmax-token"`` (BitNet), ``"elastic-shift"`` (BiT), ``"lsq"``, ``"lsq-plus"``
             (:mod:`tbt.quant.act_methods`), or ``"auto"``: minmax for 8-bit activations,
@@ -101,11 +104,9 @@ class QuantConfig:
     method: str = "tbt"
     variant: str = "paper"
     granularity: str | None = None
-    weight_clip: float = 2.5
     group_size: int = 128
     num_shards: int = 1
-    tequila_lambda: float = 1e-3
-    salient_frac: float = 0.1
+    method_options: Mapping[str, float] = ()  # type: ignore[assignment]  # stored as pairs
     act_method: str = "auto"
     act_clip: float = 2.5
     quantize_attention: bool = True
@@ -119,28 +120,24 @@ class QuantConfig:
         object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
         if self.unsigned_inputs is not None:
             object.__setattr__(self, "unsigned_inputs", tuple(self.unsigned_inputs))
-        _check_choice("variant", self.variant, VARIANTS)
-        if self.granularity is not None:
-            _check_choice("granularity", self.granularity, GRANULARITIES)
+        check_weight_fields(self.variant, self.granularity, self.group_size, self.num_shards)
         from tbt.quant.act_methods import check_act_method
-        from tbt.quant.weight import check_weight_method
+        from tbt.quant.weight_registry import check_weight_method, get_weight_method
 
         for what, b in (("embedding", e), ("weight", w)):
             if b is not None:
                 check_weight_method(self.method, b, what=f"{what} bits of bits={self.bits!r}")
         check_act_method(self.act_method, a)
-        for name in ("group_size", "num_shards"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int; got {v!r}")
-        if not 0.0 <= self.salient_frac <= 1.0:
-            raise ValueError(f"salient_frac must be in [0, 1] (PB-LLM uses 0.1); got "
-                             f"{self.salient_frac!r}")
-        if not self.tequila_lambda >= 0:
-            raise ValueError(f"tequila_lambda must be >= 0 (Tequila uses 1e-3); "
-                             f"got {self.tequila_lambda!r}")
-        if self.weight_clip <= 0 or self.act_clip <= 0:
-            raise ValueError("weight_clip and act_clip must be positive")
+        opts = self.method_options
+        opts = dict(opts) if isinstance(opts, Mapping) else dict(tuple(p) for p in opts)
+        if e is not None or w is not None:
+            opts = get_weight_method(self.method).resolve_options(opts)
+        elif opts:
+            raise ValueError(f"method_options {sorted(opts)} apply to quantized weights; "
+                             f"bits={self.bits!r} has none")
+        object.__setattr__(self, "method_options", tuple(opts))
+        if self.act_clip <= 0:
+            raise ValueError("act_clip must be positive")
         if self.version > CONFIG_VERSION:
             raise ValueError(
                 f"QuantConfig version {self.version} is newer than this tbt understands "
@@ -166,6 +163,18 @@ class QuantConfig:
             return self.act_method
         return "minmax" if self.act_bits == 8 else "elastic"
 
+    @property
+    def options(self) -> dict[str, float]:
+        """:attr:`method_options` as a dict."""
+        return dict(self.method_options)
+
+    def weight_spec(self, bits: int):
+        """The :class:`~tbt.quant.weight.WeightSpec` of ``bits``-bit weights under this config."""
+        from tbt.quant.weight import WeightSpec
+
+        return WeightSpec(bits, self.method, self.variant, self.granularity, self.group_size,
+                          self.num_shards, self.method_options)
+
     @classmethod
     def released(cls, bits: str = "2-2-8", **kw: Any) -> QuantConfig:
         """The released code (docs/numerics.md §5): no centring, identity STE, min shift."""
@@ -174,13 +183,16 @@ class QuantConfig:
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["method_options"] = self.options
         d["skip_modules"] = list(self.skip_modules)
         if self.unsigned_inputs is not None:
             d["unsigned_inputs"] = list(self.unsigned_inputs)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantConfig:
+        """The inverse of :meth:`to_dict`; reads the configs of older tbt versions too."""
+        d = read_legacy_options(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names - {"quant_method"})
         if unknown:
@@ -195,6 +207,43 @@ class QuantConfig:
         return cls.from_dict(json.loads(s))
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+# Top-level keys of older configs (and flat settings) -> the weight method option they set.
+LEGACY_OPTIONS = {"weight_clip": "clip", "tequila_lambda": "lambda", "salient_frac": "salient_frac"}
+
+
+def read_legacy_options(d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` with its :data:`LEGACY_OPTIONS` keys moved into ``method_options``.
+
+    Older configs carry all three whatever the method: a key becomes an option only for a
+    method that has that option (``weight_clip`` for ``twn`` ...). Given with
+    ``method_options`` too (a saved config and a ``--tequila-lambda`` flag), the key wins: the
+    flags are the last layer of the flat settings.
+    """
+    d = dict(d)
+    legacy = {LEGACY_OPTIONS[k]: d.pop(k) for k in list(d) if k in LEGACY_OPTIONS}
+    if not legacy:
+        return d
+    from tbt.quant.weight_registry import WEIGHT_METHODS
+
+    entry = WEIGHT_METHODS.get(d.get("method", "tbt"))
+    own = set(entry.options) if entry is not None else set()
+    given = d.get("method_options") or {}
+    opts = dict(given) if isinstance(given, Mapping) else dict(tuple(p) for p in given)
+    opts.update({k: v for k, v in legacy.items() if k in own and v is not None})
+    if opts:
+        d["method_options"] = opts
+    return d
+
+
+def check_weight_fields(variant: str, granularity: str | None, group_size: int,
+                        num_shards: int) -> None:
+    """The checks of the weight fields that do not depend on the method (``QuantConfig`` and
+    :class:`~tbt.quant.weight.WeightSpec` both run them); ``ValueError`` naming the fix."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is unknown; choose one of {list(VARIANTS)}")
+    if granularity is not None and granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is unknown; choose one of "
+                         f"{list(GRANULARITIES)} or None (the method's default)")
+    for name, v in (("group_size", group_size), ("num_shards", num_shards)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int; got {v!r}")

@@ -56,7 +56,7 @@ def _run(ws, name, *extra):
 def _ppl(model_dir, ws):
     from tbt.eval.metrics import perplexity
     from tbt.hf import load_pretrained
-    from tbt.train.data import DataConfig, build_dataloader, load_raw_splits, tokenize_rows
+    from tbt.data import DataConfig, build_dataloader, load_raw_splits, tokenize_rows
 
     model, tok = load_pretrained(model_dir)
     cfg = DataConfig(task="causal-lm", train_file=ws["eval"], max_length=32, max_train_samples=64)

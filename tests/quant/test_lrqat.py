@@ -9,13 +9,13 @@ import torch
 from conftest import make_tiny
 
 from tbt.config import QuantConfig
+from tbt.export.lrqat import merge_lrqat
 from tbt.quant.lrqat import (
     LRQATConfig,
     LRQATLinear,
     apply_lrqat,
     grid_ratio,
     lrqat_parameters,
-    merge_lrqat,
 )
 from tbt.quant.modules import QuantLinear, WeightSpec
 from tbt.quant.surgery import quantize_model

@@ -186,8 +186,8 @@ def test_registry_and_config_choices():
         assert type(make_act_quantizer(cfg, True, 16)) is cls
         assert QuantConfig.from_json(cfg.to_json()) == cfg
     assert make_act_quantizer(QuantConfig(bits="2-2-fp"), True) is None
-    with pytest.raises(ValueError, match=r"act_method='bogus' is not valid; choose one of "
-                                         r"\['auto', 'elastic'"):
+    with pytest.raises(ValueError, match=r"act_method='bogus' is unknown; choose one of "
+                                         r"\['auto', 'absmax-token', 'elastic'"):
         QuantConfig(act_method="bogus")
     with pytest.raises(ValueError, match="act_method='absmax-token' supports activation bits"):
         QuantConfig(bits="2-2-1", act_method="absmax-token")

@@ -23,7 +23,7 @@ CASES = [
     ("dlt", "fp-2-fp", {}),
     ("dlt-centred", "2-2-8", {"granularity": "group", "group_size": 16}),
     ("tequila", "fp-2-8", {"group_size": 16}),
-    ("tequila", "2-2-8", {"granularity": "row", "tequila_lambda": 0.05}),
+    ("tequila", "2-2-8", {"granularity": "row", "method_options": {"lambda": 0.05}}),
     ("trilm", "fp-2-fp", {"num_shards": 2}),
     ("bitnet-binary", "1-1-8", {}),
     ("tbt", "2-2-8", {"act_method": "absmax-token"}),

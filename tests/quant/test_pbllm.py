@@ -83,7 +83,8 @@ def test_tiny_llama_trains_and_exporter_keeps_it_fake_quantized(tmp_path):
     from tbt.hf import load_pretrained
 
     model = make_tiny("llama")
-    quantize_model(model, QuantConfig(bits="fp-1-8", method="pbllm", salient_frac=0.1))
+    quantize_model(model, QuantConfig(bits="fp-1-8", method="pbllm",
+                                      method_options={"salient_frac": 0.1}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     losses = []
@@ -104,7 +105,10 @@ def test_tiny_llama_trains_and_exporter_keeps_it_fake_quantized(tmp_path):
 
 
 def test_bad_salient_frac():
-    with pytest.raises(ValueError, match="salient_frac must be in"):
-        QuantConfig(bits="1-1-8", method="pbllm", salient_frac=1.5)
+    with pytest.raises(ValueError, match=r"pbllm option salient_frac must be a number >= 0\.0 "
+                                         r"and <= 1\.0"):
+        QuantConfig(bits="1-1-8", method="pbllm", method_options={"salient_frac": 1.5})
+    with pytest.raises(ValueError, match="salient_frac must be a number"):  # an old config key
+        QuantConfig.from_dict({"bits": "1-1-8", "method": "pbllm", "salient_frac": 1.5})
     with pytest.raises(ValueError, match="one binary scale per tensor"):
         PbllmQuantizer(1, (4, 4), "row")

@@ -10,6 +10,8 @@ Three kinds of check:
 
 from __future__ import annotations
 
+import ast
+
 import numpy as np
 import pytest
 import torch
@@ -224,7 +226,7 @@ def test_hand_twn_clip_threshold_and_grad_mask():
 def test_hand_twn_custom_clip_changes_stats():
     w = torch.tensor([[1.0, -0.125, 0.0625, 0.5]])
     # clip 0.25: [0.25, -0.125, 0.0625, 0.25], mean = 0.6875/4, Δ = 0.1203; α = 0.625/3
-    c, s = weight_codes(w, 2, "twn", clip=0.25)
+    c, s = weight_codes(w, 2, "twn", options={"clip": 0.25})
     assert c.tolist() == [[1, -1, 0, 1]] and s.item() == pytest.approx(0.625 / 3, rel=1e-7)
     # no clip in effect: mean = 1.6875/4, Δ = 0.2953; α = 0.75
     c, s = weight_codes(w, 2, "twn")
@@ -458,22 +460,28 @@ def test_dequantize():
 
 # ---- validation and registry -----------------------------------------------------------------
 
+BUILTIN_METHODS = ("absmean", "bitnet-binary", "bwn", "dlt", "dlt-centred", "lsq", "pbllm",
+                   "seq", "seq-int2", "tbt", "tequila", "trilm", "twn", "uniform")
+
+
 def test_unknown_method_message():
-    # the core methods and those of tbt.quant.weight_bitnet / weight_learned / tequila / pbllm
-    with pytest.raises(ValueError, match=r"method='foo' is unknown; choose one of "
-                                         r"\['absmean', 'bitnet-binary', 'bwn', 'dlt', "
-                                         r"'dlt-centred', 'lsq', 'pbllm', 'seq', 'seq-int2', "
-                                         r"'tbt', 'tequila', 'trilm', 'twn', 'uniform'\]"):
+    # the message lists every registered method, sorted: the core methods and those of
+    # tbt.quant.weight_bitnet / weight_learned / tequila / pbllm (and any added later)
+    with pytest.raises(ValueError, match=r"method='foo' is unknown; choose one of \[") as e:
         weight_codes(torch.ones(2, 2), 2, method="foo")
+    listed = ast.literal_eval(str(e.value).split("choose one of ")[1])
+    assert listed == sorted(listed) and set(BUILTIN_METHODS) <= set(listed)
+    assert set(listed) == set(WEIGHT_METHODS)
 
 
 @pytest.mark.parametrize("method,bits,fragment", [
     ("tbt", 3, r"method='tbt' supports bits in \(1, 2\) \(1 = binary, 2 = ternary\); got 3; "
                r"for 3-bit weights use one of \['lsq', 'uniform'\]"),
-    ("twn", 1, r"supports bits in \(2,\) \(2 = ternary\); got 1; .*"
-               r"\['bitnet-binary', 'bwn', 'lsq', 'pbllm', 'tbt'\]"),
-    ("bwn", 2, r"got 2; .*\['absmean', 'dlt', 'dlt-centred', 'lsq', 'seq', 'seq-int2', 'tbt', "
-               r"'tequila', 'trilm', 'twn'\]"),
+    # (the lists hold the other methods with those bits; a method added later may join them)
+    ("twn", 1, r"supports bits in \(2,\) \(2 = ternary\); got 1; for 1-bit weights use one "
+               r"of \['bitnet-binary', 'bwn', 'lsq', 'pbllm', (.*, )?'tbt'"),
+    ("bwn", 2, r"got 2; .*\['absmean', 'dlt', 'dlt-centred', 'lsq', 'seq', 'seq-int2', "
+               r"(.*, )?'tbt', 'tequila', 'trilm', 'twn'"),
     ("uniform", 2, r"supports bits in \(3, 4, 5, 6, 7, 8\); got 2"),
     ("absmean", 9, r"got 9; weight bits must be 1 \(binary\), 2 \(ternary\) or 3\.\.8"),
     ("tbt", True, r"got True; bits must be an int"),
@@ -497,7 +505,8 @@ def test_check_weight_method_what_and_valid():
     (dict(granularity="col"), r"granularity='col' is unknown; choose one of "
                               r"\['row', 'tensor', 'group', 'shard'\]"),
     (dict(variant="code"), r"variant='code' is unknown; choose one of \['paper', 'released'\]"),
-    (dict(method="twn", clip=0.0), r"clip must be positive"),
+    (dict(method="twn", options={"clip": 0.0}), r"twn option clip must be a number > 0"),
+    (dict(method="tbt", options={"clip": 1.0}), r"method='tbt' has no option\(s\) \['clip'\]"),
 ])
 def test_bad_arguments(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -531,7 +540,7 @@ def test_registry_contents_and_registration():
     from tbt.quant.weight import QuantizedWeight
 
     @register_weight_method("x_sign", bits=(1,), default_granularity="tensor")
-    def _sign(w, bits, *, per_row, variant, clip, want_mask):
+    def _sign(w, spec, *, per_row, want_mask):
         return QuantizedWeight(torch.sign(w).to(torch.int8), w.abs().amax().reshape(1, 1), None)
 
     try:

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from tbt.train.data import (
+from tbt.data import (
     DataConfig,
     build_dataloader,
     load_raw_splits,
@@ -120,7 +120,7 @@ def test_empty_rows_skipped_and_counted(tmp_path, caplog):
     rows = ROWS[:3] + [{"document": "  ", "summary": "x"}, {"document": "y", "summary": None},
                        {"document": "z"}]
     f = write_jsonl(tmp_path / "d.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="tbt.train.data"):
+    with caplog.at_level(logging.WARNING, logger="tbt.data"):
         out = load_raw_splits(DataConfig(train_file=f))["train"]
     assert [r["target"] for r in out] == ["Topic 0.", "Topic 1.", "Topic 2."]
     assert "skipped 3 of 6 rows" in caplog.text
@@ -171,7 +171,7 @@ def test_tokenize_truncates_keeps_eos_and_counts(tok, caplog):
     rows = [{"source": "short", "target": "Topic 1."},
             {"source": " ".join(["Document number"] * 30), "target": "Topic 2."}]
     cfg = DataConfig(max_source_length=8, max_target_length=64)
-    with caplog.at_level(logging.INFO, logger="tbt.train.data"):
+    with caplog.at_level(logging.INFO, logger="tbt.data"):
         out = tokenize_rows(rows, tok, cfg)
     assert "truncated 1 of 2 source sequences to 8 tokens" in caplog.text
     assert out[0]["input_ids"] == tok("short")["input_ids"]

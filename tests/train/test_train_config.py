@@ -10,7 +10,7 @@ from tbt.cli import build_parser
 from tbt.cli.train import resolve_settings
 from tbt.config import QuantConfig
 from tbt.train.config import DistillConfig, TrainConfig, load_config_file, merge_settings
-from tbt.train.data import DataConfig
+from tbt.data import DataConfig
 
 BASE = dict(model="bart-tiny", tokenizer="tok", train_file="t.jsonl", output_dir="out",
             max_steps=10)

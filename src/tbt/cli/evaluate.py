@@ -138,7 +138,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from tbt.eval.evaluate import evaluate
-    from tbt.train.data import DataConfig, load_raw_splits
+    from tbt.data import DataConfig, load_raw_splits
 
     _check_args(args)
     metrics = args.metrics or (["bleu"] if args.source_lang else ["rouge"])

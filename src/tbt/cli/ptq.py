@@ -118,7 +118,7 @@ def _load(args: argparse.Namespace):
 
 
 def _loader(path: str, n: int, args: argparse.Namespace, tok, causal: bool):
-    from tbt.train.data import DataConfig, build_dataloader, load_raw_splits, tokenize_rows
+    from tbt.data import DataConfig, build_dataloader, load_raw_splits, tokenize_rows
 
     cfg = DataConfig(task="causal-lm" if causal else "seq2seq", train_file=path,
                      text_column=args.text_column, source_column=args.source_column,

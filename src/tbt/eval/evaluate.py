@@ -211,7 +211,7 @@ def generate_predictions(model: Any, tokenizer: Any, sources: Sequence[str],
 def _perplexity(model: Any, tokenizer: Any, rows: Sequence[dict], task: str, batch_size: int,
                 device: Any, max_source_length: int | None) -> float:
     from tbt.eval.metrics import perplexity
-    from tbt.train.data import DataConfig, build_dataloader, tokenize_rows
+    from tbt.data import DataConfig, build_dataloader, tokenize_rows
 
     limit = max_source_length or _max_source_length(model, tokenizer)
     _ensure_pad_token(tokenizer)
@@ -242,7 +242,7 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], metrics: Sequence
     """Evaluate ``model`` on ``rows`` and (if ``output_dir``) write the results there.
 
     Args:
-        rows: ``{"source", "target"}`` rows (from :func:`tbt.train.data.load_raw_splits`), or
+        rows: ``{"source", "target"}`` rows (from :func:`tbt.data.load_raw_splits`), or
             ``{"text"}`` rows for causal-LM perplexity.
         metrics: any of ``"rouge"`` (rouge1/rouge2/rougeL/rougeLsum), ``"bleu"`` (bleu, chrf),
             ``"perplexity"``.

@@ -48,54 +48,34 @@ from tbt.export.cached import CachedModule, float_linear
 from tbt.export.format import Packing
 from tbt.export.lm_head import Int8Linear
 from tbt.export.pack import pack, unpack
-from tbt.quant.activation import ElasticQuantizer, MinMaxQuantizer
 from tbt.quant.modules import QuantEmbedding, QuantLinear, WeightSpec
 from tbt.quant.weight import dequantize
 from tbt.runtime.linear import ActSpec, PackedLinearNP, kernel_unavailable_reason
 
 __all__ = ["PackedLinear", "PackedEmbedding", "convert_model", "packing_for_bits",
-           "pack_codes", "unpack_codes", "act_spec_of", "register_act_spec", "set_backend",
+           "pack_codes", "unpack_codes", "act_spec_of", "set_backend",
            "BACKENDS"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "native", "torch")  # module backends; "auto": native if the C library loads
 
-_ACT_SPECS: dict[type, object] = {}
-
-
-def register_act_spec(cls: type):
-    """Decorator: ``fn(quantizer module) -> ActSpec`` for an activation-quantizer class."""
-    def deco(fn):
-        _ACT_SPECS[cls] = fn
-        return fn
-    return deco
-
-
-@register_act_spec(MinMaxQuantizer)
-def _minmax_spec(q: MinMaxQuantizer) -> ActSpec:
-    return ActSpec("minmax", q.bits, q.signed, clip=q.clip)
-
-
-@register_act_spec(ElasticQuantizer)
-def _elastic_spec(q: ElasticQuantizer) -> ActSpec:
-    return ActSpec("elastic", q.bits, q.signed, variant=q.variant,
-                   alpha=float(q.alpha.detach().float()))
-
 
 def act_spec_of(act_quant: nn.Module | None) -> ActSpec | None:
     """The runtime description of a trained activation quantizer (None for float inputs).
 
     Raises:
-        KeyError: a quantizer class with no registered description.
+        KeyError: a quantizer class without its own ``runtime_spec()``.
     """
     if act_quant is None:
         return None
-    fn = _ACT_SPECS.get(type(act_quant))
+    # defined on the class itself: a subclass of ElasticQuantizer (BiT's shift, LSQ) computes
+    # something else and has no runtime kernel unless it says so
+    fn = type(act_quant).__dict__.get("runtime_spec")
     if fn is None:
         raise KeyError(f"no ActSpec for activation quantizer {type(act_quant).__name__}; "
-                       f"register one with tbt.export.convert.register_act_spec")
-    return fn(act_quant)  # type: ignore[operator]
+                       f"give the class a runtime_spec() method")
+    return fn(act_quant)
 
 
 def packing_for_bits(bits: int) -> Packing:
@@ -358,12 +338,6 @@ class PackedEmbedding(_PackedBase):
                 f"{self.packing.value}, embed_scale={self.embed_scale}")
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def convert_model(model: nn.Module, skeleton: bool = False) -> nn.Module:
     """Replace 1/2-bit ``QuantLinear``/``QuantEmbedding`` by packed modules, in place.
 
@@ -393,7 +367,7 @@ def convert_model(model: nn.Module, skeleton: bool = False) -> nn.Module:
             new = PackedEmbedding.from_quant(mod, None if tied is None else tied[1], skeleton)
         if tied is None and not transposed:
             shared[id(mod.weight)] = (spec, (new.packed, new.scale, new.offset))
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
         n += 1
     if n == 0:
         raise ValueError("convert_model found no 1/2-bit QuantLinear/QuantEmbedding to pack")

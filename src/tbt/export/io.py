@@ -146,18 +146,13 @@ def _lm_head_entry(model: nn.Module) -> dict[str, Any]:
     return {"name": name, "format": "fp"}
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 def _quantize_lm_head(model: nn.Module) -> None:
     name = output_embedding_name(model)
     head = model.get_submodule(name) if name else None
     if not isinstance(head, nn.Linear):
         raise ValueError(f"lm_head='int8' needs an nn.Linear output projection; "
                          f"{type(model).__name__} has {type(head).__name__}")
-    _set_submodule(model, name, Int8Linear.from_float(head))
+    model.set_submodule(name, Int8Linear.from_float(head))
 
 
 LM_HEAD_READ_FORMATS = (*LM_HEAD_FORMATS, "packed")  # "packed": a layer of tbt.layers
@@ -415,13 +410,13 @@ def _build_skeleton(config, model_class: str | None, qcfg, lm_head: dict,
             old = model.get_submodule(name)
             dtype = old.weight.dtype if isinstance(getattr(old, "weight", None),
                                                    torch.Tensor) else torch.float32
-            _set_submodule(model, name, SchemeLinear.skeleton(
+            model.set_submodule(name, SchemeLinear.skeleton(
                 info, f"{name}.bias" in (tensors or {}), dtype))
     if lm_head.get("format") == "int8":
         name = lm_head.get("name") or output_embedding_name(model)
         old = model.get_submodule(name)
         n, k = lm_head["shape"]
-        _set_submodule(model, name, Int8Linear(k, n, getattr(old, "bias", None) is not None,
+        model.set_submodule(name, Int8Linear(k, n, getattr(old, "bias", None) is not None,
                                                old.weight.dtype))
     return model
 
@@ -525,7 +520,7 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
         logger.info("tbt: the packed layers run on tbt's own thread pool (TBT_NUM_THREADS); "
                     "for decoding, torch.set_num_threads(1) is usually faster, as torch is "
                     "left only small ops (docs/kernels.md)")
-    from tbt.ptq.save import attach_adapters  # EoRA adapters saved next to the weights
+    from tbt.export.adapters import attach_adapters  # EoRA adapters saved next to the weights
 
     attach_adapters(model, directory)
     return model

@@ -113,11 +113,17 @@ def _ptqtp_encode(t: dict[str, Tensor], cfg: Any):
              "alpha": alpha.contiguous()})
 
 
+def dequantize_planes(t1: Tensor, t2: Tensor, alpha: Tensor) -> Tensor:
+    """``α¹ ⊙ t¹ + α² ⊙ t²`` as float32 ``(out, in)``; ``alpha (out, n_groups, 2)``."""
+    out, k = t1.shape
+    ng = alpha.shape[1]
+    a = alpha.repeat_interleave(k // ng, dim=1)  # (out, in, 2)
+    return a[..., 0] * t1.to(torch.float32) + a[..., 1] * t2.to(torch.float32)
+
+
 @register_scheme("ptqtp", 2, _ptqtp_layout, _ptqtp_encode)
 def _ptqtp_decode(s: dict[str, Tensor], n: int, k: int, p: dict) -> Tensor:
-    """``α¹ ⊙ t¹ + α² ⊙ t²`` (:func:`tbt.ptq.ptqtp.dequantize_planes`)."""
-    from tbt.ptq.ptqtp import dequantize_planes
-
+    """``α¹ ⊙ t¹ + α² ⊙ t²`` (:func:`dequantize_planes`)."""
     return dequantize_planes(_codes(s["plane1"], T2, k), _codes(s["plane2"], T2, k), s["alpha"])
 
 

@@ -1,8 +1,8 @@
 """Hugging Face integration: load and save tbt models through transformers.
 
 ``load_pretrained(path)`` is the one call that loads any tbt checkpoint (full precision or
-fake-quantized) with its tokenizer; it imports :mod:`tbt.hf.quantizer` first, which registers the
-``"tbt"`` quantization method with transformers.
+fake-quantized) with its tokenizer; it calls :func:`register` first, which registers the
+``"tbt"`` quantization method (:mod:`tbt.quant.hf_quantizer`) with transformers.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Any
 
 def register() -> None:
     """Register tbt's quantizer and attention function with transformers (idempotent)."""
-    import tbt.hf.quantizer  # noqa: F401  (registration side effect)
     from tbt.models import register as register_models
     from tbt.quant.attention import register_attention
+    from tbt.quant.hf_quantizer import register_hf_quantizer
 
+    register_hf_quantizer()
     register_attention()
     register_models()  # tbt's own architectures (the MatMul-free LM) for the Auto classes
 

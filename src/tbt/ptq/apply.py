@@ -144,11 +144,6 @@ def _quantize_layer(name: str, mod: nn.Module, stats: LayerStats, cfg: PTQConfig
     return new
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def quantize_model_ptq(model: nn.Module, cfg: PTQConfig,
                        batches: list[dict[str, torch.Tensor]] | None = None) -> PTQReport:
     """Quantize ``model``'s linears in place with ``cfg``; returns the :class:`PTQReport`.
@@ -176,7 +171,7 @@ def quantize_model_ptq(model: nn.Module, cfg: PTQConfig,
         for name, mod in group:
             new = _quantize_layer(name, mod, stats[name], cfg, report)
             if new is not mod:
-                _set_submodule(model, name, new)
+                model.set_submodule(name, new)
         if calib:
             calib.advance(index)
         logger.info("ptq: %s done (%d linears)", group[0][0].rsplit(".", 1)[0], len(group))
@@ -192,5 +187,5 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             w = get_weight(mod.base).detach().to(torch.float32)
             a, b = mod.factors()
             set_weight(mod.base, w + b @ a)
-            _set_submodule(model, name, mod.base)
+            model.set_submodule(name, mod.base)
     return model

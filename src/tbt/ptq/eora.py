@@ -28,8 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from tbt.export.adapters import LowRankAdapter  # noqa: F401  (built here, run at export)
 
 ADAPTER_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                   "int8": torch.int8}  # int8: per-row symmetric codes + a float32 scale per row
@@ -81,49 +82,6 @@ def weighted_error(delta_w: Tensor, gram: Tensor) -> float:
     """``tr(Δ·C·Δᵀ) = ‖Δ·Xᵀ‖²_F`` in float64."""
     d = delta_w.to(torch.float64)
     return float(((d @ gram.to(torch.float64)) * d).sum())
-
-
-class LowRankAdapter(nn.Module):
-    """``y = base(x) + F.linear(F.linear(x, A), B)``: a rank-r branch beside a quantized layer.
-
-    ``A`` ``(r, in)`` and ``B`` ``(out, r)`` are stored at their dtype; int8 factors come with a
-    float32 scale per row (``lora_a_scale`` ``(r, 1)``, ``lora_b_scale`` ``(out, 1)``).
-    """
-
-    def __init__(self, base: nn.Module, a: Tensor, b: Tensor, a_scale: Tensor | None = None,
-                 b_scale: Tensor | None = None) -> None:
-        super().__init__()
-        if (a.dtype == torch.int8) != (a_scale is not None) or \
-                (b.dtype == torch.int8) != (b_scale is not None):
-            raise ValueError("int8 adapter factors need their per-row scales (and only they)")
-        self.base = base
-        self.register_buffer("lora_a", a)  # (r, in)
-        self.register_buffer("lora_b", b)  # (out, r)
-        self.register_buffer("lora_a_scale", a_scale)
-        self.register_buffer("lora_b_scale", b_scale)
-        self.enabled = True  # False: the base layer alone (to measure the uncompensated model)
-
-    @property
-    def weight(self) -> Tensor:  # what generic code reads (dtype/device); the base's weight
-        return self.base.weight
-
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """``(A, B)`` in float32 (int8 codes times their row scales)."""
-        a, b = self.lora_a.float(), self.lora_b.float()
-        if self.lora_a_scale is not None:
-            a = a * self.lora_a_scale
-        if self.lora_b_scale is not None:
-            b = b * self.lora_b_scale
-        return a, b
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled:
-            return self.base(x)
-        a, b = self.factors()  # the branch runs in float32 whatever the storage dtype
-        return self.base(x) + F.linear(F.linear(x.float(), a), b).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"rank={self.lora_a.shape[0]}, dtype={self.lora_a.dtype}"
 
 
 def int8_rows(t: Tensor) -> tuple[Tensor, Tensor]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tbt.export.ptq_layers import dequantize_planes
 from tbt.ptq.registry import SCALE_BITS, LayerQuant, LayerStats, register_ptq_method
 from tbt.ptq.rtn import code_bits
 
@@ -155,14 +156,6 @@ def ptqtp(w: Tensor, cfg: PTQTPConfig = PTQTPConfig()
     shape = (out, k)
     return (t1.reshape(shape).to(torch.int8), t2.reshape(shape).to(torch.int8),
             alpha.reshape(out, k // g, 2).to(torch.float32), history)
-
-
-def dequantize_planes(t1: Tensor, t2: Tensor, alpha: Tensor) -> Tensor:
-    """``α¹ ⊙ t¹ + α² ⊙ t²`` as float32 ``(out, in)``; ``alpha (out, n_groups, 2)``."""
-    out, k = t1.shape
-    ng = alpha.shape[1]
-    a = alpha.repeat_interleave(k // ng, dim=1)  # (out, in, 2)
-    return a[..., 0] * t1.to(torch.float32) + a[..., 1] * t2.to(torch.float32)
 
 
 @register_ptq_method("ptqtp", PTQTPConfig, needs_gram=False,

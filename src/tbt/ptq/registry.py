@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import Tensor
 
+from tbt.registry import Registry
+
 SCALE_BITS = 16  # every scale/offset is counted as float16 (docs/ptq.md, "bits per weight")
 
 __all__ = ["SCALE_BITS", "LayerQuant", "LayerStats", "PTQMethod", "PTQ_METHODS",
@@ -68,32 +70,29 @@ class PTQMethod:
     summary: str
 
 
-PTQ_METHODS: dict[str, PTQMethod] = {}
+def load_builtin_methods() -> None:
+    """Import the modules that register tbt's own PTQ methods (the one loading step)."""
+    from tbt.ptq import billm, pbllm, ptqtp, rtn  # noqa: F401
+
+
+PTQ_METHODS: Registry[PTQMethod] = Registry("PTQ method", load_builtin_methods)
 
 
 def register_ptq_method(name: str, config_cls: type, needs_gram: bool, summary: str
                         ) -> Callable[[QuantizeFn], QuantizeFn]:
     """Decorator: register ``fn(w, stats, cfg) -> LayerQuant`` as PTQ method ``name``."""
-    if name in PTQ_METHODS:
-        raise ValueError(f"PTQ method {name!r} is already registered; pick another name")
+    PTQ_METHODS.check_free(name)
 
     def deco(fn: QuantizeFn) -> QuantizeFn:
-        PTQ_METHODS[name] = PTQMethod(name, config_cls, needs_gram, fn, summary)
+        PTQ_METHODS.add(name, PTQMethod(name, config_cls, needs_gram, fn, summary))
         return fn
 
     return deco
 
 
-def _load_all() -> None:
-    # importing the method modules registers them (kept out of `import tbt`)
-    from tbt.ptq import billm, pbllm, ptqtp, rtn  # noqa: F401
-
-
 def get_ptq_method(name: str) -> PTQMethod:
-    _load_all()
-    if name not in PTQ_METHODS:
-        raise ValueError(f"unknown PTQ method {name!r}; choose one of {sorted(PTQ_METHODS)}")
-    return PTQ_METHODS[name]
+    """The registry entry of ``name``; ``ValueError`` naming the choices if unknown."""
+    return PTQ_METHODS.get_entry(name)
 
 
 def make_method_config(name: str, options: dict[str, Any]) -> Any:

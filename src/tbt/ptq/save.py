@@ -31,100 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from tbt.export.adapters import (ADAPTERS_NAME, LowRankAdapter, adapters_state,  # noqa: F401
+                                 attach_adapters, save_adapters)
 from tbt.ptq.apply import PTQConfig, merge_adapters
-from tbt.ptq.eora import LowRankAdapter
 
-ADAPTERS_NAME = "eora_adapters.safetensors"
 PACKED_SCHEMES = {"ptqtp": "ptqtp", "pbllm": "pbllm", "billm": "billm"}  # method -> scheme
 PACKED_UNSUPPORTED = {
     "rtn": "RTN at 3..8 bits: uniform codes have no packing (1 or 2 bits only)",
 }
-
-
-def adapters_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{<layer>.lora_a, <layer>.lora_b}`` of every :class:`LowRankAdapter` in ``model``."""
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, LowRankAdapter):
-            for key in ("lora_a", "lora_b", "lora_a_scale", "lora_b_scale"):
-                t = getattr(mod, key)
-                if t is not None:
-                    out[f"{name}.{key}"] = t.detach().cpu().contiguous()
-    return out
-
-
-def save_adapters(state: dict[str, torch.Tensor], directory: str) -> None:
-    from safetensors.torch import save_file
-
-    ranks = {k[: -len(".lora_a")]: int(v.shape[0]) for k, v in state.items()
-             if k.endswith(".lora_a")}
-    from tbt.export.integrity import TENSOR_DIGESTS_KEY, array_digest
-    from tbt.export.io import _tensor_bytes
-
-    digests = {k: array_digest(_tensor_bytes(v)) for k, v in state.items()}
-    save_file(state, os.path.join(directory, ADAPTERS_NAME),
-              metadata={"tbt.eora.ranks": json.dumps(ranks, sort_keys=True),
-                        TENSOR_DIGESTS_KEY: json.dumps(digests, sort_keys=True)})
-
-
-def attach_adapters(model: nn.Module, directory: str | os.PathLike) -> int:
-    """Wrap every layer named in ``directory/eora_adapters.safetensors`` in a
-    :class:`LowRankAdapter` (``y = layer(x) + B(A x)``, the branch in float32); returns how many.
-
-    ``load_packed`` calls this, so a packed RTN checkpoint with EoRA adapters runs them on the
-    packed runtime. A name that matches no layer, or factors whose shapes do not fit it, raise
-    ``ValueError`` naming the layer. The file records the sha256 of each tensor
-    (``tbt.tensor_sha256``, as the packed file does): a damaged file is a ``FormatError``.
-    """
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    from tbt.export.format import FormatError
-    from tbt.export.integrity import TENSOR_DIGESTS_KEY, verify_array
-    from tbt.export.io import _tensor_bytes
-
-    path = os.path.join(os.fspath(directory), ADAPTERS_NAME)
-    if not os.path.isfile(path):
-        return 0
-    try:
-        with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get(TENSOR_DIGESTS_KEY)
-        state = load_file(path)
-        digests = None if raw is None else json.loads(raw)
-    except (SafetensorError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path} is not a readable adapters file ({e}): truncated or "
-                          f"corrupted") from e
-    if digests is not None:  # files written before the checksums have none
-        if not isinstance(digests, dict) or set(digests) != set(state):
-            raise FormatError(f"{path}: {TENSOR_DIGESTS_KEY} does not list its tensors: a "
-                              f"corrupted file, save it again")
-        for k, t in state.items():
-            verify_array(k, _tensor_bytes(t), digests, path)
-    names = sorted(k[: -len(".lora_a")] for k in state if k.endswith(".lora_a"))
-    modules = dict(model.named_modules())
-    for name in names:
-        base = modules.get(name)
-        a, b = state[f"{name}.lora_a"], state.get(f"{name}.lora_b")
-        if base is None or b is None:
-            raise ValueError(f"{path}: adapter {name!r} has no layer (or no lora_b) in the model")
-        out_f, in_f = getattr(base, "out_features", None), getattr(base, "in_features", None)
-        if (b.shape[0], a.shape[1]) != (out_f, in_f) or a.shape[0] != b.shape[1]:
-            raise ValueError(f"{path}: adapter {name!r} has A {tuple(a.shape)}, B "
-                             f"{tuple(b.shape)}; the layer is {in_f} -> {out_f}")
-        parent, _, child = name.rpartition(".")
-        dev = _device(base)
-        scales = {f"{k}_scale": state[f"{name}.lora_{k}_scale"].to(dev) for k in ("a", "b")
-                  if f"{name}.lora_{k}_scale" in state}
-        setattr(modules[parent] if parent else model, child,
-                LowRankAdapter(base, a.to(dev), b.to(dev), **scales))
-    return len(names)
-
-
-def _device(mod: nn.Module) -> torch.device:
-    t = next(iter(mod.buffers()), None)
-    if t is None:
-        t = next(iter(mod.parameters()), None)
-    return t.device if t is not None else torch.device("cpu")
 
 
 def save_ptq_checkpoint(model: nn.Module, tokenizer: Any, cfg: PTQConfig, directory: str) -> None:
@@ -192,12 +106,10 @@ def save_packed_ptq(ptq_model: nn.Module, report, cfg: PTQConfig, directory: str
     if missing:
         raise ValueError(f"the PTQ report has no stored tensors for {missing[0]} (and "
                          f"{len(missing) - 1} more): run with PTQConfig(keep_tensors=True)")
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    swapped: list[tuple[str, nn.Module]] = []
     try:
         for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = ptq_model.get_submodule(parent_name) if parent_name else ptq_model
-            old = getattr(parent, child)
+            old = ptq_model.get_submodule(name)
             base = old.base if isinstance(old, LowRankAdapter) else old
             w_hat = get_weight(base).detach().to(torch.float32).cpu()
             new = SchemeLinear.from_method(scheme, tuple(w_hat.shape), report.tensors[name],
@@ -206,12 +118,12 @@ def save_packed_ptq(ptq_model: nn.Module, report, cfg: PTQConfig, directory: str
             if err > atol * max(float(w_hat.abs().max()), 1e-30):
                 raise RuntimeError(f"{name}: the stored {scheme} codes rebuild the PTQ weight "
                                    f"with max error {err:.3g}: not written (a bug: report it)")
-            setattr(parent, child, new.to(base.weight.device))
-            swapped.append((parent, child, old))
+            ptq_model.set_submodule(name, new.to(base.weight.device))
+            swapped.append((name, old))
         save_packed(ptq_model, directory)
     finally:
-        for parent, child, old in reversed(swapped):
-            setattr(parent, child, old)
+        for name, old in reversed(swapped):
+            ptq_model.set_submodule(name, old)
     state = adapters_state(ptq_model)
     if state:
         save_adapters(state, directory)

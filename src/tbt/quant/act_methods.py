@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tbt.registry import Registry
 from tbt.quant.activation import (ALPHA_EPS, ElasticQuantizer, ElasticSpec, MinMaxQuantizer,
                                   _all_reduce_sum_, _compute_dtype, _elastic_value,
                                   _ElasticQuantize, _warn_uninitialized, _world_size)
@@ -71,16 +72,15 @@ class ActMethod:
     factory: ActFactory
 
 
-ACT_METHODS: dict[str, ActMethod] = {}
+ACT_METHODS: Registry[ActMethod] = Registry("activation method", reserved=("auto",))
 
 
 def register_act_method(name: str, bits: tuple[int, ...]) -> Callable[[ActFactory], ActFactory]:
     """Decorator: ``factory(cfg, bits, signed, channels) -> nn.Module`` as ``act_method=name``."""
-    if name in ACT_METHODS or name == "auto":
-        raise ValueError(f"activation method {name!r} is already registered; pick another name")
+    ACT_METHODS.check_free(name)
 
     def deco(factory: ActFactory) -> ActFactory:
-        ACT_METHODS[name] = ActMethod(name, tuple(bits), factory)
+        ACT_METHODS.add(name, ActMethod(name, tuple(bits), factory))
         return factory
 
     return deco
@@ -90,10 +90,7 @@ def check_act_method(name: str, bits: int | None) -> None:
     """``ValueError`` naming the choices unless ``name`` (or ``auto``) supports ``bits``."""
     if name == "auto":
         return
-    entry = ACT_METHODS.get(name)
-    if entry is None:
-        raise ValueError(f"act_method={name!r} is not valid; choose one of "
-                         f"{['auto', *ACT_METHODS]}")
+    entry = ACT_METHODS.get_entry(name, "act_method")
     if bits is not None and bits not in entry.bits:
         fits = [n for n, m in ACT_METHODS.items() if bits in m.bits]
         raise ValueError(f"act_method={name!r} supports activation bits {entry.bits}; got "

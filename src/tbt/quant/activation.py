@@ -71,12 +71,16 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from tbt.config import VARIANTS
 from tbt.quant import fused as _fused
+
+if TYPE_CHECKING:
+    from tbt.runtime.linear import ActSpec
 
 __all__ = ["ElasticQuantizer", "MinMaxQuantizer", "calibrate", "elastic_quantize",
            "minmax_quantize", "initial_alpha", "elastic_spec", "ElasticSpec", "VARIANTS",
@@ -84,7 +88,6 @@ __all__ = ["ElasticQuantizer", "MinMaxQuantizer", "calibrate", "elastic_quantize
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("paper", "released")
 ALPHA_EPS = 1e-5  # α_c = max(α, 1e-5), released code's guard
 ASYM_EPS = 1e-8  # DQ-BART AsymQuantizer: range + 1e-8
 
@@ -337,6 +340,16 @@ class ElasticQuantizer(nn.Module):
                 _warn_uninitialized()
         return elastic_quantize(x, self.alpha, self.bits, self.signed, self.variant)
 
+    def runtime_spec(self) -> ActSpec:
+        """How the packed runtime quantizes this input (:class:`tbt.runtime.linear.ActSpec`).
+
+        Read on this class only, not on subclasses (they compute something else).
+        """
+        from tbt.runtime.linear import ActSpec
+
+        return ActSpec("elastic", self.bits, self.signed, variant=self.variant,
+                       alpha=float(self.alpha.detach().float()))
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, variant={self.variant!r}"
 
@@ -408,6 +421,12 @@ class MinMaxQuantizer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return minmax_quantize(x, self.bits, self.signed, self.clip)
+
+    def runtime_spec(self) -> ActSpec:
+        """How the packed runtime quantizes this input (:class:`tbt.runtime.linear.ActSpec`)."""
+        from tbt.runtime.linear import ActSpec
+
+        return ActSpec("minmax", self.bits, self.signed, clip=self.clip)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, clip={self.clip}"

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from tbt.config import GRANULARITIES
+
 __all__ = ["GRANULARITIES", "check_units", "unit_shape", "to_units", "scale_from_units",
            "expand_scale"]
-
-GRANULARITIES = ("row", "tensor", "group", "shard")
 
 
 def _divisors(n: int) -> list[int]:

@@ -39,7 +39,7 @@ and ≤ ``2^−(f+1)`` elsewhere.
 ``torch.utils.checkpoint`` (non-reentrant), so the full-size ``Z`` and ``Ŵ`` are recomputed in
 backward instead of stored.
 
-After training, :func:`merge_lrqat` replaces every :class:`LRQATLinear` by a plain
+After training, :func:`tbt.export.lrqat.merge_lrqat` replaces every :class:`LRQATLinear` by a plain
 :class:`~tbt.export.convert.PackedLinear` holding ``grid(Z)`` and ``s``: no adapter is left,
 and ``save_packed`` / ``load_packed`` treat the model as any tbt checkpoint. In eval mode the
 merged model's logits equal the LR-QAT model's bit for bit (both compute
@@ -62,7 +62,7 @@ from tbt.quant.modules import QuantLinear, WeightSpec
 from tbt.quant.weight import ABSMEAN_EPS, dequantize, weight_codes
 
 __all__ = ["GRIDS", "LRQATConfig", "LRQATLinear", "STORAGES", "apply_lrqat", "grid_ratio",
-           "lrqat_parameters", "merge_lrqat"]
+           "lrqat_parameters"]
 
 
 # ---- grids: code set, STE window, and the cell of each code (for the storage nudge) --------
@@ -200,8 +200,7 @@ def grid_ratio(w: Tensor, spec: WeightSpec) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(f"LR-QAT has grids for 1 (binary) and 2 (ternary) bits; got "
                          f"{spec.bits}-bit weights")
     w32 = w.detach().to(torch.float32)
-    codes, s0 = weight_codes(w32, spec.bits, spec.method, spec.variant, spec.granularity,
-                             spec.clip)
+    codes, s0 = weight_codes(w32, spec)
     s0 = s0.to(torch.float32).expand(w32.shape[0], 1).contiguous()
     div = s0 + ABSMEAN_EPS if spec.method == "absmean" else s0.masked_fill(s0 == 0, 1.0)
     phi = ((w32 - _centre(w32, spec)) / div).clamp_(-1.0, 1.0)
@@ -295,20 +294,6 @@ class LRQATLinear(nn.Module):
             return _checkpoint(self._linear, x, use_reentrant=False)
         return self._linear(x)
 
-    def to_packed(self):
-        """The merged :class:`~tbt.export.convert.PackedLinear` (codes ``grid(Z)``, scale s)."""
-        from tbt.export.convert import PackedLinear, pack_codes
-
-        new = PackedLinear(self.in_features, self.out_features, self.bits,
-                           bias=self.bias is not None, act_quant=self.act_quant,
-                           dtype=self.weight_dtype)
-        dev = self.phi.device
-        new.packed = pack_codes(self.codes(), new.packing).to(dev)
-        new.scale = self.scale.detach().to(torch.float32).reshape(-1).clone()
-        if self.bias is not None:
-            new.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
-        return new.to(dev)
-
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"in={self.in_features}, out={self.out_features}, {self.bits}-bit grid, "
@@ -316,12 +301,6 @@ class LRQATLinear(nn.Module):
 
 
 # ---- model-level verbs -----------------------------------------------------------------------
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
 
 def apply_lrqat(model: nn.Module, cfg: LRQATConfig) -> nn.Module:
     """Replace every 1/2-bit ``QuantLinear`` of a quantized model by :class:`LRQATLinear`.
@@ -339,7 +318,7 @@ def apply_lrqat(model: nn.Module, cfg: LRQATConfig) -> nn.Module:
                          "(quantize_model with ternary or binary weights)")
     model.requires_grad_(False)
     for name, mod in targets:
-        _set_submodule(model, name, LRQATLinear.from_quant(mod, cfg))
+        model.set_submodule(name, LRQATLinear.from_quant(mod, cfg))
     for m in model.modules():
         if isinstance(m, LRQATLinear):
             for p in (m.lora_a, m.lora_b, m.scale):
@@ -356,24 +335,3 @@ def lrqat_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
         if p.requires_grad:
             groups["ab" if name.endswith(("lora_a", "lora_b")) else "scales"].append(p)
     return groups
-
-
-def merge_lrqat(model: nn.Module) -> nn.Module:
-    """Replace every :class:`LRQATLinear` by its merged ``PackedLinear`` and convert the rest.
-
-    Remaining 1/2-bit ``QuantLinear``/``QuantEmbedding`` layers are packed with
-    :func:`~tbt.export.convert.convert_model`, so the result is a fully converted model that
-    :func:`~tbt.export.io.save_packed` writes as a plain tbt checkpoint. In place; returns it.
-    """
-    from tbt.export.convert import convert_model
-    from tbt.quant.modules import QuantEmbedding
-
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, LRQATLinear)]
-    if not found:
-        raise ValueError("merge_lrqat found no LRQATLinear (apply_lrqat was not run)")
-    for name, mod in found:
-        _set_submodule(model, name, mod.to_packed())
-    if any(isinstance(m, (QuantLinear, QuantEmbedding)) and m.weight_spec is not None
-           and m.weight_spec.bits in GRIDS for m in model.modules()):
-        convert_model(model)
-    return model

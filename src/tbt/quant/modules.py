@@ -17,67 +17,11 @@ Both modules only wire specs to functions; every formula lives in :mod:`tbt.quan
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tbt.quant.weight import (WEIGHT_METHODS, PackedLayout, PackedWeight, quantize_weight,
-                              weight_codes)
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    """How one weight matrix is quantized (a resolved slice of :class:`tbt.QuantConfig`)."""
-
-    bits: int
-    method: str = "tbt"
-    variant: str = "paper"
-    granularity: str | None = None
-    clip: float = 2.5
-    group_size: int = 128
-    num_shards: int = 1
-
-    def __call__(self, w: Tensor) -> Tensor:
-        return quantize_weight(
-            w, self.bits, method=self.method, variant=self.variant,
-            granularity=self.granularity, clip=self.clip, group_size=self.group_size,
-            num_shards=self.num_shards,
-        )
-
-    def codes_and_scale(self, w: Tensor) -> PackedWeight:
-        """What the exporter packs: codes and a per-row (or per-group) float32 scale."""
-        codes, scale = weight_codes(w, self.bits, self.method, self.variant, self.granularity,
-                                    self.clip, group_size=self.group_size,
-                                    num_shards=self.num_shards)
-        return PackedWeight(codes, scale.expand(w.shape[0], scale.shape[1]))
-
-    def output_bias(self, w: Tensor) -> Tensor | None:
-        """Stateless methods add no input-independent output term (Tequila does)."""
-        return None
-
-    def packed_layout(self, w: Tensor) -> PackedLayout:
-        """Export shapes from ``w``'s shape and strides alone (row/tensor keep its layout)."""
-        gran = self.granularity or WEIGHT_METHODS[self.method].default_granularity
-        groups = w.shape[1] // self.group_size if gran == "group" else 1
-        return PackedLayout(groups, False, False,
-                            gran in ("row", "tensor") and not w.is_contiguous())
-
-    @property
-    def packable(self) -> bool:
-        return WEIGHT_METHODS[self.method].packable
-
-    @property
-    def row_local(self) -> bool:
-        """True when row r's quantized value depends on row r alone (per-row statistics).
-
-        Then an embedding lookup can quantize just the gathered rows: same values, same
-        gradients, and |batch tokens| rows of work instead of |vocab|. BWN centres with a
-        per-tensor mean (docs/numerics.md §1c), so it is never row-local.
-        """
-        gran = self.granularity or WEIGHT_METHODS[self.method].default_granularity
-        return gran in ("row", "group") and self.method != "bwn"
+from tbt.quant.weight import WeightSpec
 
 
 class QuantLinear(nn.Module):

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tbt.quant.weight import dequantize, register_weight_quantizer, weight_codes
+from tbt.quant.weight import (Option, WeightSpec, dequantize, register_weight_quantizer,
+                              weight_codes)
 from tbt.quant.weight_learned import WeightQuantizer
 
 __all__ = ["PbllmQuantizer", "pbllm_bits", "salient_mask"]
@@ -68,7 +69,10 @@ class _PartialBinarySTE(torch.autograd.Function):
         return torch.where(salient, 0.0, grad), None, None
 
 
-@register_weight_quantizer("pbllm", bits=(1,), default_granularity="tensor", packable=False)
+@register_weight_quantizer("pbllm", bits=(1,), default_granularity="tensor", packable=False,
+                           options={"salient_frac": Option(
+                               0.1, ge=0.0, le=1.0,
+                               doc="fraction of weights kept frozen at 8 bits (PB-LLM: 0.1)")})
 class PbllmQuantizer(WeightQuantizer):
     """PB-LLM QAT (module docstring): frozen 8-bit salient entries, the rest ``α·sign(W)``."""
 
@@ -89,8 +93,8 @@ class PbllmQuantizer(WeightQuantizer):
         self.register_buffer("salient_values", torch.zeros(shape, dtype=torch.float32))
 
     @classmethod
-    def _config_kwargs(cls, cfg: Any) -> dict[str, Any]:
-        return {"salient_frac": cfg.salient_frac}
+    def option_kwargs(cls, spec: WeightSpec) -> dict[str, Any]:
+        return {"salient_frac": spec.option("salient_frac")}
 
     @torch.no_grad()
     def init_from_(self, w: Tensor) -> None:

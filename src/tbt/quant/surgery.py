@@ -79,12 +79,6 @@ def _is_linear(mod: nn.Module) -> bool:
     return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")  # transformers' GPT-2 Conv1D
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def _token_embedding_names(model: nn.Module) -> set[str]:
     """Names of the input-embedding module and every embedding tied to it.
 
@@ -138,7 +132,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | str) -> nn.Module:
             if (isinstance(mod, nn.Embedding) and name in token_embeddings
                     and not _matches(name, cfg.skip_modules)):
                 spec = _weight_quant(cfg, cfg.embed_bits, mod.weight, False, shared)
-                _set_submodule(model, name, QuantEmbedding.from_float(mod, spec))
+                model.set_submodule(name, QuantEmbedding.from_float(mod, spec))
                 n_emb += 1
 
     for name, mod in list(model.named_modules()):
@@ -148,7 +142,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | str) -> nn.Module:
         in_features = mod.weight.shape[0] if transposed else mod.weight.shape[1]
         act = make_act_quantizer(cfg, not _matches(name, unsigned), int(in_features))
         w_quant = _weight_quant(cfg, cfg.weight_bits, mod.weight, transposed, shared)
-        _set_submodule(model, name, QuantLinear.from_float(mod, w_quant, act))
+        model.set_submodule(name, QuantLinear.from_float(mod, w_quant, act))
         n_lin += 1
 
     if cfg.quantize_attention and cfg.act_bits is not None:
@@ -178,8 +172,9 @@ def _attach_config(model: nn.Module, cfg: QuantConfig) -> None:
         model.set_attn_implementation(impl)
     else:
         hf_cfg._attn_implementation = impl
-    from tbt.hf.quantizer import TbtQuantizationConfig
+    from tbt.quant.hf_quantizer import TbtQuantizationConfig, register_hf_quantizer
 
+    register_hf_quantizer()
     hf_cfg.quantization_config = TbtQuantizationConfig.from_quant_config(cfg)
 
 

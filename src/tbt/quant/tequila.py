@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tbt.quant.weight import PackedWeight, dequantize, register_weight_quantizer
+from tbt.quant.weight import (Option, PackedWeight, WeightSpec, dequantize,
+                              register_weight_quantizer)
 from tbt.quant.weight_learned import WeightQuantizer
 
 __all__ = ["TequilaQuantizer", "tequila_codes", "dead_zone_bias"]
@@ -89,7 +90,8 @@ def dead_zone_bias(w: Tensor, dead: Tensor, lam: float) -> Tensor:
     return _bias_value(w, dead, lam)
 
 
-@register_weight_quantizer("tequila", bits=(2,), default_granularity="group")
+@register_weight_quantizer("tequila", bits=(2,), default_granularity="group", options={
+    "lambda": Option(1e-3, ge=0.0, doc="the dead-zone bias factor λ, fixed (Tequila: 1e-3)")})
 class TequilaQuantizer(WeightQuantizer):
     """Absmean ternary per unit with Tequila's dead-zone output bias (module docstring)."""
 
@@ -104,8 +106,8 @@ class TequilaQuantizer(WeightQuantizer):
         self.lam = float(lam)
 
     @classmethod
-    def _config_kwargs(cls, cfg: Any) -> dict[str, Any]:
-        return {"lam": cfg.tequila_lambda}
+    def option_kwargs(cls, spec: WeightSpec) -> dict[str, Any]:
+        return {"lam": spec.option("lambda")}
 
     @torch.no_grad()
     def init_from_(self, w: Tensor) -> None:

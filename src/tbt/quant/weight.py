@@ -37,16 +37,25 @@ dead-zone bias (``tequila``) are per-layer modules (:mod:`tbt.quant.weight_learn
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from tbt.quant.granularity import GRANULARITIES, check_units, expand_scale, to_units
+from tbt.config import GRANULARITIES, VARIANTS, check_weight_fields  # noqa: F401  (re-exported)
+from tbt.quant.granularity import check_units, expand_scale, to_units
+from tbt.quant.weight_ops import ABSMEAN_EPS, divisor, mean, round_clip, sign_pm1
 from tbt.quant.weight_registry import (  # re-exported: the registry lives there
-    WEIGHT_METHODS, PackedLayout, PackedWeight, QuantFn, QuantizedWeight, WeightMethod,
+    WEIGHT_METHODS, Option, PackedLayout, PackedWeight, QuantFn, QuantizedWeight, WeightMethod,
     check_weight_method, register_weight_method, register_weight_quantizer)
 
 __all__ = [
     "GRANULARITIES",
+    "Option",
+    "WeightSpec",
+    "as_spec",
     "PackedLayout",
     "PackedWeight",
     "QuantFn",
@@ -62,43 +71,119 @@ __all__ = [
     "weight_codes",
 ]
 
-VARIANTS = ("paper", "released")
-ABSMEAN_EPS = 1e-5  # BitNet b1.58: W / (γ + ε)  (docs/related.md §1a)
 TWN_THRESHOLD = 0.7  # Δ = 0.7·mean|W|  (Li & Liu 2016)
+
+
+# ---- the spec: one bundle from QuantConfig down to the method ----------------------------------
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How one weight matrix is quantized: the one bundle passed from
+    :class:`tbt.QuantConfig` (:meth:`~tbt.QuantConfig.weight_spec`) down to the method.
+
+    Args:
+        bits: 1 (binary), 2 (ternary) or 3..8 (``uniform``); see :func:`check_weight_method`.
+        method: a registered weight method (module docstring; ``docs/methods.md``).
+        variant: ``"paper"`` (Eq. 8-10, centred) or ``"released"`` (authors' code); ``tbt`` only.
+        granularity: ``"row"`` | ``"tensor"`` | ``"group"`` | ``"shard"`` | ``None`` (the
+            method's default: ``tensor`` for ``absmean``, ``row`` for the core methods).
+        group_size, num_shards: unit sizes of ``group`` / ``shard`` (:mod:`tbt.quant.granularity`).
+        options: the method's own settings (``{"clip": 2.5}`` for ``twn``); a mapping or
+            ``(name, value)`` pairs, stored with every option of the method, defaults filled in.
+
+    Calling a stateless spec on ``w`` is :func:`quantize_weight`; :meth:`codes_and_scale` is
+    what the exporter packs. Construction validates everything but the tensor.
+    """
+
+    bits: int
+    method: str = "tbt"
+    variant: str = "paper"
+    granularity: str | None = None
+    group_size: int = 128
+    num_shards: int = 1
+    options: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        check_weight_method(self.method, self.bits)
+        check_weight_fields(self.variant, self.granularity, self.group_size, self.num_shards)
+        given = self.options if isinstance(self.options, Mapping) else dict(self.options)
+        object.__setattr__(self, "options", self.entry.resolve_options(given))
+
+    @property
+    def entry(self) -> WeightMethod:
+        """The registry entry of :attr:`method`."""
+        return WEIGHT_METHODS[self.method]
+
+    @property
+    def resolved_granularity(self) -> str:
+        return self.granularity or self.entry.default_granularity
+
+    def option(self, name: str) -> float:
+        """The value of the method's option ``name`` (its default unless given)."""
+        return dict(self.options)[name]
+
+    def __call__(self, w: Tensor) -> Tensor:
+        return quantize_weight(w, self)
+
+    def codes_and_scale(self, w: Tensor) -> PackedWeight:
+        """What the exporter packs: codes and a per-row (or per-group) float32 scale."""
+        codes, scale = weight_codes(w, self)
+        return PackedWeight(codes, scale.expand(w.shape[0], scale.shape[1]))
+
+    def output_bias(self, w: Tensor) -> Tensor | None:
+        """Stateless methods add no input-independent output term (Tequila does)."""
+        return None
+
+    def packed_layout(self, w: Tensor) -> PackedLayout:
+        """Export shapes from ``w``'s shape and strides alone (row/tensor keep its layout)."""
+        gran = self.resolved_granularity
+        groups = w.shape[1] // self.group_size if gran == "group" else 1
+        return PackedLayout(groups, False, False,
+                            gran in ("row", "tensor") and not w.is_contiguous())
+
+    @property
+    def packable(self) -> bool:
+        return self.entry.packable
+
+    @property
+    def row_local(self) -> bool:
+        """True when row r's quantized value depends on row r alone (per-row statistics).
+
+        Then an embedding lookup can quantize just the gathered rows: same values, same
+        gradients, and |batch tokens| rows of work instead of |vocab|. BWN centres with a
+        per-tensor mean (docs/numerics.md), so it is never row-local.
+        """
+        return self.resolved_granularity in ("row", "group") and self.method != "bwn"
+
+
+def as_spec(spec_or_bits: WeightSpec | int, *args: Any, **kwargs: Any) -> WeightSpec:
+    """``spec_or_bits`` if it is a :class:`WeightSpec`, else ``WeightSpec(bits, *args, **kw)``."""
+    if isinstance(spec_or_bits, WeightSpec):
+        if args or kwargs:
+            raise TypeError("give either a WeightSpec or its fields, not both")
+        return spec_or_bits
+    return WeightSpec(spec_or_bits, *args, **kwargs)
 
 
 # ---- the public functions --------------------------------------------------------------------
 
-def weight_codes(
-    w: Tensor,
-    bits: int,
-    method: str = "tbt",
-    variant: str = "paper",
-    granularity: str | None = None,
-    clip: float = 2.5,
-    *,
-    group_size: int = 128,
-    num_shards: int = 1,
-) -> tuple[Tensor, Tensor]:
+def weight_codes(w: Tensor, spec: WeightSpec | int, *args: Any, **kwargs: Any
+                 ) -> tuple[Tensor, Tensor]:
     """Integer codes and scale of a weight matrix: exactly what the exporter packs.
 
     Args:
         w: ``(out, in)`` linear weight or ``(vocab, d)`` embedding, any float dtype.
-        bits: 1 (binary), 2 (ternary) or 3..8 (``uniform``); see :func:`check_weight_method`.
-        method: ``tbt`` | ``twn`` | ``bwn`` | ``absmean`` | ``uniform`` (docs/numerics.md §1).
-        variant: ``"paper"`` (Eq. 8-10, centred) or ``"released"`` (authors' code); ``tbt`` only.
-        granularity: ``"row"`` | ``"tensor"`` | ``"group"`` | ``"shard"`` | ``None`` (the
-            method's default: ``tensor`` for ``absmean``, ``row`` for the core methods).
-        clip: TWN's input clip in weight units (``twn`` only).
-        group_size, num_shards: unit sizes of ``group`` / ``shard`` (:mod:`tbt.quant.granularity`).
+        spec: a :class:`WeightSpec`, or its fields: ``weight_codes(w, 2, "twn")`` is
+            ``weight_codes(w, WeightSpec(2, "twn"))``.
 
     Returns:
         ``codes``: int8 ``(out, in)``; ``scale``: float32 ``(out, 1)`` per row or shard,
         ``(1, 1)`` per tensor, ``(out, in/g)`` per group. ``dequantize(codes, scale, dtype)`` is
         the quantized weight.
     """
-    q = _run(w, bits, method, variant, granularity, clip, (group_size, num_shards),
-             want_mask=False)
+    spec = as_spec(spec, *args, **kwargs)
+    _check(w, spec)
+    q = _quantize(w, spec, want_mask=False)
     return q.codes, q.scale
 
 
@@ -113,37 +198,26 @@ def dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32,
     return w.to(dtype)
 
 
-def quantize_weight(
-    w: Tensor,
-    bits: int,
-    method: str = "tbt",
-    variant: str = "paper",
-    granularity: str | None = None,
-    clip: float = 2.5,
-    *,
-    group_size: int = 128,
-    num_shards: int = 1,
-) -> Tensor:
+def quantize_weight(w: Tensor, spec: WeightSpec | int, *args: Any, **kwargs: Any) -> Tensor:
     """Fake-quantized weight for training: same shape and dtype as ``w``, differentiable.
 
-    The value equals ``dequantize(*weight_codes(w, ...), w.dtype)`` bit for bit, with or
+    The value equals ``dequantize(*weight_codes(w, spec), w.dtype)`` bit for bit, with or
     without autograd. Backward is the method's STE: identity, ``1[|(W−μ)/α| < 1]`` for
-    ``tbt``/``paper`` (Eq. 10), ``1[−clip < W < clip]`` for ``twn``. Arguments as in
+    ``tbt``/``paper`` (Eq. 10), ``1[−clip < W < clip]`` for ``twn``. ``spec`` as in
     :func:`weight_codes`.
     """
-    units = (group_size, num_shards)
-    _validate(w, bits, method, variant, granularity, clip, units)
+    spec = as_spec(spec, *args, **kwargs)
+    _check(w, spec)
     if not (w.requires_grad and torch.is_grad_enabled()):  # eval / no_grad: no STE, no mask
-        q = _quantize(w, bits, method, variant, granularity, clip, units, want_mask=False)
+        q = _quantize(w, spec, want_mask=False)
         return dequantize(q.codes, q.scale, w.dtype)
-    return _FakeQuantize.apply(w, bits, method, variant, granularity, clip, units)
+    return _FakeQuantize.apply(w, spec)
 
 
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, bits, method, variant, granularity, clip, units):  # type: ignore[override]
-        q = _quantize(w, bits, method, variant, granularity, clip, units,
-                      want_mask=ctx.needs_input_grad[0])
+    def forward(ctx, w, spec):  # type: ignore[override]
+        q = _quantize(w, spec, want_mask=ctx.needs_input_grad[0])
         ctx.identity = q.ste_mask is None
         if not ctx.identity:
             ctx.save_for_backward(q.ste_mask)
@@ -154,114 +228,77 @@ class _FakeQuantize(torch.autograd.Function):
         if not ctx.identity:
             (mask,) = ctx.saved_tensors
             grad = grad * mask
-        return grad, None, None, None, None, None, None
+        return grad, None
 
 
 # ---- validation and dispatch -----------------------------------------------------------------
 
-def _validate(w, bits, method, variant, granularity, clip, units=(128, 1)) -> None:
-    check_weight_method(method, bits)
-    if WEIGHT_METHODS[method].fn is None:
-        raise ValueError(f"method={method!r} keeps per-layer state (learned scales or a bias); "
-                         f"build its module with tbt.quant.weight_learned.make_weight_quantizer "
-                         f"or quantize_model instead of calling quantize_weight/weight_codes")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r} is unknown; choose one of {list(VARIANTS)}")
-    if granularity is not None and granularity not in GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r} is unknown; choose one of "
-                         f"{list(GRANULARITIES)} or None (the method's default)")
+def _check(w: Tensor, spec: WeightSpec) -> None:
+    """What the spec cannot know: the tensor, and a method without per-layer state."""
+    if spec.entry.fn is None:
+        raise ValueError(f"method={spec.method!r} keeps per-layer state (learned scales or a "
+                         f"bias); build its module with "
+                         f"tbt.quant.weight_learned.make_weight_quantizer or quantize_model "
+                         f"instead of calling quantize_weight/weight_codes")
     if not isinstance(w, Tensor) or not w.is_floating_point():
         raise ValueError(f"w must be a floating-point torch.Tensor; got "
                          f"{getattr(w, 'dtype', type(w).__name__)}")
     if w.dim() != 2:
         raise ValueError(f"w must be 2-D, (out, in) or (vocab, d); got shape {tuple(w.shape)}: "
                          f"reshape it to 2-D (e.g. w.flatten(1)) before quantizing")
-    if not clip > 0:
-        raise ValueError(f"clip must be positive (weight units); got {clip!r}")
-    check_units(tuple(w.shape), granularity or WEIGHT_METHODS[method].default_granularity, *units)
+    check_units(tuple(w.shape), spec.resolved_granularity, spec.group_size, spec.num_shards)
 
 
-def _run(w, bits, method, variant, granularity, clip, units, *, want_mask) -> QuantizedWeight:
-    _validate(w, bits, method, variant, granularity, clip, units)
-    return _quantize(w, bits, method, variant, granularity, clip, units, want_mask=want_mask)
-
-
-def _quantize(w, bits, method, variant, granularity, clip, units=(128, 1), *,
-              want_mask) -> QuantizedWeight:
-    spec = WEIGHT_METHODS[method]
-    gran = granularity or spec.default_granularity
+def _quantize(w: Tensor, spec: WeightSpec, *, want_mask: bool) -> QuantizedWeight:
+    fn, gran = spec.entry.fn, spec.resolved_granularity
     w32 = w.detach().to(torch.float32)  # statistics in float32 (no copy if already float32)
     if gran in ("row", "tensor"):
-        return spec.fn(w32, bits, per_row=gran == "row", variant=variant, clip=clip,
-                       want_mask=want_mask)
+        return fn(w32, spec, per_row=gran == "row", want_mask=want_mask)
     # group / shard: the method runs per row of the (U, n) unit view (tbt.quant.granularity)
-    group_size, num_shards = units
-    q = spec.fn(to_units(w32, gran, group_size, num_shards), bits, per_row=True,
-                variant=variant, clip=clip, want_mask=want_mask)
+    q = fn(to_units(w32, gran, spec.group_size, spec.num_shards), spec, per_row=True,
+           want_mask=want_mask)
     n = w.shape[0]
     if gran == "group":
         scale = q.scale.reshape(n, -1)
     else:
-        scale = q.scale.reshape(num_shards, 1).repeat_interleave(n // num_shards, dim=0)
+        scale = q.scale.reshape(spec.num_shards, 1).repeat_interleave(n // spec.num_shards, dim=0)
     mask = None if q.ste_mask is None else q.ste_mask.reshape(w.shape)
     return QuantizedWeight(q.codes.reshape(w.shape), scale, mask)
-
-
-# ---- shared pieces (no host syncs, no Python loops over rows) --------------------------------
-
-def _mean(x: Tensor, per_row: bool) -> Tensor:
-    """Mean over each row ``(out, 1)`` or over the tensor ``(1, 1)``."""
-    return x.mean(dim=1, keepdim=True) if per_row else x.mean().reshape(1, 1)
-
-
-def _divisor(scale: Tensor) -> Tensor:
-    # A zero scale means every weight it covers is 0 (or exactly μ), so any finite divisor gives
-    # ratio 0; 1 avoids 0/0 = NaN. NaN scales stay NaN.
-    return scale.masked_fill(scale == 0, 1.0)
-
-
-def _round_clip(r: Tensor, qp: int) -> Tensor:
-    """int8 ``round(clip(r, −qp, qp))``, half to even; ``r`` is a scratch tensor (in place)."""
-    return r.clamp_(-qp, qp).round_().to(torch.int8)
-
-
-def _sign_pm1(x: Tensor) -> Tensor:
-    """int8 ±1 sign with ``sign(0) = +1`` (always packable in one bit)."""
-    return torch.ones_like(x, dtype=torch.int8).masked_fill_(x < 0, -1)
 
 
 # ---- the methods -----------------------------------------------------------------------------
 
 @register_weight_method("tbt", bits=(1, 2), default_granularity="row")
-def _tbt(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
-         want_mask: bool) -> QuantizedWeight:
+def _tbt(w: Tensor, spec: WeightSpec, *, per_row: bool, want_mask: bool) -> QuantizedWeight:
     """TBT statistics-based quantizer (paper Eq. 8-10, or the released code; module docs)."""
-    if variant == "released":  # no centring, identity STE (docs/numerics.md §1a)
-        mean_abs = _mean(w.abs(), per_row)
+    bits = spec.bits
+    if spec.variant == "released":  # no centring, identity STE (docs/numerics.md §1a)
+        mean_abs = mean(w.abs(), per_row)
         if bits == 1:  # α·sign(W): sign(0) = 0 kept, as in the reference
             return QuantizedWeight(torch.sign(w).to(torch.int8), mean_abs, None)
         alpha = (4.0 / 3.0) * mean_abs
-        return QuantizedWeight(_round_clip(w / _divisor(alpha), 1), alpha, None)
+        return QuantizedWeight(round_clip(w / divisor(alpha), 1), alpha, None)
     # paper, Eq. 8 (ternary) / Eq. 9 (binary): μ with the granularity of α, not added back
-    centred = w - _mean(w, per_row)  # W − μ; scratch, divided in place below
-    alpha = _mean(centred.abs(), per_row)
+    centred = w - mean(w, per_row)  # W − μ; scratch, divided in place below
+    alpha = mean(centred.abs(), per_row)
     if bits == 1:  # Eq. 9: sign(W − μ), exact 0 -> +1; the ratio is needed only for Eq. 10
-        codes = _sign_pm1(centred)
-        mask = centred.div_(_divisor(alpha)).abs() < 1 if want_mask else None
+        codes = sign_pm1(centred)
+        mask = centred.div_(divisor(alpha)).abs() < 1 if want_mask else None
         return QuantizedWeight(codes, alpha, mask)
     alpha = (4.0 / 3.0) * alpha  # Eq. 8
-    r = centred.div_(_divisor(alpha))  # (W − μ)/α
+    r = centred.div_(divisor(alpha))  # (W − μ)/α
     mask = r.abs() < 1 if want_mask else None  # Eq. 10, before r is clipped in place
-    return QuantizedWeight(_round_clip(r, 1), alpha, mask)
+    return QuantizedWeight(round_clip(r, 1), alpha, mask)
 
 
-@register_weight_method("twn", bits=(2,), default_granularity="row")
-def _twn(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
-         want_mask: bool) -> QuantizedWeight:
+@register_weight_method("twn", bits=(2,), default_granularity="row",
+                        options={"clip": Option(2.5, gt=0.0, doc="the input clip, weight units")})
+def _twn(w: Tensor, spec: WeightSpec, *, per_row: bool, want_mask: bool) -> QuantizedWeight:
     """TWN (TernaryBERT ``TwnQuantizer``): Δ = 0.7·mean|W_c|, α = mean(|W_c| : |W_c| > Δ)."""
+    clip = spec.option("clip")
     wc = w.clamp(-clip, clip)
     a = wc.abs()
-    keep = a > TWN_THRESHOLD * _mean(a, per_row)
+    keep = a > TWN_THRESHOLD * mean(a, per_row)
     kept = a * keep
     if per_row:
         total, count = kept.sum(dim=1, keepdim=True), keep.sum(dim=1, keepdim=True)
@@ -274,33 +311,24 @@ def _twn(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
 
 
 @register_weight_method("bwn", bits=(1,), default_granularity="row")
-def _bwn(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
-         want_mask: bool) -> QuantizedWeight:
+def _bwn(w: Tensor, spec: WeightSpec, *, per_row: bool, want_mask: bool) -> QuantizedWeight:
     """BWN (BiT ``BwnQuantizer``): sign(W − mean(W)) with a per-tensor mean; scale mean|W|."""
-    codes = _sign_pm1(w - w.mean())
-    return QuantizedWeight(codes, _mean(w.abs(), per_row), None)
+    codes = sign_pm1(w - w.mean())
+    return QuantizedWeight(codes, mean(w.abs(), per_row), None)
 
 
 @register_weight_method("absmean", bits=(2,), default_granularity="tensor")
-def _absmean(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
-             want_mask: bool) -> QuantizedWeight:
+def _absmean(w: Tensor, spec: WeightSpec, *, per_row: bool, want_mask: bool) -> QuantizedWeight:
     """BitNet b1.58: γ·round(clip(W/(γ+ε), −1, 1)), γ = mean|W|."""
-    gamma = _mean(w.abs(), per_row)
-    return QuantizedWeight(_round_clip(w / (gamma + ABSMEAN_EPS), 1), gamma, None)
+    gamma = mean(w.abs(), per_row)
+    return QuantizedWeight(round_clip(w / (gamma + ABSMEAN_EPS), 1), gamma, None)
 
 
 @register_weight_method("uniform", bits=(3, 4, 5, 6, 7, 8), default_granularity="row")
-def _uniform(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
-             want_mask: bool) -> QuantizedWeight:
+def _uniform(w: Tensor, spec: WeightSpec, *, per_row: bool, want_mask: bool) -> QuantizedWeight:
     """Symmetric n-bit: scale = max|W|/Qp, codes = clip(round(W/scale), −Qp, Qp)."""
-    qp = 2 ** (bits - 1) - 1
+    qp = 2 ** (spec.bits - 1) - 1
     a = w.abs()
     amax = a.amax(dim=1, keepdim=True) if per_row else a.amax().reshape(1, 1)
     scale = amax / qp
-    return QuantizedWeight(_round_clip(w / _divisor(scale), qp), scale, None)
-
-
-# Methods defined in sibling modules register themselves on import (they import this module's
-# registry, so they come last): BitNet binary and TriLM, the learned-step family (which imports
-# Tequila once its base class exists). Any of them may be imported first.
-from tbt.quant import weight_bitnet, weight_learned  # noqa: E402, F401
+    return QuantizedWeight(round_clip(w / divisor(scale), qp), scale, None)

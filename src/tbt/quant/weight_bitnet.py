@@ -18,25 +18,28 @@ part of the stored scale, as TriLM writes it. ε = 1e-5 [choice: the paper gives
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
-from tbt.quant.weight import (ABSMEAN_EPS, QuantizedWeight, _mean, _round_clip, _sign_pm1,
-                              register_weight_method)
+from tbt.quant.weight_ops import ABSMEAN_EPS, mean, round_clip, sign_pm1
+from tbt.quant.weight_registry import QuantizedWeight, register_weight_method
+
+if TYPE_CHECKING:
+    from tbt.quant.weight import WeightSpec
 
 TRILM_EPS = ABSMEAN_EPS
 
 
 @register_weight_method("bitnet-binary", bits=(1,), default_granularity="tensor")
-def _bitnet_binary(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
-                   want_mask: bool) -> QuantizedWeight:
+def _bitnet_binary(w: Tensor, spec: WeightSpec, *, per_row: bool, want_mask: bool) -> QuantizedWeight:
     """β·sign(W − mean W), β = mean|W| (docs/related.md §1b)."""
-    codes = _sign_pm1(w - _mean(w, per_row))
-    return QuantizedWeight(codes, _mean(w.abs(), per_row), None)
+    codes = sign_pm1(w - mean(w, per_row))
+    return QuantizedWeight(codes, mean(w.abs(), per_row), None)
 
 
 @register_weight_method("trilm", bits=(2,), default_granularity="shard")
-def _trilm(w: Tensor, bits: int, *, per_row: bool, variant: str, clip: float,
-           want_mask: bool) -> QuantizedWeight:
+def _trilm(w: Tensor, spec: WeightSpec, *, per_row: bool, want_mask: bool) -> QuantizedWeight:
     """γ·round(clip(W/γ, −1, 1)), γ = ε + mean|W| (docs/related.md §9)."""
-    gamma = _mean(w.abs(), per_row) + TRILM_EPS
-    return QuantizedWeight(_round_clip(w / gamma, 1), gamma, None)
+    gamma = mean(w.abs(), per_row) + TRILM_EPS
+    return QuantizedWeight(round_clip(w / gamma, 1), gamma, None)

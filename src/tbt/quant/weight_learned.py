@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from tbt.quant.granularity import check_units, scale_from_units, to_units, unit_shape
-from tbt.quant.weight import (WEIGHT_METHODS, PackedLayout, PackedWeight, check_weight_method,
+from tbt.quant.weight import (PackedLayout, PackedWeight, WeightSpec, check_weight_method,
                               dequantize, register_weight_quantizer)
 
 __all__ = ["WeightQuantizer", "LsqWeightQuantizer", "SeqWeightQuantizer",
@@ -73,17 +73,14 @@ SEQ_CLIP = 0.99  # ParetoQ's released clip 1 − 1e-2 (docs/related.md §8: the 
 def make_weight_quantizer(cfg: Any, bits: int, weight: Tensor) -> nn.Module:
     """The weight quantizer of one layer under ``cfg`` (a :class:`tbt.QuantConfig`).
 
-    Stateless methods give one shared :class:`~tbt.quant.modules.WeightSpec`; methods with
-    state build their module from the layer's latent ``(out, in)`` ``weight`` (not read when it
-    is on the meta device: the values then come from a checkpoint).
+    Stateless methods give one shared :class:`~tbt.quant.weight.WeightSpec`; methods with
+    state build their module from the spec and the layer's latent ``(out, in)`` ``weight`` (not
+    read when it is on the meta device: the values then come from a checkpoint).
     """
-    entry = WEIGHT_METHODS[cfg.method]
-    if entry.quantizer is None:
-        from tbt.quant.modules import WeightSpec
-
-        return WeightSpec(bits, cfg.method, cfg.variant, cfg.granularity, cfg.weight_clip,
-                          cfg.group_size, cfg.num_shards)
-    return entry.quantizer.from_config(cfg, bits, weight)
+    spec = cfg.weight_spec(bits)
+    if spec.entry.quantizer is None:
+        return spec
+    return spec.entry.quantizer.from_spec(spec, weight)
 
 
 class WeightQuantizer(nn.Module):
@@ -111,17 +108,19 @@ class WeightQuantizer(nn.Module):
         self.unit_shape = unit_shape(shape, granularity, group_size, num_shards)
 
     @classmethod
-    def from_config(cls, cfg: Any, bits: int, weight: Tensor) -> WeightQuantizer:
-        gran = cfg.granularity or WEIGHT_METHODS[cls.method].default_granularity
-        q = cls(bits, tuple(weight.shape), gran, cfg.group_size, cfg.num_shards,
-                **cls._config_kwargs(cfg))
+    def from_spec(cls, spec: WeightSpec, weight: Tensor) -> WeightQuantizer:
+        """The quantizer of one layer: ``spec`` (bits, granularity, the method's options) and
+        its latent ``(out, in)`` weight (read unless on the meta device)."""
+        q = cls(spec.bits, tuple(weight.shape), spec.resolved_granularity, spec.group_size,
+                spec.num_shards, **cls.option_kwargs(spec))
         q.to(device=weight.device)
         if not weight.is_meta:
             q.init_from_(weight)
         return q
 
     @classmethod
-    def _config_kwargs(cls, cfg: Any) -> dict[str, Any]:
+    def option_kwargs(cls, spec: WeightSpec) -> dict[str, Any]:
+        """Constructor keywords from the method's options (``WeightSpec.option``)."""
         return {}
 
     def units(self, t: Tensor) -> Tensor:
@@ -375,6 +374,3 @@ class DltCentredWeightQuantizer(DltWeightQuantizer):
         alpha = (c * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1)
         self.alpha.copy_(alpha)
         self.shift.copy_(gamma)
-
-# Tequila subclasses WeightQuantizer: imported (and registered) once the base class exists.
-from tbt.quant import pbllm, tequila  # noqa: E402, F401

@@ -134,7 +134,7 @@ def load_data(cfg: TrainConfig, tokenizer, model, raw: dict[str, list[dict]] | N
     ``raw``: the splits already read by ``load_raw_splits(cfg.data, ("train", "validation"))``
     (the loop reads them first, so a bad data file fails before any model is loaded).
     """
-    from tbt.train.data import load_raw_splits, make_collator, tokenize_rows
+    from tbt.data import load_raw_splits, make_collator, tokenize_rows
 
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
     dc = cfg.data
@@ -160,7 +160,7 @@ def save_final(cfg: TrainConfig, model, tokenizer, quant_json: str | None) -> No
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.lrqat is not None:  # merge the low-rank update into a plain packed checkpoint
         from tbt.export.io import save_packed
-        from tbt.quant.lrqat import merge_lrqat
+        from tbt.export.lrqat import merge_lrqat
 
         packed = save_packed(merge_lrqat(model), os.path.join(cfg.output_dir, "packed"))
         tokenizer.save_pretrained(packed)

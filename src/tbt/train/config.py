@@ -2,7 +2,7 @@
 
 A training run is described by one :class:`TrainConfig`, which nests the
 :class:`~tbt.config.QuantConfig` of the student (``None`` = full-precision training), the
-:class:`~tbt.train.data.DataConfig` of the text and the :class:`DistillConfig` of the loss.
+:class:`~tbt.data.DataConfig` of the text and the :class:`DistillConfig` of the loss.
 
 Configs come from three layers, later ones winning: a named recipe
 (:data:`tbt.train.presets.RECIPES`), a config file (``--config run.toml`` or ``.json``), and
@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tbt.config import QuantConfig, parse_bits
-from tbt.train.data import DataConfig
+from tbt.config import LEGACY_OPTIONS, QuantConfig, parse_bits
+from tbt.data import DataConfig
 
 TRAIN_CONFIG_VERSION = 1
 DEVICES = ("auto", "cpu", "cuda")
@@ -138,7 +138,7 @@ class TrainConfig:
             start from one fine-tuned checkpoint). ``None`` with ``quant=None``: plain CE training.
         tokenizer: tokenizer directory; default: the teacher's, else the model's.
         quant: the student's quantization; ``None`` = full precision (``--bits fp``).
-        data, distill: see :class:`~tbt.train.data.DataConfig`, :class:`DistillConfig`.
+        data, distill: see :class:`~tbt.data.DataConfig`, :class:`DistillConfig`.
         max_steps / epochs: optimizer steps, or passes over the training set (exactly one).
         lr, weight_decay, warmup_ratio, adam_betas, adam_eps: AdamW with a linear warmup then
             linear decay to 0 (reference: eps 1e-6, no weight decay, warmup 5 %).
@@ -341,7 +341,7 @@ class TrainConfig:
                                  f"--bits is fp")
             q = None
         else:
-            q = QuantConfig(bits=bits, **quant)
+            q = QuantConfig.from_dict({"bits": bits, **quant})
         parts["train"].setdefault("output_dir", "")  # -> "output_dir is required"
         return cls(quant=q, data=DataConfig(**parts["data"]),
                    distill=DistillConfig(**parts["distill"]), **parts["train"])
@@ -390,6 +390,7 @@ def _flat_owners() -> dict[str, str]:
                 continue
             assert f.name not in owners, f"setting {f.name!r} is ambiguous"
             owners[f.name] = owner
+    owners.update(dict.fromkeys(LEGACY_OPTIONS, "quant"))  # --tequila-lambda, --salient-frac
     return owners
 
 

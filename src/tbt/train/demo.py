@@ -264,7 +264,7 @@ def train_students(dc: DemoConfig, paths: dict[str, str], teacher_dir: str,
 def evaluate_runs(dc: DemoConfig, runs: dict[str, dict[str, Any]], tok,
                   test_file: str) -> list[dict[str, Any]]:
     """ROUGE, generated length, packed size and train time of every run (table rows)."""
-    from tbt.train.data import DataConfig, load_raw_splits
+    from tbt.data import DataConfig, load_raw_splits
 
     test = load_raw_splits(DataConfig(test_file=test_file, max_eval_samples=dc.eval_samples),
                            ("test",))["test"]
@@ -281,7 +281,7 @@ def evaluate_runs(dc: DemoConfig, runs: dict[str, dict[str, Any]], tok,
 
 def run_demo(dc: DemoConfig) -> dict[str, Any]:
     """Run every stage; returns ``{"results": [row per model], "plots": [...], ...}``."""
-    from tbt.train.data import DataConfig, load_raw_splits
+    from tbt.data import DataConfig, load_raw_splits
     from tbt.train.plots import layer_tensors, save_all
 
     stage = _Stages(6)

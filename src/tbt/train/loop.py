@@ -101,7 +101,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if main:
         logger.debug("resolved config:\n%s", cfg.to_json())
 
-    from tbt.train.data import load_raw_splits
+    from tbt.data import load_raw_splits
 
     raw = load_raw_splits(cfg.data, ("train", "validation"))  # a bad file fails before models
     tokenizer = load_tokenizer(cfg)

@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tbt.train.data import read_records
+from tbt.data import read_records
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def train_tokenizer(files: list[str], columns: list[str], vocab_size: int, outpu
     """Train a tokenizer on ``columns`` of ``files`` and save it to ``output_dir``.
 
     Args:
-        files: local data files (see :func:`tbt.train.data.read_records` for formats).
+        files: local data files (see :func:`tbt.data.read_records` for formats).
         columns: columns whose text is learned, e.g. ``["document", "summary"]``.
         vocab_size: total vocabulary size, special tokens included (``<mask>`` is the last id;
             the BPE trainer may stop short of it on a tiny corpus).

@@ -39,13 +39,13 @@ from tbt.runtime.kernels.ref import (ACT_FORMATS, KERNEL_ACT, WEIGHT_FORMATS, Pr
                                      quantize_a8)
 
 __all__ = ["Kernel", "get_kernel", "register_kernel", "available_backends", "registered",
-           "default_backend", "set_num_threads", "get_num_threads", "KERNELS", "BACKENDS",
+           "default_backend", "set_num_threads", "get_num_threads", "KERNELS", "KERNEL_BACKENDS",
            "NATIVE_ISAS", "ENV_BACKEND", "QuantizedActivation", "PreparedWeight",
            "quantize_a8", "quantize_a2", "quantize_a1", "WEIGHT_FORMATS", "ACT_FORMATS"]
 
 ENV_BACKEND = "TBT_KERNEL_BACKEND"
 NATIVE_ISAS = ("native", "scalar", "avx2", "avx512")
-BACKENDS = ("auto", "ref", *NATIVE_ISAS)
+KERNEL_BACKENDS = ("auto", "ref", *NATIVE_ISAS)  # kernel_backend= (load_packed: backend=)
 KERNELS = tuple(KERNEL_ACT)  # ("t2a8", "b1a8", "t2a2", "b1a1")
 
 

@@ -1,7 +1,8 @@
 """transformers integration: ``quantization_config = {"quant_method": "tbt", ...}`` in config.json.
 
-Importing this module registers :class:`TbtQuantizationConfig` and :class:`TbtHfQuantizer` with
-transformers' quantizer registry (``register_quantization_config`` / ``register_quantizer``), so
+:func:`register_hf_quantizer` registers :class:`TbtQuantizationConfig` and :class:`TbtHfQuantizer`
+with transformers' quantizer registry (``register_quantization_config`` / ``register_quantizer``;
+``quantize_model`` and :func:`tbt.hf.register` call it), so
 ``AutoModel*.from_pretrained(dir)`` of a checkpoint saved from a ``quantize_model``-converted model
 rebuilds the fake-quantized modules *before* the weights load, and then loads the latent weights,
 the learned α values and their ``initialized`` flags from the checkpoint.
@@ -65,7 +66,9 @@ class TbtHfQuantizer(HfQuantizer):
         return True
 
 
-if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-    register_quantization_config(QUANT_METHOD)(TbtQuantizationConfig)
-if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-    register_quantizer(QUANT_METHOD)(TbtHfQuantizer)
+def register_hf_quantizer() -> None:
+    """Register ``quant_method="tbt"`` (config and quantizer) with transformers (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(TbtQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(TbtHfQuantizer)
