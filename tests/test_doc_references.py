@@ -25,7 +25,9 @@ OUTPUT_NAMES = {"results.md", "ablation.md"}
 
 # Built from pieces so that this file does not match itself.
 _OUTSIDE = ["METHOD", "RELATED", "RELATED2", "STYLE", "tbt_reference"]
-FORBIDDEN = re.compile(r"\b(?:" + "|".join(_OUTSIDE) + r")\.md\b|\.\./" + "shared")
+# the long form (the notes file name with ".md") and the short forms ("§" or "rule" after it)
+FORBIDDEN = re.compile(r"\b(?:" + "|".join(_OUTSIDE) + r")(?:\.md\b|\s+(?:§|rule\b))|\.\./"
+                       + "shared")
 
 _EDGE = r"(?<![\w./{}<>$-])"
 PATH_RE = re.compile(_EDGE + r"((?:" + "|".join(TOP_DIRS) + r")/[\w./*<>{},-]*[\w*/>}]"
@@ -158,3 +160,5 @@ def test_the_checks_catch_a_broken_reference(text, ok):
             found_ok &= all(s in _sections(doc) for s in re.findall(r"§(\d+[a-z]?)", m.group(2)))
     assert found_ok == ok
     assert FORBIDDEN.search("see " + "METHOD" + ".md §2") and FORBIDDEN.search("../" + "shared/x")
+    assert FORBIDDEN.search("(" + "RELATED2" + " §5)") and FORBIDDEN.search("STYLE" + " rule 1")
+    assert not FORBIDDEN.search("RELATED work") and not FORBIDDEN.search("the METHOD field")

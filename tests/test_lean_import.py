@@ -1,4 +1,4 @@
-"""`import tbt` must not pull in transformers, datasets, accelerate (STYLE rule 14)."""
+"""`import tbt` must not pull in transformers, datasets, accelerate (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def test_mlgru_layer_gradcheck_float64():
 
 
 def test_mlgru_layer_matches_a_float64_reference():
-    """The layer's formula written out independently (RELATED2 §5, code order of the gate)."""
+    """The layer's formula written out independently (docs/related.md §17, code order of the gate)."""
     m = _model(quantized=False)
     with torch.no_grad():
         m.lower_bounds.normal_()

@@ -1,4 +1,4 @@
-"""PB-LLM QAT (tbt.quant.pbllm) against a float64 re-implementation of RELATED2 §3."""
+"""PB-LLM QAT (tbt.quant.pbllm) against a float64 re-implementation of docs/related.md §13."""
 
 from __future__ import annotations
 

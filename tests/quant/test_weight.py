@@ -68,7 +68,7 @@ def _ref_group(g: np.ndarray, bits: int, method: str, variant: str, clip: float,
         return codes, alpha, ~((g >= clip) | (g <= -clip))
     if method == "bwn":  # §1c: per-tensor centring, scale mean|W| of the group
         return np.where(g - tensor_mean >= 0, 1.0, -1.0), np.abs(g).mean(), ones
-    if method == "absmean":  # RELATED §1a
+    if method == "absmean":  # docs/related.md §1a
         gamma = np.abs(g).mean()
         return np.rint(np.clip(g / (gamma + 1e-5), -1, 1)), gamma, ones
     if method == "uniform":

@@ -1,4 +1,4 @@
-"""``tbt.runtime`` must import and run without torch (STYLE rule 1): numpy + its own kernels."""
+"""``tbt.runtime`` must import and run without torch (docs/architecture.md): numpy + its own kernels."""
 
 from __future__ import annotations
 

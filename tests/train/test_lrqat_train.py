@@ -55,7 +55,7 @@ def _load_torch(path):
 
 def test_lrqat_scale_lr_gives_the_scales_their_own_learning_rate(tmp_path):
     """``--lrqat-scale-lr``: the optimizer ``train`` builds has the A·B group at ``lr`` and the
-    scale group at the scale LR (RELATED2 §1), recorded in train_config.json and kept by the
+    scale group at the scale LR (docs/related.md §16), recorded in train_config.json and kept by the
     schedule; without it, one group at ``lr`` (no change)."""
     import json
 

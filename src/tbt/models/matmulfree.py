@@ -1,4 +1,4 @@
-"""The MatMul-free LM (Zhu et al. 2024; RELATED2 §5) as a small Hugging Face causal LM.
+"""The MatMul-free LM (Zhu et al. 2024; docs/related.md §17) as a small Hugging Face causal LM.
 
 How it works
 ------------

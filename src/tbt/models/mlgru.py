@@ -1,4 +1,4 @@
-"""The MLGRU recurrence ``h_t = f_t ⊙ h_{t−1} + i_t`` with an explicit backward (RELATED2 §5).
+"""The MLGRU recurrence ``h_t = f_t ⊙ h_{t−1} + i_t`` with an explicit backward (docs/related.md §17).
 
 The MatMul-free LM's token mixer is element-wise: no attention, no matrix product in time. The
 whole recurrence of a sequence is :func:`mlgru_scan`, a ``torch.autograd.Function`` whose forward

@@ -189,7 +189,7 @@ def billm_bits(rows: int, widths: list[int], ks: list[int]) -> tuple[int, int]:
 
 
 @register_ptq_method("billm", BiLLMConfig, needs_gram=True,
-                     summary="residual-binarized salient columns, split search, GPTQ (RELATED2 §4)")
+                     summary="residual-binarized salient columns, split search, GPTQ (docs/related.md §14)")
 def quantize_billm(w: Tensor, stats: LayerStats, cfg: BiLLMConfig) -> LayerQuant:
     need_h = cfg.gptq or cfg.salient_metric == "hessian"
     if need_h and stats.gram is None:

@@ -110,7 +110,7 @@ def pbllm_bits(rows: int, k: int, nnz: int, cfg: PBLLMConfig) -> tuple[int, floa
 
 
 @register_ptq_method("pbllm", PBLLMConfig, needs_gram=True,
-                     summary="partial binarization, salient fraction 8-bit in CSR (RELATED2 §3)")
+                     summary="partial binarization, salient fraction 8-bit in CSR (docs/related.md §13)")
 def quantize_pbllm(w: Tensor, stats: LayerStats, cfg: PBLLMConfig) -> LayerQuant:
     need_h = cfg.gptq or cfg.salient_metric == "hessian"
     if need_h and stats.gram is None:

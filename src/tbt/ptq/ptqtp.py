@@ -159,7 +159,7 @@ def ptqtp(w: Tensor, cfg: PTQTPConfig = PTQTPConfig()
 
 
 @register_ptq_method("ptqtp", PTQTPConfig, needs_gram=False,
-                     summary="two ternary trit-planes, alternating ridge/trit search (RELATED §8)")
+                     summary="two ternary trit-planes, alternating ridge/trit search (docs/related.md §12)")
 def quantize_ptqtp(w: Tensor, stats: LayerStats, cfg: PTQTPConfig) -> LayerQuant:
     t1, t2, alpha, history = ptqtp(w, cfg)
     rows, k = w.shape

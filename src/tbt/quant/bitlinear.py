@@ -1,4 +1,4 @@
-"""BitLinear of the MatMul-free LM (RELATED2 §5): RMSNorm → per-token int8 absmax → absmean ternary.
+"""BitLinear of the MatMul-free LM (docs/related.md §17): RMSNorm → per-token int8 absmax → absmean ternary.
 
 How it works
 ------------
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 __all__ = ["BitLinear", "bitlinear_config", "BITLINEAR_NORM_EPS"]
 
-BITLINEAR_NORM_EPS = 1e-8  # FusedBitLinear's RMSNorm epsilon (RELATED2 §5)
+BITLINEAR_NORM_EPS = 1e-8  # FusedBitLinear's RMSNorm epsilon (docs/related.md §17)
 
 
 class BitLinear(nn.Module):

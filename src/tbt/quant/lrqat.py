@@ -1,4 +1,4 @@
-"""LR-QAT: low-rank quantization-aware training on the ternary and binary grids (RELATED2 §1).
+"""LR-QAT: low-rank quantization-aware training on the ternary and binary grids (docs/related.md §16).
 
 How it works
 ------------
@@ -24,7 +24,7 @@ Binary passes it where ``|Z| ≤ 1`` (the BNN window; the original code has no b
 ``s`` gets ``Σ_in G_W ⊙ grid(Z)`` from autograd; ``Z`` does not depend on ``s`` (``Φ0`` uses the
 frozen ``s0``), so there is no LSQ term. Nothing else of the layer trains: the bias is frozen.
 
-Storage of Φ0 (``LRQATConfig.storage``; RELATED2 §1 "Φ options"):
+Storage of Φ0 (``LRQATConfig.storage``; docs/related.md §16 "Φ options"):
 
 * ``"int8"``: ``round(Φ0·2^f)`` with ``f = frac_bits`` fractional bits (default 6, the paper's
   ``2^(8−b)`` rule at b = 2; ``|Φ0| ≤ 1`` needs ``f ≤ 6`` to fit int8). 1 byte per weight.
@@ -144,7 +144,7 @@ STORAGES: dict[str, Storage] = {
 
 @dataclass(frozen=True)
 class LRQATConfig:
-    """LR-QAT settings (RELATED2 §1; defaults follow the paper's README command).
+    """LR-QAT settings (docs/related.md §16; defaults follow the paper's README command).
 
     Args:
         rank: r, the inner dimension of ``A (out, r)·B (r, in)``; >= 1.

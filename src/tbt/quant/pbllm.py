@@ -1,4 +1,4 @@
-"""PB-LLM's QAT variant: binarize all but a frozen salient fraction kept at 8 bits (RELATED2 §3).
+"""PB-LLM's QAT variant: binarize all but a frozen salient fraction kept at 8 bits (docs/related.md §13).
 
 How it works
 ------------
@@ -8,7 +8,7 @@ At surgery (``from_config``, from the layer's latent weight ``W``, per tensor):
   threshold may add a few; the released QAT code takes the two signed tails instead, [choice]);
 * their values are frozen as 8-bit codes: per-row symmetric round-to-nearest
   (``tbt.quant.weight`` ``uniform``, 8 bits) of ``W``, stored dequantized in the buffer
-  ``salient_values`` [choice: the released code's 8-bit zero-point is broken, RELATED2 §3].
+  ``salient_values`` [choice: the released code's 8-bit zero-point is broken, docs/related.md §13].
 
 Every forward: ``Ŵ = S ? salient_values : α·sign(W)`` with ``sign(0) = +1`` and
 ``α = mean_{not S} |W|`` — one scalar per tensor, the optimal scale of the *binarized* entries

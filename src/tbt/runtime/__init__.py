@@ -4,7 +4,7 @@
 ``from_packed_dir`` reads it from a ``save_packed`` checkpoint).
 ``tbt.runtime.kernels`` holds the kernel registry (``get_kernel("t2", "a8")``), the numpy
 reference (normative) and the native C kernels; this package must never import torch
-(STYLE rule 1; ``tests/runtime/test_runtime_no_torch.py`` checks it).
+(docs/architecture.md; ``tests/runtime/test_runtime_no_torch.py`` checks it).
 """
 
 from __future__ import annotations

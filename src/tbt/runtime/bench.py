@@ -26,7 +26,7 @@ format, per-row scales included). ``cpu_us`` is the median CPU time of the proce
 (all its threads): on a shared machine, wall time also counts the time the OS ran other
 processes instead, while with one thread ``cpu_us`` is what the call itself cost. torch never
 imports at module level: the tbt ops run without
-it (STYLE rule 1).
+it (docs/architecture.md).
 """
 
 from __future__ import annotations

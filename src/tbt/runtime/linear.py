@@ -33,7 +33,7 @@ mean (paper, signed) that torch computed, so the codes are bit-identical to the 
 model's (numpy's float32 mean can differ from torch's by an ulp, which flips a code only when an
 input sits exactly on a rounding boundary).
 
-This module imports no torch (STYLE rule 1; ``tests/runtime/test_runtime_linear.py`` runs it
+This module imports no torch (docs/architecture.md; ``tests/runtime/test_runtime_linear.py`` runs it
 with ``sys.modules["torch"] = None``).
 """
 

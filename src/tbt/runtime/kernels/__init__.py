@@ -16,7 +16,7 @@ GEMM ``M > 1``; the same kernel object does both. Use it in three steps::
 
 Backends: ``"ref"`` (numpy, normative: :mod:`.ref`), ``"native"`` (C, best ISA for this CPU),
 ``"scalar"``/``"avx2"``/``"avx512"`` (C, one forced path), ``"auto"`` (native when built, else
-ref). New implementations register with :func:`register_kernel` (STYLE rule 4: no ``if``
+ref). New implementations register with :func:`register_kernel` (docs/architecture.md: no ``if``
 ladders).
 
 Environment: ``TBT_KERNEL_BACKEND`` (default backend), ``TBT_NUM_THREADS`` (native threads;
