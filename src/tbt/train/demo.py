@@ -64,6 +64,7 @@ class DemoConfig:
     max_examples: int | None = None  # corpus size (None = every qualifying docstring)
     vocab_size: int = 1000  # the copy warm-up was measured to work at 1000 (corpus.py)
     architecture: str = "bart-tiny"
+    model_overrides: tuple[tuple[str, Any], ...] = ()  # architecture config fields (tests)
     max_source_length: int = 96
     max_target_length: int = 32
     batch_size: int = 16
@@ -199,7 +200,8 @@ def copy_warmup(dc: DemoConfig, tok, out_dir: str) -> dict[str, Any]:
     t0 = time.time()
     torch.manual_seed(dc.seed)
     model = build_from_scratch(dc.architecture, len(tok), tok.pad_token_id, tok.bos_token_id,
-                               tok.eos_token_id, dropout=0.0).train()
+                               tok.eos_token_id, **{**dict(dc.model_overrides),
+                                                    "dropout": 0.0}).train()
     opt = torch.optim.AdamW(model.parameters(), lr=dc.warmup_lr)
     gen = torch.Generator().manual_seed(dc.seed)
     os.makedirs(out_dir, exist_ok=True)
