@@ -214,3 +214,26 @@ def test_cli_bad_students_is_a_one_line_error(capsys):
     assert main(["replicate", "--students", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown student 'nope'" in err and "Traceback" not in err
+
+
+def test_run_lock_leaves_live_owners_alone_and_takes_over_stale_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from tbt.train.replicate import _Lock
+
+    path = str(tmp_path / "run" / ".lock")
+    lock = _Lock(path)
+    assert lock.acquire() and open(path).read() == str(os.getpid())
+    lock.release()
+    assert not os.path.exists(path)
+    with open(path, "w") as f:  # held by a live process (our parent)
+        f.write(str(os.getppid()))
+    other = _Lock(path)
+    assert not other.acquire() and other.owner == os.getppid()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(path, "w") as f:  # left by a killed command
+        f.write(str(dead.pid))
+    assert other.acquire() and open(path).read() == str(os.getpid())
+    other.release()

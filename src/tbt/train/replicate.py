@@ -38,7 +38,9 @@ Resuming: a run whose ``result.json`` exists is skipped; any other run is (re)st
 training loop's ``--resume`` (checkpoints every ``save_every`` steps), so a killed command
 continues where it stopped. The settings that change results are stored in
 ``protocol.json``; rerunning into the same folder with different ones is refused (students and
-seeds may be added).
+seeds may be added). Several copies of one command may run at once as workers: each run is
+claimed with a lock file holding the owner's PID (stale locks of killed commands are taken
+over), and data, tokenizer and teacher are prepared under one lock.
 """
 
 from __future__ import annotations
@@ -326,9 +328,10 @@ def _check_protocol(rc: ReplicateConfig) -> None:
         before = _read_json(path)
         diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if diff:
+            changes = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff)
             raise ValueError(f"{rc.output_dir} holds a replication with other settings "
-                             f"({', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in diff)});"
-                             f" rerun with the same settings or choose another --output-dir")
+                             f"({changes}); rerun with the same settings or choose another "
+                             f"--output-dir")
     else:
         _atomic_json(path, now)
 
@@ -345,9 +348,12 @@ def prepare_data(rc: ReplicateConfig, log: _Log) -> dict[str, Any]:
             paths = {"train": rc.train_file, "validation": rc.validation_file,
                      "test": rc.test_file}
         else:
-            log(f"data: the docstring corpus, style {rc.style} ({rc.output_dir}/data)")
-            paths = build_docstring_corpus(os.path.join(rc.output_dir, "data"),
-                                           rc.max_examples, 0, style=rc.style)
+            ddir = os.path.join(rc.output_dir, "data")
+            paths = {k: os.path.join(ddir, f"{k}.jsonl") for k in ("train", "validation", "test")}
+            if not os.path.isfile(os.path.join(ddir, "done")):
+                log(f"data: the docstring corpus, style {rc.style} ({ddir})")
+                paths = build_docstring_corpus(ddir, rc.max_examples, 0, style=rc.style)
+                open(os.path.join(ddir, "done"), "w").close()
         data["flat"] = {f"{k}_file": v for k, v in paths.items() if v and k != "test"}
         data["test_file"] = paths["test"]
     data["flat"].update(source_column=rc.source_column, target_column=rc.target_column,
@@ -505,16 +511,29 @@ def _recipe_train_settings(rc: ReplicateConfig) -> dict[str, Any]:
 
 def train_and_evaluate(rc: ReplicateConfig, data: dict[str, Any], tok, test: list[dict],
                        teacher_dir: str, row: Row, seed: int, log: _Log, label: str
-                       ) -> dict[str, Any]:
-    """One student (or the FP control) for one seed: ``runs/KEY/seed-S/result.json``."""
-    from tbt.train.config import TrainConfig
-    from tbt.train.loop import train
-
+                       ) -> dict[str, Any] | None:
+    """One student (or the FP control) for one seed: ``runs/KEY/seed-S/result.json``;
+    ``None`` when another live process holds the run's lock (it is left to that process)."""
     run_dir = os.path.join(rc.output_dir, "runs", _run_key(row), f"seed-{seed}")
     done = os.path.join(run_dir, "result.json")
     if os.path.isfile(done):
         log(f"{label}: {row.name}, seed {seed}: done (skipped)")
         return _read_json(done)
+    lock = _Lock(os.path.join(run_dir, ".lock"))
+    if not lock.acquire():
+        log(f"{label}: {row.name}, seed {seed}: running in process {lock.owner} (left to it)")
+        return None
+    try:
+        return _train_and_evaluate(rc, data, tok, test, teacher_dir, row, seed, log, label,
+                                   run_dir)
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(rc, data, tok, test, teacher_dir, row, seed, log, label, run_dir):
+    from tbt.train.config import TrainConfig
+    from tbt.train.loop import train
+
     log(f"{label}: {row.name}, seed {seed}: {rc.student_steps} distillation steps")
     kw: dict[str, Any] = dict(teacher=teacher_dir, bits=row.bits, seed=seed,
                               max_steps=rc.student_steps, lr=_student_lr(rc, row.bits),
@@ -526,6 +545,56 @@ def train_and_evaluate(rc: ReplicateConfig, data: dict[str, Any], tok, test: lis
     return evaluate_run(rc, res["model"], tok, test, run_dir,
                         {"row": row.key, "seed": seed, "steps": res["steps"],
                          "train_time_s": res["train_time_s"]})
+
+
+class _Lock:
+    """An exclusive lock file holding the owner's PID (one machine). A lock whose process is
+    gone (a killed command) is stale and taken over, so SIGKILL never blocks a rerun."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.owner, self.held = path, None, False
+
+    def acquire(self) -> bool:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    with open(self.path, encoding="utf-8") as f:
+                        self.owner = int(f.read().strip() or 0)
+                except (OSError, ValueError):
+                    self.owner = 0
+                if self.owner and self.owner != os.getpid() and _alive(self.owner):
+                    return False
+                try:
+                    os.remove(self.path)  # stale: its process is gone
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return True
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ---- the table -------------------------------------------------------------------------------
@@ -747,10 +816,18 @@ def run_replicate(rc: ReplicateConfig) -> dict[str, Any]:
     log = _Log()
     os.makedirs(rc.output_dir, exist_ok=True)
     _check_protocol(rc)
-    data = prepare_data(rc, log)
-    tok = AutoTokenizer.from_pretrained(data["tokenizer"])
-    test = _test_rows(rc, data)
-    teacher = train_teacher(rc, data, tok, test, log)
+    # data, tokenizer and teacher: one process at a time (others wait for them)
+    stage_lock = _Lock(os.path.join(rc.output_dir, ".teacher.lock"))
+    while not stage_lock.acquire():
+        log(f"data and teacher are being prepared by process {stage_lock.owner}; waiting")
+        time.sleep(15)
+    try:
+        data = prepare_data(rc, log)
+        tok = AutoTokenizer.from_pretrained(data["tokenizer"])
+        test = _test_rows(rc, data)
+        teacher = train_teacher(rc, data, tok, test, log)
+    finally:
+        stage_lock.release()
     teacher_dir = teacher["dir"]
     # one run per distinct run id and seed, in table order
     todo: dict[str, Row] = {}
@@ -764,8 +841,17 @@ def run_replicate(rc: ReplicateConfig) -> dict[str, Any]:
             k += 1
             res = train_and_evaluate(rc, data, tok, test, teacher_dir, row, seed, log,
                                      f"run {k}/{total}")
-            results_by_run.setdefault(run_key, []).append(res)
-    results = {key: results_by_run[_run_key(ROW_BY_KEY[key])] for key in rc.students}
+            if res is None:  # another process is on it: take its result if it is done by now
+                path = os.path.join(rc.output_dir, "runs", run_key, f"seed-{seed}",
+                                    "result.json")
+                res = _read_json(path) if os.path.isfile(path) else None
+            if res is not None:
+                results_by_run.setdefault(run_key, []).append(res)
+    pending = total - sum(len(v) for v in results_by_run.values())
+    if pending:
+        log(f"{pending} run(s) still running in other processes: this table leaves them out; "
+            f"rerun the command when they are done")
+    results = {key: results_by_run.get(_run_key(ROW_BY_KEY[key]), []) for key in rc.students}
     s = summarize(rc, teacher, results)
     s["settings"] = json.loads(json.dumps(asdict(rc)))
     s["wall_s"] = time.time() - log.t0
