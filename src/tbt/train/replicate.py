@@ -839,14 +839,13 @@ def run_replicate(rc: ReplicateConfig) -> dict[str, Any]:
     for seed in rc.seeds:  # seed-major: a stopped command leaves whole seeds of every row
         for run_key, row in todo.items():
             k += 1
-            res = train_and_evaluate(rc, data, tok, test, teacher_dir, row, seed, log,
-                                     f"run {k}/{total}")
-            if res is None:  # another process is on it: take its result if it is done by now
-                path = os.path.join(rc.output_dir, "runs", run_key, f"seed-{seed}",
-                                    "result.json")
-                res = _read_json(path) if os.path.isfile(path) else None
-            if res is not None:
-                results_by_run.setdefault(run_key, []).append(res)
+            train_and_evaluate(rc, data, tok, test, teacher_dir, row, seed, log,
+                               f"run {k}/{total}")
+    for run_key in todo:  # every result on disk now, those of other workers included
+        for seed in rc.seeds:
+            path = os.path.join(rc.output_dir, "runs", run_key, f"seed-{seed}", "result.json")
+            if os.path.isfile(path):
+                results_by_run.setdefault(run_key, []).append(_read_json(path))
     pending = total - sum(len(v) for v in results_by_run.values())
     if pending:
         log(f"{pending} run(s) still running in other processes: this table leaves them out; "
