@@ -17,8 +17,8 @@ def test_parse_bits(spelling, expected):
     assert parse_bits(spelling) == expected
 
 
-@pytest.mark.parametrize("bits,method,variant,gran", itertools.product(
-    ["2-2-8", "2-2-2", "1-1-8", "1-1-1", "2-2-fp"], ["tbt"], ["paper", "released"], [None, "tensor"]))
+@pytest.mark.parametrize("bits,method,variant,gran", list(itertools.product(
+    ["2-2-8", "2-2-2", "1-1-8", "1-1-1", "2-2-fp"], ["tbt"], ["paper", "released"], [None, "tensor"])))
 def test_json_round_trip(bits, method, variant, gran):
     cfg = QuantConfig(bits=bits, method=method, variant=variant, granularity=gran,
                       skip_modules=("lm_head", "*fc1"), unsigned_inputs=("*fc2",))

@@ -170,6 +170,8 @@ BAD = [
     ("train-resume-and-overwrite", lambda w: _train(w, w["student"], "--resume", "--overwrite"),
      "give one of them", "student"),
     ("train-into-occupied", lambda w: _train(w, w["occupied"]), "pass --overwrite", "occupied"),
+    ("replicate-into-occupied", lambda w: ["replicate", "--quick", "--output-dir", w["occupied"]],
+     "holds files not written by tbt replicate: notes.txt", "occupied"),
     # 3: demo and ablate never take over a folder they did not write
     ("demo-into-occupied", lambda w: ["demo", "--quick", "--output-dir", w["occupied"]],
      "holds files not written by this command: notes.txt", "occupied"),

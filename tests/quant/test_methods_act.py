@@ -176,7 +176,7 @@ def test_lsq_plus_gradcheck_saturated():
 
 def test_registry_and_config_choices():
     assert set(ACT_METHODS) == {"elastic", "minmax", "absmax-token", "elastic-shift", "lsq",
-                                "lsq-plus"}
+                                "lsq-plus", "sign"}
     kinds = {"elastic": ElasticQuantizer, "minmax": MinMaxQuantizer,
              "absmax-token": AbsmaxTokenQuantizer, "lsq": LsqActQuantizer,
              "lsq-plus": LsqPlusQuantizer}

@@ -151,6 +151,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--keep-checkpoints", type=int, metavar="N", help="most recent kept (2)")
     o.add_argument("--eval-every", type=int, metavar="N",
                    help="validation loss every N steps (0 = at the end only)")
+    o.add_argument("--early-stop-patience", type=int, metavar="N",
+                   help="stop when the validation loss has not improved for N validations in "
+                        "a row (needs --eval-every; the step cap still applies; 0 = off)")
+    o.add_argument("--early-stop-min-delta", type=float, metavar="X",
+                   help="the validation-loss improvement that counts for early stopping (0)")
     o.add_argument("--log-every", type=int, metavar="N", help="progress-bar update period (1)")
     o.add_argument("--generation", metavar="PRESET",
                    help="generation preset stored with the model (xsum, cnn_dailymail, wmt16)")

@@ -18,6 +18,8 @@ kept as is by the packed export, so a packed model quantizes its inputs exactly 
 ``elastic-shift``  1..8    BiT: elastic on ``x + b`` with a learned per-channel shift ``b`` (§3)
 ``lsq``            2..8    LSQ (Esser et al. 2020, §5a): plain learned step, no centring/min shift
 ``lsq-plus``       1..8    LSQ+ (§5b): learned step ``s`` and offset ``β``, unsigned grid
+``sign``           1       non-learned binary: ``mean|x|·sign(x)`` per tensor (the BWN rule on
+                           activations), the 1-bit baseline where ``minmax`` has no 1-bit grid
 =================  ======  =================================================================
 
 ``absmax-token``: ``s = Qp/max(max_last_dim|x|, 1e-5)`` per token (every index but the last),
@@ -321,3 +323,50 @@ class LsqPlusQuantizer(_LearnedInit):
 @register_act_method("lsq-plus", bits=(1, 2, 3, 4, 5, 6, 7, 8))
 def _lsq_plus(cfg, bits, signed, channels):
     return LsqPlusQuantizer(bits)
+
+
+# ---- non-learned binary activations ---------------------------------------------------------
+
+class _SignQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, clip: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.clip = clip
+        return _sign_value(x).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= ctx.clip).to(grad.dtype), None
+
+
+def _sign_value(x: Tensor) -> Tensor:
+    xc = x.to(_compute_dtype(x.dtype))
+    s = xc.abs().mean()
+    return torch.where(xc >= 0, s, -s)
+
+
+class SignQuantizer(nn.Module):
+    """``x ↦ mean|x|·sign(x)`` (``sign(0) = +1``), the scale taken from the whole tensor on
+    every call (BWN's rule, Rastegari et al. 2016, applied to activations): a 1-bit quantizer
+    with nothing learned, the binary counterpart of the ``minmax`` baseline. The gradient passes
+    straight through where ``|x| <= clip`` (``cfg.act_clip``) and is 0 elsewhere; the scale is
+    treated as a constant. On non-negative sites (after GELU) the sign keeps which
+    pre-activations were positive."""
+
+    def __init__(self, clip: float = 2.5) -> None:
+        super().__init__()
+        self.clip = float(clip)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _SignQuantize.apply(x, self.clip)
+        return _sign_value(x).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"bits=1, scale=mean|x|, clip={self.clip}"
+
+
+@register_act_method("sign", bits=(1,))
+def _sign(cfg, bits, signed, channels):
+    return SignQuantizer(cfg.act_clip)

@@ -154,6 +154,12 @@ class TrainConfig:
             validation file).
         log_every: steps between progress-bar updates of the loss.
         resume: continue from the last checkpoint in ``output_dir/checkpoints``.
+        early_stop_patience: ``> 0`` stops training once the validation loss (taken every
+            ``eval_every`` steps) has not improved on its best by more than
+            ``early_stop_min_delta`` for this many consecutive validations: the run ends at
+            that step (checkpointed like the last step), under the ``max_steps``/``epochs``
+            cap. ``0`` = off.
+        early_stop_min_delta: the improvement that counts (absolute, in loss units).
         recipe: the recipe this config was built from (informational).
         generation: a :data:`tbt.eval.evaluate.GENERATION_PRESETS` name written into the saved
             model's generation config (``None`` = leave the model's own).
@@ -205,6 +211,8 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 1
     resume: bool = False
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
     recipe: str | None = None
     generation: str | None = None
     progress: bool = True
@@ -234,6 +242,11 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.early_stop_patience < 0 or self.early_stop_min_delta < 0:
+            raise ValueError("early_stop_patience and early_stop_min_delta must be >= 0")
+        if self.early_stop_patience and not self.eval_every:
+            raise ValueError("early stopping needs validations: set --eval-every N (and a "
+                             "validation file)")
         for name in ("save_every", "eval_every", "copy_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = off)")
@@ -402,6 +415,7 @@ def _setting_types() -> dict[str, str]:
             if f.name not in ("version", "quant", "data", "distill"):
                 types[f.name] = f.type if isinstance(f.type, str) else getattr(
                     f.type, "__name__", str(f.type))
+    types.update(dict.fromkeys(LEGACY_OPTIONS, "float"))  # --tequila-lambda, --salient-frac
     return types
 
 

@@ -1,13 +1,18 @@
 """``tbt demo``: the whole TBT pipeline, offline, on a CPU, in minutes.
 
-1. build a real summarisation corpus offline: Python standard-library docstrings, the first
-   sentence as the summary (:func:`tbt.train.corpus.build_docstring_corpus`);
+1. build a real summarisation corpus offline: Python standard-library docstrings, the
+   ``api`` style by default (summary = ``name: first sentence``, the sentence removed from the
+   document, so it must be written, not copied; a from-scratch teacher lands far below the
+   ceiling, where quantization has room to hurt; :func:`tbt.train.corpus.build_docstring_corpus`);
 2. train a byte-level BPE tokenizer on it;
 3. train a small full-precision BART teacher from scratch (``--bits fp``): a short warm-up on
    a synthetic copy task (random whole-word tokens, the target is their first part; see
-   :func:`tbt.train.corpus.copy_warmup_batch` for why), then the summaries;
-4. distil four students from it: TBT at 2-2-8, 1-1-8 and 2-2-2, and the TWN 2-2-8 baseline
-   (same loss and steps; only the weight quantizer differs);
+   :func:`tbt.train.corpus.copy_warmup_batch` for why), then the summaries until the
+   validation loss stops improving (``teacher_patience`` validations, a step cap);
+4. distil five students from it (same loss and steps): TBT at 2-2-8, and at the low
+   activation bits where the paper's baselines collapse, TBT 2-2-2 against TWN 2-2-2 and
+   TBT 1-1-1 against BWN 1-1-1 (the baselines with non-learned activations: min/max at 2 bits,
+   ``sign`` at 1 bit);
 5. evaluate all five on the test split (ROUGE-1/2/L/Lsum, generated length);
 6. print and save a table (``results.md``, ``results.json``) with the size each model would
    have packed (weights at their bits plus per-row scales, the rest in float32; see
@@ -49,9 +54,10 @@ class StudentSpec:
 
 STUDENTS = (
     StudentSpec("TBT 2-2-8", "2-2-8"),
-    StudentSpec("TBT 1-1-8", "1-1-8"),
     StudentSpec("TBT 2-2-2", "2-2-2"),
-    StudentSpec("TWN 2-2-8", "2-2-8", method="twn"),
+    StudentSpec("TWN 2-2-2", "2-2-2", method="twn", act_method="minmax"),
+    StudentSpec("TBT 1-1-1", "1-1-1"),
+    StudentSpec("BWN 1-1-1", "1-1-1", method="bwn", act_method="sign"),
 )
 HIST_LAYER = "model.encoder.layers.0.fc1"
 
@@ -64,15 +70,18 @@ class DemoConfig:
     max_examples: int | None = None  # corpus size (None = every qualifying docstring)
     vocab_size: int = 1000  # the copy warm-up was measured to work at 1000 (docs/training.md)
     architecture: str = "bart-tiny"
+    model_overrides: tuple[tuple[str, Any], ...] = ()  # architecture config fields (tests)
     max_source_length: int = 96
     max_target_length: int = 32
     batch_size: int = 16
-    style: str = "lead"  # corpus style (tbt.train.corpus: lead, api, xsum)
+    style: str = "api"  # corpus style (tbt.train.corpus: lead, api, xsum)
     warmup_steps: int = 300  # teacher warm-up on the synthetic copy task
     warmup_batch_size: int = 32
     warmup_lr: float = 1e-3
-    teacher_steps: int = 500
+    teacher_steps: int = 1500  # cap; the teacher stops when its validation loss plateaus
     teacher_lr: float = 2e-3
+    teacher_eval_every: int = 100
+    teacher_patience: int = 3
     student_steps: int = 300
     student_lr: float = 1e-3
     variant: str = "paper"
@@ -90,7 +99,8 @@ class DemoConfig:
     def quick(cls, **kw: Any) -> DemoConfig:
         small = dict(max_examples=800, vocab_size=600, max_source_length=64,
                      max_target_length=24, batch_size=16, warmup_steps=30,
-                     warmup_batch_size=8, teacher_steps=30,
+                     warmup_batch_size=8, teacher_steps=30, teacher_eval_every=10,
+                     teacher_patience=2,
                      student_steps=12,
                      eval_samples=24, num_beams=1)
         return cls(**{**small, **kw})
@@ -134,8 +144,8 @@ def _train_cfg(dc: DemoConfig, paths: dict[str, str], out: str, **kw: Any):
                 batch_size=dc.batch_size, max_source_length=dc.max_source_length,
                 max_target_length=dc.max_target_length, max_eval_samples=64, bf16=dc.bf16,
                 device="cpu", seed=dc.seed, progress=dc.progress, warmup_ratio=0.05)
+    flat.setdefault("eval_every", max(1, kw["max_steps"] // 6))  # six validation points
     flat.update(kw)
-    flat["eval_every"] = max(1, flat["max_steps"] // 6)  # six points on the validation curve
     return TrainConfig.from_flat(flat)
 
 
@@ -199,7 +209,8 @@ def copy_warmup(dc: DemoConfig, tok, out_dir: str) -> dict[str, Any]:
     t0 = time.time()
     torch.manual_seed(dc.seed)
     model = build_from_scratch(dc.architecture, len(tok), tok.pad_token_id, tok.bos_token_id,
-                               tok.eos_token_id, dropout=0.0).train()
+                               tok.eos_token_id, **{**dict(dc.model_overrides),
+                                                    "dropout": 0.0}).train()
     opt = torch.optim.AdamW(model.parameters(), lr=dc.warmup_lr)
     gen = torch.Generator().manual_seed(dc.seed)
     os.makedirs(out_dir, exist_ok=True)
@@ -229,7 +240,9 @@ def train_teacher(dc: DemoConfig, paths: dict[str, str], tok_dir: str, tok,
     from tbt.train.loop import train
 
     stage(3, f"teacher: full-precision {dc.architecture} from scratch, {dc.warmup_steps} "
-             f"steps of copy warm-up, then {dc.teacher_steps} steps on the summaries")
+             f"steps of copy warm-up, then the summaries until the validation loss plateaus "
+             f"(patience {dc.teacher_patience} x {dc.teacher_eval_every} steps, cap "
+             f"{dc.teacher_steps})")
     # The warm-up teaches the encoder-decoder to copy through cross attention; without it a
     # tiny model first learns the summaries' language model and ignores its input for a long
     # time (tbt.train.corpus documents the measurements).
@@ -237,7 +250,10 @@ def train_teacher(dc: DemoConfig, paths: dict[str, str], tok_dir: str, tok,
     teacher_dir = os.path.join(dc.output_dir, "teacher")
     warm = copy_warmup(dc, tok, warm_dir)
     teacher = train(_train_cfg(dc, paths, teacher_dir, model=warm_dir, tokenizer=tok_dir,
-                               bits="fp", max_steps=dc.teacher_steps, lr=dc.teacher_lr))
+                               bits="fp", max_steps=dc.teacher_steps, lr=dc.teacher_lr,
+                               eval_every=dc.teacher_eval_every,
+                               early_stop_patience=dc.teacher_patience,
+                               max_eval_samples=500))
     teacher["train_time_s"] += warm["train_time_s"]
     run = dict(bits="fp", dir=teacher_dir, result=teacher)
     return run, {"warm-up": warm["log"], "summaries": teacher["log"]}

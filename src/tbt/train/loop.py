@@ -122,6 +122,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
     quant_json = None if cfg.quant is None else cfg.quant.to_json()
     step, elapsed = 0, 0.0
+    val_history: list[float] = []  # validation losses, for early stopping
     if ckpt is not None:
         state = load_checkpoint(ckpt, student, optimizer, scheduler, rank)
         _check_resumable(state, cfg, world, ckpt)
@@ -129,6 +130,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if main:
             truncate_log(log_path, step)
             print(f"resumed from {ckpt} (step {step}/{total})", flush=True)
+        val_history = _val_history(log_path, step)
     else:
         if cfg.resume and main:
             print(f"--resume: no checkpoint in {cfg.output_dir}; starting from step 0")
@@ -156,7 +158,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.bits}", unit="step",
                disable=not (cfg.progress and main), dynamic_ncols=True)
     micro, t_start, record, val = step * cfg.grad_accum, time.time() - elapsed, {}, {}
-    while step < total:
+    stopped = plateaued(val_history, cfg.early_stop_patience, cfg.early_stop_min_delta)
+    while step < total and not stopped:
         model.train()
         sums: dict[str, float] = {}
         for k in range(cfg.grad_accum):
@@ -203,13 +206,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                           cfg.batch_size, acc)
                     if use is not None:
                         record.update({f"input_use_{k}": v for k, v in use.items()})
+            if "loss" in val:
+                val_history.append(val["loss"])
+                stopped = plateaued(val_history, cfg.early_stop_patience,
+                                    cfg.early_stop_min_delta)
+                if stopped:
+                    record["early_stop"] = True
         if main:
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
             bar.set_postfix({k: f"{v:.3g}" for k, v in sums.items()}, refresh=False)
-        if cfg.save_every and (step % cfg.save_every == 0 or step == total):
+        if cfg.save_every and (step % cfg.save_every == 0 or step == total or stopped):
             state = {"step": step, "micro_batch": micro, "world_size": world,
                      "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                      "seed": cfg.seed, "total_steps": total, "elapsed_s": elapsed}
@@ -221,10 +230,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                  if k.startswith("input_use_")}
     if main and input_use and not input_use["ok"]:
         warn_input_use(input_use)
+    if stopped and main:
+        best = min(val_history)
+        print(f"early stop at step {step}/{total}: validation loss {val_history[-1]:.4f}, best "
+              f"{best:.4f} {cfg.early_stop_patience} validation(s) ago or more", flush=True)
     if main:
         save_final(cfg, acc.unwrap_model(model), tokenizer, quant_json)
     acc.wait_for_everyone()
-    return {"output_dir": cfg.output_dir, "steps": step, "train": record, "validation": val,
+    return {"output_dir": cfg.output_dir, "steps": step, "stopped_early": stopped,
+            "train": record, "validation": val,
             "train_time_s": elapsed, "log": log_path, "checkpoint": latest_checkpoint(
                 cfg.output_dir), "model": acc.unwrap_model(model), "tokenizer": tokenizer,
             "copy_warmup": warm, "input_use": input_use or None}
@@ -371,6 +385,23 @@ def warn_input_use(use: dict[str, Any], file: Any = None) -> None:
         "  string for every source). Train longer, on more data, or with the presets'",
         "  from-scratch defaults and the copy warm-up (--copy-warmup-steps); docs/training.md.",
         bar]), file=file if file is not None else sys.stderr, flush=True)
+
+
+def plateaued(history: list[float], patience: int, min_delta: float = 0.0) -> bool:
+    """Whether the last ``patience`` validation losses all failed to improve on the best one
+    before them by more than ``min_delta`` (``patience <= 0``: never)."""
+    if patience <= 0 or len(history) <= patience:
+        return False
+    return min(history[-patience:]) >= min(history[:-patience]) - min_delta
+
+
+def _val_history(log_path: str, step: int) -> list[float]:
+    """The validation losses logged up to ``step`` (restores early stopping on resume)."""
+    if not os.path.isfile(log_path):
+        return []
+    with open(log_path, encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return [r["val_loss"] for r in recs if "val_loss" in r and r.get("step", 0) <= step]
 
 
 def _terms(model, teacher, batch, cfg: TrainConfig, seq2seq: bool) -> dict[str, torch.Tensor]:
