@@ -21,7 +21,7 @@ SUFFIXES = (".py", ".md", ".c", ".h", ".toml", ".txt", ".sh")
 TOP_DIRS = ("src", "docs", "tests", "benchmarks")
 
 # Files that tbt *writes* (named in docstrings and help texts), not files of the repository.
-OUTPUT_NAMES = {"results.md", "ablation.md"}
+OUTPUT_NAMES = {"results.md", "ablation.md", "replicate.md", "gguf_summary.md"}
 
 # Built from pieces so that this file does not match itself.
 _OUTSIDE = ["METHOD", "RELATED", "RELATED2", "STYLE", "tbt_reference"]

@@ -35,7 +35,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # (layer, module patterns): "a.b" is that module alone, "a.b.*" the package and its modules
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("core", ("tbt.registry", "tbt.export.format", "tbt.export.pack")),
+    ("core", ("tbt.registry", "tbt.export.format", "tbt.export.pack", "tbt.export.integrity",
+              "tbt._paths")),
     ("runtime", ("tbt.runtime.*",)),
     ("quant", ("tbt.config", "tbt.quant.*")),
     ("models", ("tbt.models.*", "tbt.distill.*")),

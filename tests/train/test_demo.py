@@ -37,8 +37,11 @@ def test_demo_quick_end_to_end(quick_demo):
         for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len", "size_mb", "train_s"):
             assert math.isfinite(r[k]) and r[k] >= 0, (r["model"], k, r[k])
     size = {name: r["size_mb"] for name, r in rows.items()}
-    assert size["TBT 1-1-1"] == size["BWN 1-1-1"] < size["TBT 2-2-8"] == size["TWN 2-2-2"] \
-        < size["FP teacher"] / 4
+    # same bits per weight; the headers differ by a few hundred bytes (each activation
+    # quantizer's own tensors and their checksums)
+    same = lambda a, b: abs(size[a] - size[b]) < 0.01 * size[b]  # noqa: E731
+    assert same("TBT 1-1-1", "BWN 1-1-1") and same("TBT 2-2-8", "TWN 2-2-2")
+    assert size["BWN 1-1-1"] < size["TBT 2-2-8"] < size["FP teacher"] / 4
     assert "| TBT 2-2-2 | 2-2-2 |" in open(os.path.join(out, "results.md")).read()
     assert "| model | E-W-A | R-1" in log  # the table is printed
     for png in ("training_curves.png", "histograms.png"):

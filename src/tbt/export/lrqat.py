@@ -25,8 +25,12 @@ def packed_from_lrqat(mod: LRQATLinear) -> PackedLinear:
                        bias=mod.bias is not None, act_quant=mod.act_quant,
                        dtype=mod.weight_dtype)
     dev = mod.phi.device
-    new.packed = pack_codes(mod.codes(), new.packing).to(dev)
-    new.scale = mod.scale.detach().to(torch.float32).reshape(-1).clone()
+    # a learned scale may cross zero; s·q = |s|·(sign(s)·q) keeps every row's values while the
+    # packed format's scales stay >= 0 (docs/format.md §8), and the ±1/0 grids are symmetric
+    scale = mod.scale.detach().to(torch.float32).reshape(-1)
+    flip = torch.where(scale < 0, -1, 1).to(torch.int8)
+    new.packed = pack_codes(mod.codes() * flip[:, None], new.packing).to(dev)
+    new.scale = scale.abs().clone()
     if mod.bias is not None:
         new.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
     return new.to(dev)
