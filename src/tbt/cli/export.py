@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "packed when the model was trained with --skip-modules and the head "
                         "quantized: it then shares the embedding's codes) or int8 (per-row "
                         "symmetric int8 of an FP head, ~4x smaller, post-training)")
+    p.add_argument("--format", choices=("packed", "gguf"), default="packed",
+                   help="packed: tbt's checkpoint (default); gguf: a GGUF file for llama.cpp, "
+                        "decoder-only Llama/Mistral/Qwen2 models (docs/gguf.md)")
+    from tbt.export.gguf_cli import add_gguf_arguments
+
+    add_gguf_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -38,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(model.config, "quantization_config", None) is None:
         raise CliError(f"--model {args.model} is not quantized (no quantization_config in its "
                        "config.json): train it with `tbt train --bits 2-2-8 ...` first")
+    if args.format == "gguf":
+        from tbt.export.gguf_cli import run_gguf
+
+        return run_gguf(args, model, tok)
     out = save_packed(model, args.output_dir, lm_head=args.lm_head)
     if tok is not None:  # keep the tokenizer next to the packed weights
         tok.save_pretrained(out)
