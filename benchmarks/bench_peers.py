@@ -207,6 +207,18 @@ def _word_tokenizer(vocab_size: int, directory: Path) -> None:
                             pad_token="<pad>", unk_token="<unk>").save_pretrained(directory)
 
 
+def _torch_greedy(fp_dir: str, ids: list[int], n: int) -> list[str]:
+    """transformers' fp32 greedy tokens (as ``t<id>`` strings) for the same source."""
+    import torch
+    import transformers as tf
+
+    model = tf.BartForConditionalGeneration.from_pretrained(fp_dir).eval()
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, num_beams=1)
+    return [f"t{i}" if i > 3 else "<unk>" for i in out[0, 1:].tolist()]
+
+
 def run_ct2(table: Table, args, work: Path, fp_dir: str) -> None:
     try:
         import ctranslate2
@@ -226,6 +238,7 @@ def run_ct2(table: Table, args, work: Path, fp_dir: str) -> None:
     ids = torch.randint(3, 50265 if not args.quick else 8000, (args.src_len,),
                         generator=torch.Generator().manual_seed(2)).tolist()
     src = [f"t{i}" if i > 3 else "<unk>" for i in ids]
+    ref = _torch_greedy(fp_dir, ids, args.new_tokens)  # conversion witness
     for quant in ("int8", "float32"):
         out = work / f"ct2-{quant}"
         if not out.is_dir():
@@ -243,11 +256,13 @@ def run_ct2(table: Table, args, work: Path, fp_dir: str) -> None:
         gen(2)
         t1 = min(be._timed(lambda: gen(1)) for _ in range(args.repeat))
         tn = min(be._timed(lambda: gen(args.new_tokens)) for _ in range(args.repeat))
-        n_out = len(gen(args.new_tokens)[0].hypotheses[0])
+        hyp = gen(args.new_tokens)[0].hypotheses[0]
+        same = sum(a == b for a, b in zip(hyp, ref))
         table.add(BART_SHAPE if not args.quick else "BART quick", "CTranslate2 " +
                   ctranslate2.__version__, f"random BART {quant}", args.src_len / t1,
                   (args.new_tokens - 1) / (tn - t1), before,
-                  f"{n_out} tokens generated; intra_threads {args.threads}")
+                  f"{len(hyp)} tokens; {same}/{len(ref)} equal to transformers fp32 greedy; "
+                  f"intra_threads {args.threads}")
         del tr
 
 
@@ -267,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", default="", help="comma list of parts to skip: tbt,llama,ct2")
     p.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     p.add_argument("--workdir", help="keep checkpoints/GGUFs here and reuse them")
+    p.add_argument("--build-only", action="store_true",
+                   help="only write the tbt checkpoints into --workdir (a later run reuses them)")
     p.add_argument("--out", help="also write the Markdown report to this file")
     args = p.parse_args(argv)
     skip = set(s for s in args.skip.split(",") if s)
@@ -289,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             return runs
 
         smol_runs = built("llama", ("fp", "packed")) if not {"tbt", "llama"} <= skip else None
+        if args.build_only:
+            built("bart", ("fp",))
+            return 0
         if smol_runs is not None and "tbt" not in skip:
             run_tbt(table, smol_runs, args, "llama", SMOL_SHAPE if not args.quick
                     else "llama quick")
