@@ -28,21 +28,26 @@ def _tokenizer():
     return tok
 
 
-def _model(bits="2-2-8", head="fp", seed=0):
+def _model(bits="2-2-8", head="fp", seed=0, family="llama"):
     import transformers as tf
 
     from tbt import QuantConfig, quantize_model
 
     torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN,
-                         num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV,
-                         max_position_embeddings=64, tie_word_embeddings=True,
-                         rope_theta=50000.0, rms_norm_eps=1e-5)
-    model = tf.LlamaForCausalLM(cfg)
-    with torch.no_grad():  # norms away from 1 so a mix-up of norm tensors shows
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+           "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[family]
+    cfg = cls[0](vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN,
+                 num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV,
+                 max_position_embeddings=64, tie_word_embeddings=True,
+                 rope_theta=50000.0, rms_norm_eps=1e-5)
+    model = cls[1](cfg)
+    with torch.no_grad():  # norms and biases away from 1 and 0 so a mix-up shows
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
+            elif n.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
     qcfg = QuantConfig(bits=bits, skip_modules=() if head == "packed" else ("lm_head",))
     quantize_model(model, qcfg).train()
     with torch.no_grad():
@@ -203,9 +208,11 @@ def test_metadata_and_tokenizer(tmp_path):
     assert "tbt.quant_config" in f
 
 
-def test_transformers_reads_the_file_back(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_transformers_reads_the_file_back(tmp_path, family):
     """transformers' own GGUF reader (its inverse q/k permutation, names and hyper-parameters)
-    rebuilds a float model whose logits equal a Llama built directly from fp16(α)·q."""
+    rebuilds a float model whose logits equal the same architecture built directly from
+    fp16(α)·q (Qwen2: with its q/k/v biases; no permutation)."""
     import copy
 
     import transformers as tf
@@ -213,16 +220,18 @@ def test_transformers_reads_the_file_back(tmp_path):
     from tbt.export.convert import PackedEmbedding, PackedLinear, convert_model
     from tbt.export.gguf_writer import export_gguf
 
-    model = _model()
+    model = _model(family=family)
     export_gguf(model, tmp_path / "m.gguf", _tokenizer())
     back = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf",
                                                    dtype=torch.float32).eval()
     conv = convert_model(copy.deepcopy(model))
-    ref = tf.LlamaForCausalLM(model.config).eval()
+    ref = type(model)(model.config).eval()
     with torch.no_grad():
         for name, mod in conv.named_modules():
             if isinstance(mod, (PackedLinear, PackedEmbedding)):
                 ref.get_submodule(name).weight.copy_(torch.from_numpy(_tbt_values(mod)))
+                if getattr(mod, "bias", None) is not None:
+                    ref.get_submodule(name).bias.copy_(mod.bias)
             elif name.endswith("norm"):
                 ref.get_submodule(name).weight.copy_(mod.weight)
         ref.lm_head.weight = torch.nn.Parameter(
