@@ -172,26 +172,33 @@ def run_llama(table: Table, args, work: Path, tbt_runs: dict | None) -> None:
     if smol is None:
         table.skip("llama.cpp on tbt's GGUF: needs a vocabulary; the SmolLM2 GGUF is absent")
         return
-    from tbt.export.gguf_writer import export_gguf
-    from tbt.export.io import load_packed
-
     for name, info in tbt_runs.items():
         if info["kind"] != "packed":
             continue
-        path = work / f"tbt-{name.replace(' ', '-').replace('=', '')}.gguf"
-        if not path.is_file():
-            model = load_packed(info["dir"], backend="torch")
-            res = export_gguf(model, path, vocab_from=smol, name=f"tbt {name}")
-            counts: dict[str, int] = {}
-            for t in res.tensors:
-                if len(t.shape) == 2:
-                    counts[t.ggml_type] = counts.get(t.ggml_type, 0) + 1
-            info["gguf_types"] = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+        path, types = export_tbt_gguf(name, info, work, smol)
         before = loadavg()
         pp, tg = llama_bench(binary, str(path), args)
         table.add(SMOL_SHAPE, "llama.cpp", f"tbt {name} (tbt export --format gguf)", pp, tg,
-                  before, f"file {path.stat().st_size / 1e6:.0f} MB; matrices: "
-                          f"{info.get('gguf_types', 'see gguf_summary')}")
+                  before, f"file {path.stat().st_size / 1e6:.0f} MB; matrices: {types}")
+
+
+def export_tbt_gguf(name: str, info: dict, work: Path, vocab: str) -> tuple[Path, str]:
+    """The packed checkpoint ``info['dir']`` as GGUF (cached in ``work``); returns the path and
+    the count of matrices per GGUF type."""
+    from tbt.export.gguf_writer import export_gguf
+    from tbt.export.io import load_packed
+
+    path = work / f"tbt-{name.replace(' ', '-').replace('=', '')}.gguf"
+    summary = path.with_suffix(".json")
+    if not (path.is_file() and summary.is_file()):
+        model = load_packed(info["dir"], backend="torch")
+        res = export_gguf(model, path, vocab_from=vocab, name=f"tbt {name}")
+        summary.write_text(json.dumps(res.to_dict()))
+    counts: dict[str, int] = {}
+    for t in json.loads(summary.read_text())["tensors"]:
+        if len(t["shape"]) == 2:
+            counts[t["ggml_type"]] = counts.get(t["ggml_type"], 0) + 1
+    return path, ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
 
 
 def _word_tokenizer(vocab_size: int, directory: Path) -> None:

@@ -3,6 +3,7 @@ tbt's codes and scales (``docs/gguf.md``)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -205,7 +206,17 @@ def test_metadata_and_tokenizer(tmp_path):
     assert types[0] == int(gguf.TokenType.NORMAL) and types[VOCAB - 1] == int(
         gguf.TokenType.UNUSED)
     assert f["tokenizer.ggml.bos_token_id"] == tok.bos_token_id
-    assert "tbt.quant_config" in f
+    assert json.loads(f["tbt.quant_config"])["bits"] == "2-2-8"
+
+
+@pytest.mark.parametrize("bits,note", [("2-2-8", "8-bit activation quantizer is not in the"),
+                                       ("2-2-2", "trained with 2-bit activations")])
+def test_activation_note(tmp_path, bits, note):
+    from tbt.export.gguf_writer import export_gguf
+
+    res = export_gguf(_model(bits=bits), tmp_path / "m.gguf", _tokenizer())
+    assert any(note in n for n in res.notes)
+    assert note in res.summary()
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])

@@ -359,9 +359,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
 
     result = GGUFExportResult(path=Path(path), arch=arch)
-    qc = getattr(cfg, "quantization_config", None)
-    qdict = (qc.to_dict() if hasattr(qc, "to_dict") else dict(qc)) if qc is not None else {}
-    act_bits = qdict.get("act_bits")
+    qcfg = _quant_config(cfg)
+    act_bits = None if qcfg is None else qcfg.act_bits
     if act_bits is not None and act_bits < 8:
         result.notes.append(f"Activations: this model was trained with {act_bits}-bit "
                             f"activations; llama.cpp quantizes activations to its own 8-bit "
@@ -384,8 +383,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None
                  else gguf.LlamaFileType.MOSTLY_TQ1_0)
         w.add_file_type(int(ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        if qdict:
-            w.add_string("tbt.quant_config", json.dumps(qdict, sort_keys=True, default=str))
+        if qcfg is not None:
+            w.add_string("tbt.quant_config", qcfg.to_json())
         if vocab_from is not None:
             _write_vocab_from(w, vocab_from, int(cfg.vocab_size))
         else:
@@ -406,6 +405,9 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
@@ -418,6 +420,18 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None
                             f"256 ({ternary_type.upper()}'s block); their values are the same "
                             f"fp16(scale)·code.")
     return result
+
+
+def _quant_config(cfg):
+    """The model's tbt ``QuantConfig`` (None for a model that tbt did not quantize)."""
+    from tbt.config import QuantConfig
+
+    qc = getattr(cfg, "quantization_config", None)
+    if qc is None:
+        return None
+    if hasattr(qc, "to_quant_config"):
+        return qc.to_quant_config()
+    return QuantConfig.from_dict(dict(qc))
 
 
 def _head_is_embedding(head, embed) -> bool:
