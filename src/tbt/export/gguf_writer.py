@@ -350,8 +350,9 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None
     arch, permute = ARCHS[mtype]
     converted = any(isinstance(m, (PackedLinear, PackedEmbedding, SchemeLinear, Int8Linear))
                     for m in model.modules())
-    if not converted:
-        model = convert_model(copy.deepcopy(model))
+    if not converted and any(getattr(getattr(m, "weight_spec", None), "bits", None) in (1, 2)
+                             for m in model.modules()):
+        model = convert_model(copy.deepcopy(model))  # else a float model: every matrix F16
     model.eval()
     n_layers = int(cfg.num_hidden_layers)
     tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_layers)
