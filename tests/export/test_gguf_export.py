@@ -296,3 +296,29 @@ def test_cli_writes_gguf_and_summary(tmp_path):
                 str(tmp_path / "o2"), "--format", "gguf")
     assert proc.returncode == 2 and "decoder-only" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_float_model_is_written_in_f16(tmp_path):
+    """A model tbt did not quantize: every matrix F16 of its weight (the path that
+    benchmarks/gguf_llamacpp_check.py --bits fp runs through llama.cpp)."""
+    import transformers as tf
+
+    from tbt.export.gguf_writer import export_gguf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=32, tie_word_embeddings=True)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    res = export_gguf(model, tmp_path / "m.gguf", _tokenizer())
+    _, tensors = _read(tmp_path / "m.gguf")
+    assert "output.weight" not in tensors  # tied to the float embedding
+    assert not any(t.reason.startswith("fallback") for t in res.tensors)
+    w = model.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    t = tensors["blk.0.ffn_down.weight"]
+    assert t.tensor_type.name == "F16"
+    np.testing.assert_array_equal(_deq(t).reshape(w.shape),
+                                  w.astype(np.float16).astype(np.float32))
+    q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(_deq(tensors["blk.0.attn_q.weight"]).reshape(q.shape),
+                                  q[_rope_rows(64, 4)].astype(np.float16).astype(np.float32))
