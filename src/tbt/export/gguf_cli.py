@@ -34,7 +34,13 @@ def add_gguf_arguments(p: argparse.ArgumentParser) -> None:
 def run_gguf(args: argparse.Namespace, model, tok) -> int:
     import copy
 
+    import importlib.util
+
     from tbt.cli import CliError
+
+    if importlib.util.find_spec("gguf") is None:
+        raise CliError("--format gguf needs the `gguf` package: pip install gguf "
+                       "(or pip install 'tbt[llm]')")
     from tbt.export.gguf_writer import GGUFExportError, export_gguf
 
     if args.lm_head == "int8":
