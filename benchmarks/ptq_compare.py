@@ -39,7 +39,7 @@ def prepare_model(model: str, work: str) -> str:
         return model
     out = os.path.join(work, "fp-model")
     if not os.path.isfile(os.path.join(out, "config.json")):
-        from tbt.train.gguf import load_gguf_model, load_gguf_tokenizer
+        from tbt.hf.gguf import load_gguf_model, load_gguf_tokenizer
 
         m, tok = load_gguf_model(model), load_gguf_tokenizer(model)
         m.save_pretrained(out)

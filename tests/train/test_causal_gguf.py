@@ -1,4 +1,4 @@
-"""GGUF models (tbt.train.gguf): names, clear errors, and a tiny Llama written to GGUF with the
+"""GGUF models (tbt.hf.gguf): names, clear errors, and a tiny Llama written to GGUF with the
 ``gguf`` package (llama.cpp's tensor names and Q/K row permutation) that loads back with the
 same logits, trains as a teacher, and is usable as ``--model``/``--teacher``."""
 
@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from tbt.train import gguf as tg
+from tbt.hf import gguf as tg
 
 
 def test_names():

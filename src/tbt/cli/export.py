@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from tbt.cli import CliError
 from tbt.cli._safety import add_overwrite_flag, check_output_dir, staged_output
@@ -27,6 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "quantized: it then shares the embedding's codes) or int8 (per-row "
                         "symmetric int8 of an FP head, ~4x smaller, post-training)")
     add_overwrite_flag(p)
+    p.add_argument("--format", choices=("packed", "gguf"), default="packed",
+                   help="packed: tbt's checkpoint (default); gguf: a GGUF file for llama.cpp, "
+                        "decoder-only Llama/Mistral/Qwen2 models (docs/gguf.md)")
+    from tbt.cli._gguf import add_gguf_arguments
+
+    add_gguf_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -43,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--model {args.model} is not quantized (no quantization_config in its "
                        "config.json): train it with `tbt train --bits 2-2-8 ...` first")
     with staged_output(out, overwrite=args.overwrite) as tmp:
+        if args.format == "gguf":
+            from tbt.cli._gguf import run_gguf
+
+            return run_gguf(args, model, tok, Path(tmp), Path(out))
         save_packed(model, tmp, lm_head=args.lm_head)
         if tok is not None:  # keep the tokenizer next to the packed weights
             tok.save_pretrained(tmp)

@@ -98,9 +98,9 @@ def _load(args: argparse.Namespace):
 
     if args.model.startswith("gguf:") or args.model.lower().endswith(".gguf"):
         try:
-            from tbt.train.gguf import load_gguf_model, load_gguf_tokenizer
+            from tbt.hf.gguf import load_gguf_model, load_gguf_tokenizer
         except ImportError as e:
-            raise CliError(f"GGUF models need tbt.train.gguf ({e})") from None
+            raise CliError(f"GGUF models need tbt.hf.gguf ({e})") from None
         model, tok = load_gguf_model(args.model), load_gguf_tokenizer(args.model)
     else:
         model, tok = load_pretrained(args.model)

@@ -16,7 +16,7 @@ from typing import Any
 from tbt._paths import check_local_dir
 from tbt.train.checkpoint import save_model_dir
 from tbt.train.config import TrainConfig
-from tbt.train.gguf import is_gguf, load_gguf_model, load_gguf_tokenizer
+from tbt.hf.gguf import is_gguf, load_gguf_model, load_gguf_tokenizer
 from tbt.train.presets import build_from_scratch, is_architecture
 
 logger = logging.getLogger(__name__)
