@@ -103,6 +103,16 @@ def run_tbt(table: Table, runs: dict, args, arch: str, shape: str) -> None:
         weights = "fp32" if name == "fp32" else name
         table.add(shape, label, weights, args.src_len / res["t_first_s"], res["decode_tok_s"],
                   before, f"checkpoint {info['bytes'] / 1e6:.0f} MB")
+        if arch == "llama" and name != "fp32":  # the native engine on the same checkpoint
+            import bench_engine
+
+            ens = argparse.Namespace(batch="1", prompt=args.src_len, new_tokens=args.new_tokens,
+                                     repeat=args.repeat, threads=args.threads, profile=False)
+            before = loadavg()
+            r = bench_engine._run("engine", info["dir"], ens)["batches"]["1"]
+            table.add(shape, "tbt native engine (one C call per token)", name,
+                      r["prefill_tok_s"], r["decode_tok_s"], before,
+                      f"checkpoint {info['bytes'] / 1e6:.0f} MB")
 
 
 def find_smollm2(path: str | None) -> str | None:
