@@ -109,12 +109,20 @@ def test_mixed_precision(tmp_path, family, bits):
     assert torch.equal(_logits(m, family), _logits(loaded, family))
 
 
-def test_save_overwrites_atomically(tmp_path):
+def test_save_refuses_occupied_and_overwrites_atomically(tmp_path):
     m = _trained("gpt2", "2-2-8")
     d = tmp_path / "ck"
     save_packed(m, d)
-    save_packed(m, d)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_packed(m, d)  # an occupied folder is never replaced silently
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    (tmp_path / "file").write_text("the user's file\n")
+    with pytest.raises(FileExistsError, match="is a file"):
+        save_packed(m, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "the user's file\n"
+    save_packed(m, d, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "file"]  # nothing left aside
     assert torch.equal(_logits(m, "gpt2"), _logits(load_packed(d, backend="torch"), "gpt2"))
 
 

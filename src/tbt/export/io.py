@@ -171,7 +171,8 @@ def _tensor_bytes(t: torch.Tensor):
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "fp") -> Path:
+def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "fp", *,
+                overwrite: bool = False) -> Path:
     """Write ``model`` (fake-quantized or already converted) as a packed checkpoint.
 
     A fake-quantized model is converted on a copy; ``model`` itself is not modified.
@@ -180,6 +181,10 @@ def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "
     ``QuantConfig`` whose ``skip_modules`` leaves out ``lm_head``; tied, it shares the token
     embedding's codes and costs no bytes). ``"int8"`` stores an FP head per-row symmetric int8
     + float32 scale (:mod:`tbt.export.lm_head`). Returns the directory path.
+
+    The checkpoint is written into a temporary sibling and renamed into place. ``directory``
+    must be new or empty: a non-empty folder is replaced only with ``overwrite=True``, and a
+    file in its place is never touched (``FileExistsError``, before any work).
     """
     import copy
 
@@ -187,6 +192,12 @@ def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "
 
     if lm_head not in LM_HEAD_FORMATS:
         raise ValueError(f"lm_head={lm_head!r}; choose one of {list(LM_HEAD_FORMATS)}")
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file: save the packed checkpoint to a folder path")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} is not empty: choose a new or empty folder, or pass "
+                              f"overwrite=True to replace its content")
     from tbt.export.ptq_layers import SchemeLinear
 
     converted = any(isinstance(m, (PackedLinear, PackedEmbedding, SchemeLinear))
@@ -239,7 +250,6 @@ def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "
                                         for k, t in tensors.items()}, sort_keys=True),
     })
 
-    target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -252,10 +262,15 @@ def save_packed(model: nn.Module, directory: str | os.PathLike, lm_head: str = "
             metadata, {k: (_ST_DTYPES[t.dtype], tuple(t.shape)) for k, t in tensors.items()})
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
+        if target.is_dir() and any(target.iterdir()):  # overwrite=True (checked above)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old)  # onto the empty temp folder: one rename
+        try:
+            os.replace(tmp, target)  # onto a missing or empty folder
+        except OSError:
+            if old is not None:  # put the old checkpoint back
+                os.replace(old, target)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

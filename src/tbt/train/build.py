@@ -162,7 +162,8 @@ def save_final(cfg: TrainConfig, model, tokenizer, quant_json: str | None) -> No
         from tbt.export.io import save_packed
         from tbt.export.lrqat import merge_lrqat
 
-        packed = save_packed(merge_lrqat(model), os.path.join(cfg.output_dir, "packed"))
+        packed = save_packed(merge_lrqat(model), os.path.join(cfg.output_dir, "packed"),
+                             overwrite=True)  # the run owns (and has locked) output_dir
         tokenizer.save_pretrained(packed)
         os.makedirs(tmp)
         for name, text in (("tbt_config.json", quant_json), ("train_config.json", cfg.to_json())):
