@@ -319,12 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, prof in profiles.items():
         report += [f"cProfile of one {name} generate call (top functions by own time):", "",
                    "```", prof.strip(), "```", ""]
-    text = "\n".join(report)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    emit_report(report, args.out)
     return 0
+
+
+def emit_report(lines: list[str], out: str | None) -> None:
+    """Print a Markdown report and, with ``--out``, also write it there (the benchmarks share it)."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -212,11 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                    f"calling-thread CPU µs; total wall {tot_w:.0f} µs):", "",
                    "| part | wall µs | CPU µs |", "|---|---|---|"]
         report += [f"| {k} | {w:.0f} | {c:.0f} |" for k, (w, c) in prof.items()] + [""]
-    text = "\n".join(report)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    sys.path.insert(0, str(HERE))
+    from bench_e2e import emit_report
+
+    emit_report(report, args.out)
     return 0
 
 

@@ -352,11 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         report += ["Skipped:", ""] + [f"* {s}" for s in table.skipped] + [""]
     if table.commands:
         report += ["Commands:", "", "```"] + table.commands + ["```", ""]
-    text = "\n".join(report)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    be.emit_report(report, args.out)
     return 0
 
 
