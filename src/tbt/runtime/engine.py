@@ -505,10 +505,19 @@ class Engine:
     def from_packed_dir(cls, directory: str | os.PathLike, **kw) -> Engine:
         """The engine for a :func:`~tbt.export.io.save_packed` directory (see :class:`Engine`).
 
+        BART, mBART and Marian directories give the encoder-decoder engine,
+        :class:`tbt.runtime.engine_s2s.Seq2SeqEngine`.
+
         Raises:
             EngineError: a model family or layer the engine does not run (the message names
                 the alternative, ``tbt.export.io.load_packed``).
         """
+        path = Path(directory) / "config.json"
+        if cls is Engine and path.is_file():
+            from tbt.runtime.engine_s2s import SEQ2SEQ_MODEL_TYPES, Seq2SeqEngine
+
+            if json.loads(path.read_text()).get("model_type") in SEQ2SEQ_MODEL_TYPES:
+                return Seq2SeqEngine(directory, **kw)  # type: ignore[return-value]
         return cls(directory, **kw)
 
     def _generation_config(self) -> dict[str, Any]:
