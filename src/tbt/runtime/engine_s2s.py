@@ -488,7 +488,28 @@ class Seq2SeqEngine:
                 raise ValueError("beam sampling is not in the engine: num_beams=1 with "
                                  "do_sample, or beam search without")
             return self._beam_search(ids, attention_mask, max_new_tokens, min_new_tokens, nb, o)
-        cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
+        start = np.full((ids.shape[0], 1), o["decoder_start_token_id"], np.int64)
+        new = list(self._stream(ids, attention_mask, max_new_tokens, min_new_tokens,
+                                SamplingConfig(do_sample, temperature, top_k, top_p), seed, o))
+        return np.concatenate([start, *[t[:, None] for t in new]], axis=1)
+
+    def stream(self, input_ids: np.ndarray | Sequence, attention_mask: np.ndarray | None = None,
+               max_new_tokens: int = 32, *, min_new_tokens: int = 0, do_sample: bool = False,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | None = None, **kw):
+        """Yield the next tokens ``(B,)`` one decoder step at a time (greedy or sampling; the
+        options of :meth:`generate`, without beams). A finished row is fed ``pad_token_id``
+        (as transformers does) and yields it; stops when every row has ended."""
+        o = self._options(kw)
+        if kw:
+            raise TypeError(f"unexpected arguments: {', '.join(sorted(kw))}")
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        yield from self._stream(ids, attention_mask, max_new_tokens, min_new_tokens,
+                                SamplingConfig(do_sample, temperature, top_k, top_p), seed, o)
+
+    def _stream(self, ids, attention_mask, max_new_tokens, min_new_tokens, cfg, seed, o):
         rng = np.random.default_rng(seed)
         B = ids.shape[0]
         self.encode(ids, attention_mask, expand=1, max_new_tokens=max_new_tokens)
@@ -504,11 +525,11 @@ class Seq2SeqEngine:
             nxt = np.where(done, pad, nxt)
             seqs[:, cur] = nxt
             cur += 1
+            yield nxt
             if o["eos"]:
                 done |= np.isin(nxt, o["eos"])
                 if done.all():
-                    break
-        return seqs[:, :cur]
+                    return
 
     def _beam_search(self, ids: np.ndarray, attention_mask: np.ndarray | None,
                      max_new_tokens: int, min_new: int, nb: int, o: dict[str, Any]) -> np.ndarray:
