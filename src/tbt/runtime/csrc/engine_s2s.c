@@ -93,8 +93,8 @@ static void add_moments_vec(int64_t m0, const float *m1, const float *m2, int64_
   const float f0 = (float)*s0;
   for (int l = 0; l < LN_W; ++l) {
     const float delta = m1[l] - s1[l];
-    s1[l] = fmaf(delta, c, s1[l]);
-    s2[l] = s2[l] + fmaf((delta * delta) * c, f0, m2[l]);
+    s1[l] = s1[l] + delta * c;
+    s2[l] = fmaf((delta * delta) * c, f0, s2[l] + m2[l]);
   }
   *s0 = n;
 }
@@ -140,7 +140,7 @@ static void row_moments(const float *x, int64_t N, float *mean, float *var) {
     const float delta = xv - c1;
     ++c0;
     c1 += delta / (float)c0;
-    c2 = fmaf(delta, xv - c1, c2);
+    c2 = c2 + delta * (xv - c1);
   }
   for (int l = 0; l < LN_W; ++l) {
     const int64_t nn = c0 + n;
