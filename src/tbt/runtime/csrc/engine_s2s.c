@@ -7,8 +7,8 @@
  * The float operations follow transformers' modeling (modeling_bart / mbart / marian) and
  * tbt.quant.attention op for op, in float32 and torch's order, as engine.c does for the
  * decoder-only models (whose quantizers, sums and linear calls this file reuses through
- * engine_shared.h). New here: LayerNorm (torch's Welford moments, below), GELU (torch's
- * vectorised erf), learned/sinusoidal position tables, additive padding masks. */
+ * engine_shared.h). New here: LayerNorm (torch's Welford moments, below), GELU (a
+ * vectorisable erf, ~2 ulp), position tables, padding masks, the beams' cache reorder. */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("O3")
 #endif
@@ -85,8 +85,14 @@ static inline float exp_f(float x) {
  * there. Then y = ((x - mean) * rstd) * w + b, the last step an FMA. */
 #define LN_W 8
 #define LN_CHUNK 16
+/* fmaf is one instruction where the CPU has FMA (x86-64-v3), a libm call otherwise */
+#if TBT_X86 && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)
+#define LN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define LN_CLONES
+#endif
 
-static void add_moments_vec(int64_t m0, const float *m1, const float *m2, int64_t *s0,
+static inline void add_moments_vec(int64_t m0, const float *m1, const float *m2, int64_t *s0,
                             float *s1, float *s2) {
   const int64_t n = m0 + *s0;
   const float c = n == 0 ? 0.0f : (float)m0 / (float)n;
@@ -99,7 +105,7 @@ static void add_moments_vec(int64_t m0, const float *m1, const float *m2, int64_
   *s0 = n;
 }
 
-static void row_moments(const float *x, int64_t N, float *mean, float *var) {
+LN_CLONES static void row_moments(const float *x, int64_t N, float *mean, float *var) {
   const int64_t n = N / LN_W, m = (n + LN_CHUNK - 1) / LN_CHUNK;
   int64_t depth = 0;
   while (((int64_t)1 << depth) < m) ++depth; /* CeilLog2 */
@@ -154,8 +160,8 @@ static void row_moments(const float *x, int64_t N, float *mean, float *var) {
   *var = c2 / (float)N;
 }
 
-static void layer_norm(const float *x, const float *w, const float *b, float eps, int64_t d,
-                       float *out) {
+LN_CLONES static void layer_norm(const float *x, const float *w, const float *b, float eps,
+                                 int64_t d, float *out) {
   float mean, var;
   row_moments(x, d, &mean, &var);
   const float r = 1.0f / sqrtf((var > 0.0f ? var : 0.0f) + eps);
@@ -169,18 +175,57 @@ void tbt_layer_norm(const float *x, const float *w, const float *b, float eps, i
 
 /* ---- activations ---------------------------------------------------------------------------- */
 
-/* GELU (exact form): x * 0.5 * (1 + erf(x / sqrt 2)) with libm's erff. torch's vectorised
- * erf rounds differently in the last bit for about a third of the inputs (docs/engine.md). */
+/* erf for float, branch-free (vectorisable): |x| < 1: x P(x^2), P fitted to erf(x)/x (relative
+ * error 1.4e-9); 1 <= |x| < 4: 1 - exp(-x^2) Q(x), Q fitted to erfc(x) exp(x^2) (7.6e-9);
+ * beyond: +-1. Evaluated in float32: within ~2 ulp of the correctly rounded erf, like libm's
+ * erff (docs/engine.md: torch's vectorised erf rounds differently from both). */
+static inline float erf_v(float x) {
+  const float a = fabsf(x), z = a * a;
+  float p = 7.882503713e-05f;
+  p = p * z + -8.018863006e-04f;
+  p = p * z + 5.189313678e-03f;
+  p = p * z + -2.685433028e-02f;
+  p = p * z + 1.128359752e-01f;
+  p = p * z + -3.761262691e-01f;
+  p = p * z + 1.128379166e+00f;
+  const float small = a * p;
+  const float t = (a < 4.0f ? a : 4.0f) * (1.0f / 1.5f) - (2.5f / 1.5f);
+  float q = 1.381932174e-05f;
+  q = q * t + -3.692937457e-05f;
+  q = q * t + 5.494660826e-05f;
+  q = q * t + -1.439469704e-04f;
+  q = q * t + 4.145087523e-04f;
+  q = q * t + -1.017119239e-03f;
+  q = q * t + 2.401701390e-03f;
+  q = q * t + -5.567332340e-03f;
+  q = q * t + 1.248970374e-02f;
+  q = q * t + -2.700572538e-02f;
+  q = q * t + 5.611047258e-02f;
+  q = q * t + -1.115210047e-01f;
+  q = q * t + 2.108063643e-01f;
+  const float large = 1.0f - exp_f(-z) * q;
+  const float r = a < 1.0f ? small : a < 4.0f ? large : 1.0f;
+  return x < 0.0f ? -r : r;
+}
+
+TBT_CLONES static void gelu(float *x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    x[i] = v * 0.5f * (1.0f + erf_v(v * 0.70710678118654752440f));
+  }
+}
+
+TBT_CLONES static void silu(float *x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] / (1.0f + exp_f(-x[i]));
+}
+
 static void activation(int act, float *x, int64_t n) {
   if (act == TBT_ACT_RELU) {
     for (int64_t i = 0; i < n; ++i) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
   } else if (act == TBT_ACT_SILU) {
-    for (int64_t i = 0; i < n; ++i) x[i] = x[i] / (1.0f + exp_f(-x[i]));
+    silu(x, n);
   } else {
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = x[i];
-      x[i] = v * 0.5f * (1.0f + erff(v * 0.70710678118654752440f));
-    }
+    gelu(x, n);
   }
 }
 
