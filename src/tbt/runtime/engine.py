@@ -15,7 +15,8 @@ final norm and the LM head (packed, or float). Only the loop over tokens and the
 the next token stay in Python (:meth:`Engine.generate`).
 
 Supported: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``MistralForCausalLM`` (SmolLM2 is a
-Llama) with default RoPE, SiLU, 1/2-bit packed linears whose activation quantizer has a kernel
+Llama; BART, mBART and Marian: :mod:`tbt.runtime.engine_s2s`, which ``from_packed_dir``
+picks) with default RoPE, SiLU, 1/2-bit packed linears whose activation quantizer has a kernel
 (every E-W-A setting with 8-, 2- or 1-bit activations: ``2-2-8``, ``1-1-8``, ``2-2-2``,
 ``1-1-1``), attention quantizers ``minmax``/``elastic`` (or none), LM heads ``packed``, ``fp``
 and ``int8`` (the int8 head runs as its dequantized float matrix: the values of
@@ -407,6 +408,9 @@ class Engine:
                                     f"checkpoint (write one with tbt export or save_packed)")
         cfg = _read_config(directory)
         mtype = cfg.get("model_type")
+        if mtype in ("bart", "mbart", "marian"):
+            raise EngineError(f"model type {mtype!r} runs on the encoder-decoder engine: "
+                              f"Engine.from_packed_dir(dir) returns it (Seq2SeqEngine)")
         if mtype not in SUPPORTED_MODEL_TYPES or cfg.get("is_encoder_decoder"):
             raise EngineError(f"model type {mtype!r} is not in the native engine (it runs "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)}); use "

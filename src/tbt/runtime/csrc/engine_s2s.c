@@ -700,7 +700,8 @@ static void head_rows(void *ctx, int64_t c0, int64_t c1) {
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t v1 = (c + 1) * HEAD_ROWS < V ? (c + 1) * HEAD_ROWS : V;
     for (int64_t v = c * HEAD_ROWS; v < v1; ++v)
-      for (int64_t r = 0; r < J->R; ++r) J->y[r * V + v] = dot(J->m->head_w + v * d, J->x + r * d, d);
+      for (int64_t r = 0; r < J->R; ++r)
+        J->y[r * V + v] = dot(J->m->head_w + v * d, J->x + r * d, d);
   }
 }
 
