@@ -21,6 +21,12 @@ Usage::
 
 ``--workdir`` keeps the checkpoints (building them takes minutes) and reuses them.
 ``--profile`` adds the engine's split of a decoding step (linears, attention, the rest, head).
+
+``--worker engine-s2s --dir PACKED`` times the encoder-decoder engine
+(:class:`tbt.runtime.engine_s2s.Seq2SeqEngine`) on a packed BART/mBART/Marian folder:
+prefill = the encoder over ``--prompt`` source tokens plus the first decoder step, decode =
+the next ``--new-tokens`` greedy steps. ``bench_peers.py`` runs it on the BART-base shape
+next to the torch backend and CTranslate2.
 """
 
 from __future__ import annotations
@@ -74,10 +80,32 @@ def _loop_engine(eng, prompt, steps: int) -> tuple[float, float]:
     return t_pre, time.perf_counter() - t
 
 
+def _loop_s2s(eng, src, steps: int) -> tuple[float, float]:
+    """encoder + first decoder step, then ``steps`` greedy decoder steps."""
+    import numpy as np
+
+    t = time.perf_counter()
+    eng.encode(src, None, max_new_tokens=steps + 1)
+    start = eng.generation_config["decoder_start_token_id"]
+    tok = eng.step(np.full(src.shape[0], start)).argmax(-1)
+    t_pre = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(steps):
+        tok = eng.step(tok).argmax(-1)
+    return t_pre, time.perf_counter() - t
+
+
 def worker(args: argparse.Namespace) -> None:
     import numpy as np
 
-    if args.worker == "engine":
+    if args.worker == "engine-s2s":
+        from tbt.runtime.engine_s2s import Seq2SeqEngine
+
+        model = Seq2SeqEngine(args.dir)
+        loop = _loop_s2s
+        vocab = model.vocab_size
+        mk = lambda b: np.random.default_rng(2).integers(3, vocab, (b, args.prompt))  # noqa: E731
+    elif args.worker == "engine":
         from tbt.runtime.engine import Engine
 
         model = Engine.from_packed_dir(args.dir)
@@ -111,6 +139,21 @@ def worker(args: argparse.Namespace) -> None:
                   "decode_tok_s": b * args.new_tokens / best_dec,
                   "decode_ms_step": best_dec / args.new_tokens * 1e3}
     out = {"batches": res, "peak_rss_mb": _peak_rss_mb()}
+    if args.profile and args.worker == "engine-s2s":
+        src = mk(1)
+        model.profile(True)
+        t = time.perf_counter()
+        model.encode(src, None, max_new_tokens=args.new_tokens + 1)
+        t_enc = time.perf_counter() - t
+        enc = model.profile_result()
+        model.profile(True)  # decoding steps only
+        tok = np.full(1, model.generation_config["decoder_start_token_id"])
+        for _ in range(args.new_tokens):
+            tok = model.step(tok).argmax(-1)
+        out["profile_us_per_step"] = {k: [w / args.new_tokens * 1e6, c / args.new_tokens * 1e6]
+                                      for k, (w, c) in model.profile_result().items()}
+        out["encode_profile_us"] = {"total wall": t_enc * 1e6,
+                                    **{k: w * 1e6 for k, (w, _) in enc.items()}}
     if args.profile and args.worker == "engine":
         model.reset()
         tok = model.forward(mk(1), reserve=args.new_tokens).argmax(-1)[:, None]

@@ -10,7 +10,10 @@ Rows (each skipped with a message when its tool is absent):
     TQ2_0, TQ1_0, Q8_0 and F16 (speed only: re-quantizing a 4-bit file loses accuracy);
   - llama.cpp on the same tbt 2-2-8 models written by ``tbt export --format gguf``
     (:func:`tbt.export.gguf_writer.export_gguf`; vocabulary copied from the SmolLM2 GGUF).
-* **BART-base shape** (``bench_e2e.py``'s default): tbt fp32 torch and packed 2-2-8, and
+* **BART-base shape** (``bench_e2e.py``'s default): tbt fp32 torch and packed 2-2-8 (FP head
+  and packed head) on the torch backend, the same packed checkpoints on tbt's native
+  encoder-decoder engine (``bench_engine.py --worker engine-s2s``: one C call for the encoder
+  and the cross-attention K/V, one per decoder step), and
   CTranslate2 ``int8`` and ``float32`` converted from the same fp32 checkpoint
   (``ctranslate2.converters.TransformersConverter``; transformers 5's BART config lacks
   ``normalize_before``/``add_final_layer_norm``, so they are written as BART-base has them:
@@ -64,6 +67,7 @@ class Table:
         self.rows: list[dict] = []
         self.skipped: list[str] = []
         self.commands: list[str] = []
+        self.profiles: dict[str, dict] = {}
 
     def add(self, shape, runtime, weights, prefill, decode, before, note="") -> None:
         row = dict(shape=shape, runtime=runtime, weights=weights, prefill=prefill,
@@ -103,13 +107,18 @@ def run_tbt(table: Table, runs: dict, args, arch: str, shape: str) -> None:
         weights = "fp32" if name == "fp32" else name
         table.add(shape, label, weights, args.src_len / res["t_first_s"], res["decode_tok_s"],
                   before, f"checkpoint {info['bytes'] / 1e6:.0f} MB")
-        if arch == "llama" and name != "fp32":  # the native engine on the same checkpoint
+        if name != "fp32":  # the native engine on the same checkpoint
             import bench_engine
 
             ens = argparse.Namespace(batch="1", prompt=args.src_len, new_tokens=args.new_tokens,
-                                     repeat=args.repeat, threads=args.threads, profile=False)
+                                     repeat=args.repeat, threads=args.threads,
+                                     profile=args.profile)
             before = loadavg()
-            r = bench_engine._run("engine", info["dir"], ens)["batches"]["1"]
+            full = bench_engine._run("engine" if arch == "llama" else "engine-s2s", info["dir"],
+                                     ens)
+            r = full["batches"]["1"]
+            if "profile_us_per_step" in full:
+                table.profiles[f"{shape} {name}"] = full
             table.add(shape, "tbt native engine (one C call per token)", name,
                       r["prefill_tok_s"], r["decode_tok_s"], before,
                       f"checkpoint {info['bytes'] / 1e6:.0f} MB")
@@ -300,8 +309,12 @@ def main(argv: list[str] | None = None) -> int:
                         "for the packed models, each one's best: docs/kernels.md)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs (tbt, CTranslate2)")
     p.add_argument("--llama-reps", type=int, default=3, help="llama-bench -r")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: tbt,llama,ct2")
+    p.add_argument("--skip", default="",
+                   help="comma list of parts to skip: tbt,llama,ct2,smol (smol: the whole "
+                        "SmolLM2 part, tbt rows included)")
     p.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
+    p.add_argument("--profile", action="store_true",
+                   help="the native engine rows: also time the parts of a decoding step")
     p.add_argument("--workdir", help="keep checkpoints/GGUFs here and reuse them")
     p.add_argument("--build-only", action="store_true",
                    help="only write the tbt checkpoints into --workdir (a later run reuses them)")
@@ -326,17 +339,18 @@ def main(argv: list[str] | None = None) -> int:
             index.write_text(json.dumps(runs))
             return runs
 
-        smol_runs = built("llama", ("fp", "packed")) if not {"tbt", "llama"} <= skip else None
+        smol_runs = (built("llama", ("fp", "packed"))
+                     if not {"tbt", "llama"} <= skip and "smol" not in skip else None)
         if args.build_only:
-            built("bart", ("fp",))
+            built("bart", ("fp", "packed"))
             return 0
         if smol_runs is not None and "tbt" not in skip:
             run_tbt(table, smol_runs, args, "llama", SMOL_SHAPE if not args.quick
                     else "llama quick")
-        if "llama" not in skip:
+        if "llama" not in skip and "smol" not in skip:
             run_llama(table, args, work, smol_runs)
         if not {"tbt", "ct2"} <= skip:
-            bart_runs = built("bart", ("fp",))
+            bart_runs = built("bart", ("fp", "packed"))
             if "tbt" not in skip:
                 run_tbt(table, bart_runs, args, "bart", BART_SHAPE if not args.quick
                         else "BART quick")
@@ -350,6 +364,18 @@ def main(argv: list[str] | None = None) -> int:
               f"each row (machine load).", "", table.markdown(), ""]
     if table.skipped:
         report += ["Skipped:", ""] + [f"* {s}" for s in table.skipped] + [""]
+    for label, full in table.profiles.items():
+        prof = full["profile_us_per_step"]
+        tot = sum(v[0] for v in prof.values())
+        report += [f"Native engine profile, {label}, batch 1, per decoding step (wall µs / "
+                   f"calling-thread CPU µs; total wall {tot:.0f} µs):", "",
+                   "| part | wall µs | CPU µs |", "|---|---|---|"]
+        report += [f"| {k} | {w:.0f} | {c:.0f} |" for k, (w, c) in prof.items()] + [""]
+        if "encode_profile_us" in full:
+            enc = full["encode_profile_us"]
+            report += ["Encoder call (source of --src-len tokens, cross K/V of every decoder "
+                       "layer included), wall µs: " +
+                       ", ".join(f"{k} {v:.0f}" for k, v in enc.items()), ""]
     if table.commands:
         report += ["Commands:", "", "```"] + table.commands + ["```", ""]
     be.emit_report(report, args.out)

@@ -118,9 +118,8 @@ BAD = [
     ("train-out-under-file", lambda w: _train(w, os.path.join(w["file"], "sub")),
      "is a file, not a folder", "file"),
     # 5: evaluate on a packed folder; --num-beams 0
-    ("evaluate-packed", lambda w: _eval(w, w["packed"], _new(w, "ev1")),
-     "is a packed checkpoint (tbt export output), which tbt evaluate cannot run yet: pass the "
-     "folder it was exported from", "packed"),
+    ("evaluate-packed-cuda", lambda w: _eval(w, w["packed"], _new(w, "ev1"), "--device", "cuda"),
+     "is a packed checkpoint: it runs on the CPU (--device cpu)", "packed"),
     ("evaluate-beams-0", lambda w: _eval(w, w["student"], _new(w, "ev2"), "--num-beams", "0"),
      "--num-beams 0: must be >= 1", None),
     # 5: a config value of the wrong type

@@ -218,13 +218,12 @@ def test_unsupported_family_says_what_to_use(tmp_path):
     from tbt.quant.surgery import quantize_model
     from tbt.runtime.engine import Engine, EngineError
 
-    bart = tf.BartForConditionalGeneration(tf.BartConfig(
-        vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-        decoder_ffn_dim=64))
-    save_packed(quantize_model(bart, QuantConfig(bits="2-2-8")), tmp_path / "bart")
+    t5 = tf.T5ForConditionalGeneration(tf.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+        num_heads=4, decoder_start_token_id=0))
+    save_packed(quantize_model(t5, QuantConfig(bits="2-2-8")), tmp_path / "t5")
     with pytest.raises(EngineError, match="load_packed"):
-        Engine.from_packed_dir(tmp_path / "bart")
+        Engine.from_packed_dir(tmp_path / "t5")
     with pytest.raises(FileNotFoundError, match="not a tbt packed checkpoint"):
         Engine.from_packed_dir(tmp_path)
 

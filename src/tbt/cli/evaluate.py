@@ -70,6 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="sources generated per batch (default: 16)")
     run.add_argument("--device", default=None, choices=("cpu", "cuda"),
                      help="default: cuda when available, else cpu")
+    run.add_argument("--engine", choices=("native", "torch"), default="native",
+                     help="a packed encoder-decoder folder (tbt export: BART, mBART, Marian) "
+                          "runs on the native engine by default; torch: the transformers model "
+                          "on the packed layers (load_packed)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_overwrite_flag(run, help="replace the content of a non-empty --output-dir (e.g. an "
                                  "earlier evaluation's metrics.json)")
@@ -108,10 +112,9 @@ def _check_args(args: argparse.Namespace) -> None:
         if value is not None and value < 0:
             raise CliError(f"--{flag.replace('_', '-')} {value}: must be >= 0")
     check_local_dir(args.model, "--model", "give a model folder written by `tbt train`")
-    if os.path.isfile(os.path.join(args.model, WEIGHTS_NAME)):
-        raise CliError(f"--model {args.model} is a packed checkpoint (tbt export output), which "
-                       "tbt evaluate cannot run yet: pass the folder it was exported from (the "
-                       "`tbt train --output-dir`)")
+    if os.path.isfile(os.path.join(args.model, WEIGHTS_NAME)) and args.device == "cuda":
+        raise CliError(f"--model {args.model} is a packed checkpoint: it runs on the CPU "
+                       "(--device cpu)")
     if args.tokenizer:
         check_local_dir(args.tokenizer, "--tokenizer",
                         "give a tokenizer folder (tbt tokenizer train) or a model folder")
@@ -121,13 +124,69 @@ def _check_args(args: argparse.Namespace) -> None:
                      what="e.g. an earlier evaluation:")
 
 
-def _load_model(args: argparse.Namespace):
-    from tbt.hf import load_pretrained
+class _EngineModel:
+    """The native encoder-decoder engine behind the few members of a transformers model that
+    tbt.eval.evaluate uses (config, eval/train/to, generate on torch tensors)."""
 
+    def __init__(self, engine) -> None:
+        from types import SimpleNamespace
+
+        self.engine = engine
+        self.config = SimpleNamespace(is_encoder_decoder=True,
+                                      max_position_embeddings=engine.max_positions)
+        self.training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def to(self, device):
+        return self
+
+    def generate(self, input_ids, attention_mask=None, max_length=None, max_new_tokens=None,
+                 **kw):
+        import torch
+
+        if max_new_tokens is None:  # transformers: max_length counts the decoder start token
+            max_new_tokens = (max_length or 21) - 1
+        mask = None if attention_mask is None else attention_mask.cpu().numpy()
+        out = self.engine.generate(input_ids.cpu().numpy(), mask, max_new_tokens, **kw)
+        return torch.from_numpy(out)
+
+
+def _load_model(args: argparse.Namespace):
+    import os
+
+    from tbt.export.io import WEIGHTS_NAME
+    from tbt.hf import load_pretrained, load_tokenizer
+
+    if os.path.isfile(os.path.join(args.model, WEIGHTS_NAME)):
+        import json as _json
+
+        from tbt.export.io import load_packed
+        from tbt.runtime.engine_s2s import SEQ2SEQ_MODEL_TYPES
+
+        with open(os.path.join(args.model, "config.json")) as f:
+            mtype = _json.load(f).get("model_type")
+        if args.engine == "native" and mtype in SEQ2SEQ_MODEL_TYPES:
+            from tbt.runtime.engine_s2s import Seq2SeqEngine
+
+            model = _EngineModel(Seq2SeqEngine(args.model))
+            print(f"packed {mtype} checkpoint: the native engine (--engine torch for the "
+                  f"transformers model)")
+        else:
+            model = load_packed(args.model)
+        tok_dir = args.tokenizer or args.model
+        try:
+            tok = load_tokenizer(tok_dir)
+        except (OSError, ValueError) as e:
+            raise CliError(f"no tokenizer in {tok_dir} ({type(e).__name__}): pass "
+                           f"--tokenizer DIR") from None
+        return model, tok
     model, tok = load_pretrained(args.model)
     if args.tokenizer:
-        from tbt.hf import load_tokenizer
-
         tok = load_tokenizer(args.tokenizer)
     if tok is None:
         raise CliError(f"{args.model} has no tokenizer: pass --tokenizer DIR")

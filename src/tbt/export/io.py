@@ -443,7 +443,8 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
 
     ``engine="native"`` returns instead the native generation engine
     (:class:`tbt.runtime.engine.Engine`: every layer of a decoding step in one C call, no
-    torch; decoder-only Llama/Qwen2/Mistral checkpoints, ``docs/engine.md``).
+    torch; decoder-only Llama/Qwen2/Mistral and encoder-decoder BART/mBART/Marian checkpoints,
+    ``docs/engine.md``).
 
     Args:
         directory: a :func:`save_packed` directory.

@@ -15,7 +15,8 @@ final norm and the LM head (packed, or float). Only the loop over tokens and the
 the next token stay in Python (:meth:`Engine.generate`).
 
 Supported: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``MistralForCausalLM`` (SmolLM2 is a
-Llama) with default RoPE, SiLU, 1/2-bit packed linears whose activation quantizer has a kernel
+Llama; BART, mBART and Marian: :mod:`tbt.runtime.engine_s2s`, which ``from_packed_dir``
+picks) with default RoPE, SiLU, 1/2-bit packed linears whose activation quantizer has a kernel
 (every E-W-A setting with 8-, 2- or 1-bit activations: ``2-2-8``, ``1-1-8``, ``2-2-2``,
 ``1-1-1``), attention quantizers ``minmax``/``elastic`` (or none), LM heads ``packed``, ``fp``
 and ``int8`` (the int8 head runs as its dequantized float matrix: the values of
@@ -407,6 +408,9 @@ class Engine:
                                     f"checkpoint (write one with tbt export or save_packed)")
         cfg = _read_config(directory)
         mtype = cfg.get("model_type")
+        if mtype in ("bart", "mbart", "marian"):
+            raise EngineError(f"model type {mtype!r} runs on the encoder-decoder engine: "
+                              f"Engine.from_packed_dir(dir) returns it (Seq2SeqEngine)")
         if mtype not in SUPPORTED_MODEL_TYPES or cfg.get("is_encoder_decoder"):
             raise EngineError(f"model type {mtype!r} is not in the native engine (it runs "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)}); use "
@@ -505,10 +509,19 @@ class Engine:
     def from_packed_dir(cls, directory: str | os.PathLike, **kw) -> Engine:
         """The engine for a :func:`~tbt.export.io.save_packed` directory (see :class:`Engine`).
 
+        BART, mBART and Marian directories give the encoder-decoder engine,
+        :class:`tbt.runtime.engine_s2s.Seq2SeqEngine`.
+
         Raises:
             EngineError: a model family or layer the engine does not run (the message names
                 the alternative, ``tbt.export.io.load_packed``).
         """
+        path = Path(directory) / "config.json"
+        if cls is Engine and path.is_file():
+            from tbt.runtime.engine_s2s import SEQ2SEQ_MODEL_TYPES, Seq2SeqEngine
+
+            if json.loads(path.read_text()).get("model_type") in SEQ2SEQ_MODEL_TYPES:
+                return Seq2SeqEngine(directory, **kw)  # type: ignore[return-value]
         return cls(directory, **kw)
 
     def _generation_config(self) -> dict[str, Any]:

@@ -666,3 +666,35 @@ int tbt_dec_forward(const tbt_dec_model *m, const int32_t *tokens, int64_t B, in
   prof_mark(&pf, TBT_PROF_HEAD);
   return TBT_OK;
 }
+
+/* ---- shared with engine_s2s.c (engine_shared.h): wrappers, the helpers above unchanged ----- */
+
+#include "engine_shared.h"
+
+float tbte_torch_sum(const float *x, int64_t n, int sq) { return torch_sum(x, n, sq); }
+
+void tbte_aq_tensor(const tbt_aq *q, float *x, int64_t n) { aq_tensor(q, x, n); }
+
+void tbte_aq_apply_stats(const tbt_aq *q, const float *x, int64_t n, const float *mean_x,
+                         int64_t mean_n, float *y) {
+  if (q->kind == TBT_AQ_NONE || n < 1) {
+    if (x != y) memcpy(y, x, (size_t)(n > 0 ? n : 0) * sizeof(float));
+    return;
+  }
+  float lo = INFINITY, hi = -INFINITY;
+  aq_stats(q, x, n, &lo, &hi);
+  aq_apply(q, aq_from_stats(q, lo, hi, q->center ? tensor_mean(mean_x, mean_n) : 0.0f), x, y,
+           n);
+}
+
+void tbte_aq_cache(const tbt_aq *q, const float *raw, float *out, int64_t B, int64_t nkv,
+                   int64_t max_t, int64_t D, int64_t n_old, int64_t n_new, double *st,
+                   float *gbuf, int transposed) {
+  aq_cache(q, raw, out, B, nkv, max_t, D, n_old, n_new, st, gbuf, transposed);
+}
+
+int tbte_lin_run(const tbt_elin *L, const float *x, int64_t M, float *y, void *work,
+                 int64_t work_bytes, int32_t *cols) {
+  const lin_ws ws = {work, work_bytes, cols};
+  return lin_run(L, x, M, y, &ws);
+}

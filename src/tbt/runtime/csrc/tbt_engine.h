@@ -90,6 +90,67 @@ TBT_API int64_t tbt_dec_scratch_bytes(const tbt_dec_model *m, int64_t B, int64_t
 TBT_API int tbt_dec_forward(const tbt_dec_model *m, const int32_t *tokens, int64_t B, int64_t T,
                             int64_t pos0, float *logits, void *scratch, int64_t scratch_bytes);
 
+/* ---- encoder-decoder models (BART, mBART, Marian): engine_s2s.c ------------------------------
+ * tbt_s2s_encode runs the whole encoder for B sources (padded to S tokens, mask 1 = token,
+ * 0 = padding) and then every decoder layer's cross-attention K/V, raw projections quantized
+ * as torch quantizes them (one tensor over the sources, each repeated `expand` times, as
+ * generate's beams expand them); they stay in the layers' xk/xv until the next encode.
+ * tbt_s2s_decode runs one decoder step for R = n_src * expand rows (row r reads source
+ * r / expand) at position pos; tbt_s2s_reorder gathers the self-attention caches' rows
+ * (beam search). */
+
+enum { TBT_ACT_GELU = 0, TBT_ACT_RELU = 1, TBT_ACT_SILU = 2 };
+
+typedef struct tbt_s2s_layer {
+  const float *ln_sa_w, *ln_sa_b; /* self_attn_layer_norm */
+  const float *ln_ca_w, *ln_ca_b; /* encoder_attn_layer_norm (decoder layers) */
+  const float *ln_ff_w, *ln_ff_b; /* final_layer_norm */
+  tbt_elin q, k, v, o;            /* self-attention; k.plan NULL: q is q|k|v */
+  tbt_elin cq, ck, cv, co;        /* cross-attention; cv.plan NULL: ck is k|v */
+  tbt_elin fc1, fc2;
+  tbt_aq aq[8];                   /* self Q, K, V, P; cross Q, K, V, P */
+  float *kc, *vc, *kq, *vq;       /* decoder self-attention caches [max_b][H][max_t][D]
+                                     (kq transposed per block: (D, max_t)) */
+  double *st;                     /* 16 doubles: K and V cache statistics */
+  float *xk, *xv;                 /* quantized cross K (D, max_s) and V (max_s, D) per block
+                                     [max_src][H] */
+} tbt_s2s_layer;
+
+typedef struct tbt_s2s_model {
+  int64_t enc_layers, dec_layers, d, n_heads, head_dim, ffn_enc, ffn_dec, vocab;
+  int64_t max_t, max_b, max_s, max_src, n_pos;
+  float eps, attn_scale, emb_mul;
+  int32_t pre_ln, act, emb_kind, head_kind;
+  const float *emb_f;
+  const uint8_t *emb_p;
+  const float *emb_scale;
+  int64_t emb_stride;
+  const float *enc_pos, *dec_pos;           /* (n_pos, d): row p is position p (offset applied) */
+  const float *enc_lne_w, *enc_lne_b, *dec_lne_w, *dec_lne_b; /* layernorm_embedding or NULL */
+  const float *enc_lnf_w, *enc_lnf_b, *dec_lnf_w, *dec_lnf_b; /* final layer_norm or NULL */
+  const float *head_w;                      /* TBT_HEAD_FLOAT: (vocab, d) */
+  const float *head_b;                      /* final_logits_bias (+ head bias), or NULL */
+  tbt_elin head;
+  const tbt_s2s_layer *enc, *dec;
+  int64_t *calls; /* NULL or 4 counters: encodes, cross K/V projections, decode steps, reorders */
+  double *prof;   /* NULL or TBT_PROF_N x 2 (as tbt_dec_model) */
+} tbt_s2s_model;
+
+/* scratch for encoding B sources of S tokens and decoding R rows */
+TBT_API int64_t tbt_s2s_scratch_bytes(const tbt_s2s_model *m, int64_t B, int64_t S, int64_t R);
+TBT_API int tbt_s2s_encode(const tbt_s2s_model *m, const int32_t *tokens, const int32_t *mask,
+                           int64_t B, int64_t S, int64_t expand, void *scratch,
+                           int64_t scratch_bytes);
+TBT_API int tbt_s2s_decode(const tbt_s2s_model *m, const int32_t *tokens, int64_t R,
+                           int64_t pos, int64_t n_src, int64_t S, const int32_t *mask,
+                           float *logits, void *scratch, int64_t scratch_bytes);
+TBT_API int tbt_s2s_reorder(const tbt_s2s_model *m, const int32_t *rows, int64_t R, int64_t T,
+                            void *scratch, int64_t scratch_bytes);
+/* torch's layer_norm of one row and its erf GELU, for tests */
+TBT_API void tbt_layer_norm(const float *x, const float *w, const float *b, float eps,
+                            int64_t d, float *out);
+TBT_API void tbt_gelu(const float *x, float *y, int64_t n);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,28 @@
+/* Pieces of engine.c that engine_s2s.c (the encoder-decoder engine) reuses: thin non-static
+ * wrappers appended to engine.c around its static helpers, so that both engines quantize,
+ * sum and call the packed linears in exactly the same way. Internal (hidden symbols). */
+#ifndef TBT_ENGINE_SHARED_H
+#define TBT_ENGINE_SHARED_H
+
+#include <stdint.h>
+
+#include "tbt_engine.h"
+
+/* torch's float32 sum of x[0..n) (sq: of the squares), one thread */
+float tbte_torch_sum(const float *x, int64_t n, int sq);
+/* fake-quantize a contiguous tensor in place (statistics over the whole tensor) */
+void tbte_aq_tensor(const tbt_aq *q, float *x, int64_t n);
+/* y = Q(x) for x[0..n) with min/max over x and, where the quantizer subtracts the mean, the
+ * mean of mean_x[0..mean_n) (the same values in the order torch sums them) */
+void tbte_aq_apply_stats(const tbt_aq *q, const float *x, int64_t n, const float *mean_x,
+                         int64_t mean_n, float *y);
+/* engine.c's aq_cache: the cache rows [0, n_new) of B * nkv (max_t x D) blocks quantized as
+ * one tensor (statistics in st[8]; st[0] != n_old restarts them) */
+void tbte_aq_cache(const tbt_aq *q, const float *raw, float *out, int64_t B, int64_t nkv,
+                   int64_t max_t, int64_t D, int64_t n_old, int64_t n_new, double *st,
+                   float *gbuf, int transposed);
+/* a packed linear (activation quantizer + kernel + the binary zero correction) */
+int tbte_lin_run(const tbt_elin *L, const float *x, int64_t M, float *y, void *work,
+                 int64_t work_bytes, int32_t *cols);
+
+#endif /* TBT_ENGINE_SHARED_H */
