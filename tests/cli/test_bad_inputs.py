@@ -210,7 +210,7 @@ def test_every_issue_item_has_a_row():
     """Items of the issue ("Trust from the first command", parts 3 and 5) -> rows above."""
     ids = {i for i, *_ in BAD}
     for needed in ("train-out-file", "tok-out-file", "export-out-file", "train-out-readonly",
-                   "tok-out-readonly", "export-out-readonly", "evaluate-packed",
+                   "tok-out-readonly", "export-out-readonly", "evaluate-packed-cuda",
                    "evaluate-beams-0", "config-wrong-type", "tokenizer-missing",
                    "train-file-folder", "csv-unterminated-quote", "csv-ragged",
                    "export-into-model", "export-into-occupied", "train-over-model",
