@@ -34,7 +34,7 @@ without rebuilding the model.
 ``load_packed`` builds the architecture from ``config.json`` with transformers (without
 initialising its weights), runs :func:`~tbt.quant.surgery.quantize_model` with the saved
 ``QuantConfig``, turns it into empty packed modules (``convert_model(skeleton=True)``), loads
-the tensors (strict) and picks the backend (:func:`~tbt.export.convert.set_backend`), after
+the tensors (strict) and picks the backend (:func:`~tbt.inference.packed.set_backend`), after
 checking every checksum and the scales' values; it never runs code from the directory (an
 ``auto_map`` is refused, ``tbt.model_class`` must name a transformers model class). The
 directory is written to a temporary sibling first and moved into place with ``os.replace``.
@@ -53,13 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tbt.export.convert import (
-    PackedEmbedding,
-    PackedLinear,
-    act_spec_of,
-    convert_model,
-    set_backend,
-)
+from tbt.export.convert import convert_model
 from tbt.export.format import FormatError, FormatHeader, Packing
 from tbt.export.integrity import (
     CHECKSUM_KEY,
@@ -76,6 +70,7 @@ from tbt.export.integrity import (
     warn_unverified,
 )
 from tbt.export.lm_head import LM_HEAD_FORMATS, Int8Linear, output_embedding_name
+from tbt.inference.packed import PackedEmbedding, PackedLinear, act_spec_of, set_backend
 
 __all__ = ["WEIGHTS_NAME", "save_packed", "load_packed", "read_packed_metadata", "layer_table"]
 
@@ -451,7 +446,7 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
         backend: ``"auto"`` (the integer kernels when the native library loads, else torch),
             ``"native"`` (kernels for every layer whose format pair has one) or ``"torch"``
             (dequantized float weights: logits equal the fake-quantized model's bit for bit).
-            See :func:`~tbt.export.convert.set_backend`; layers without a kernel stay on torch
+            See :func:`~tbt.inference.packed.set_backend`; layers without a kernel stay on torch
             with a logged reason.
         kernel_backend: the kernel implementation for ``"native"`` (``tbt.runtime.kernels``:
             ``ref``, ``native``, ``scalar``, ``avx2``, ``avx512``; default auto).

@@ -52,7 +52,7 @@ from tbt.export.format import Packing
 from tbt.export.pack import unpack
 
 __all__ = ["ACT_FORMATS", "WEIGHT_FORMATS", "KERNEL_ACT", "QuantizedActivation",
-           "PreparedWeight", "quantize_a8", "quantize_a2", "quantize_a1", "accumulate",
+           "PreparedWeight", "quantize_a8", "quantize_a8_absmax", "quantize_a2", "quantize_a1", "accumulate",
            "epilogue", "gemm", "gemm_t2_a8", "gemm_b1_a8", "gemm_t2_a2", "gemm_b1_a1",
            "weight_codes", "RefKernel", "ALPHA_EPS", "ASYM_EPS", "aligned_empty"]
 
@@ -155,6 +155,24 @@ def quantize_a8(x: np.ndarray, clip: float = 2.5, signed: bool = True,
     step = (rng / np.float32(255)).astype(np.float32)
     offset = (lo + step * np.float32(128)).astype(np.float32)
     return QuantizedActivation("a8", (u - 128).astype(np.int8), _full(step, m), _full(offset, m))
+
+
+ABSMAX_EPS = np.float32(1e-5)  # BitNet: qp / max(|x|).clamp(min=1e-5)
+
+
+def quantize_a8_absmax(x: np.ndarray, bits: int = 8) -> QuantizedActivation:
+    """Per-token absmax quantization (BitNet b1.58; ``tbt.quant.act_methods``, docs/related.md §1a).
+
+    One scale per row: ``s = qp·(1/max(max_k |x|, 1e-5))`` with ``qp = 2^(bits−1) − 1`` (torch
+    computes ``qp / t`` as ``qp·reciprocal(t)``; the same two roundings here), codes
+    ``clip(rint(x·s), −qp − 1, qp)``, scale ``1/s``. ``bits`` 2..8: the codes fit ``a8``.
+    """
+    xs = _rows(x)
+    qp = np.float32(2 ** (bits - 1) - 1)
+    inv = (np.float32(1) / np.maximum(np.abs(xs).max(axis=1), ABSMAX_EPS)).astype(np.float32)
+    s = (qp * inv).astype(np.float32)  # (M,)
+    codes = np.clip(np.rint(xs * s[:, None]), -qp - 1, qp).astype(np.int8)
+    return QuantizedActivation("a8", codes, (np.float32(1) / s).astype(np.float32))
 
 
 def _alpha_c(alpha: float) -> np.float32:
