@@ -14,9 +14,12 @@ The layers, lowest first (``docs/architecture.md`` says what each holds and why)
  6    export     ``tbt.export``: packing trained models, load_packed
  7    ptq        ``tbt.ptq``: post-training methods and their packed checkpoints
  8    eval       ``tbt.data``, ``tbt.eval``: datasets to batches, metrics, generation
- 9    train      ``tbt.train``: the training loop, recipes, demo
-10    cli        ``tbt.cli``, ``tbt.__main__``
-11    api        ``tbt`` (the package): its lazy attributes reach every layer
+ 9    train      ``tbt.train``: the training loop, recipes, the copy warm-up
+10    demo       ``tbt.demo``: the demo, ablation and paper-replication runners, their corpus
+                 and plots
+11    bench      ``tbt.bench``: the kernel benchmark harness behind ``tbt bench``
+12    cli        ``tbt.cli``, ``tbt.__main__``
+13    api        ``tbt`` (the package): its lazy attributes reach every layer
 ====  =========  ============================================================================
 
 A module may import from its own layer or any lower one. Imports are read with ``ast`` from
@@ -47,6 +50,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ptq", ("tbt.ptq.*",)),
     ("eval", ("tbt.data", "tbt.eval.*")),
     ("train", ("tbt.train.*",)),
+    ("demo", ("tbt.demo.*",)),
+    ("bench", ("tbt.bench",)),
     ("cli", ("tbt.cli.*", "tbt.__main__")),
     ("api", ("tbt",)),
 )

@@ -1,6 +1,6 @@
 """``tbt bench``: GEMV/GEMM latency of tbt's kernels vs torch fp32, bf16 and dynamic int8.
 
-The measurement itself is :mod:`tbt.runtime.bench`; ``benchmarks/bench_kernels.py`` is the same
+The measurement itself is :mod:`tbt.bench`; ``benchmarks/bench_kernels.py`` is the same
 command as a script.
 """
 
@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """A :class:`tbt.runtime.bench.BenchConfig`; bad values raise :class:`CliError`."""
-    from tbt.runtime import bench as B
+    """A :class:`tbt.bench.BenchConfig`; bad values raise :class:`CliError`."""
+    from tbt import bench as B
 
     try:
         return B.BenchConfig(
@@ -59,7 +59,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tbt.runtime import bench as B
+    from tbt import bench as B
 
     B.run(config_from_args(args), args.json)
     return 0

@@ -247,7 +247,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def copy_warmup(student, cfg: TrainConfig, acc, log_path: str | None, main: bool = True
                 ) -> dict[str, Any]:
     """Train ``student`` in place for up to ``cfg.copy_warmup_steps`` steps on the synthetic
-    copy task (:func:`tbt.train.corpus.copy_warmup_batch`): fresh random batches of
+    copy task (:func:`tbt.train.warmup.copy_warmup_batch`): fresh random batches of
     ``cfg.copy_warmup_batch_size``, AdamW at the constant ``cfg.copy_warmup_lr``, clipping at
     1, label cross-entropy only, dropout off (a full-precision student runs in eval mode). It
     stops early once the mean cross-entropy of the last 10 steps is below
@@ -263,7 +263,7 @@ def copy_warmup(student, cfg: TrainConfig, acc, log_path: str | None, main: bool
     ``ce_last``: the mean of the last 10). A ``ce_last`` above 1 nat is logged as a warning:
     the model has not started copying (it still may on the real data).
     """
-    from tbt.train.corpus import copy_warmup_batch
+    from tbt.train.warmup import copy_warmup_batch
 
     t0 = time.time()
     conf = student.config

@@ -13,7 +13,7 @@ Trained from scratch, the presets come with their own optimisation defaults
 own defaults (lr 2.5e-4, batch 8, no weight decay, 5 % warmup) are the paper's *fine-tuning*
 settings, which leave a randomly initialised model writing the empty string or one sentence for
 every input. The BART presets also start with a synthetic copy warm-up
-(``copy_warmup_steps``, :func:`tbt.train.corpus.copy_warmup_batch`) unless they are distilled
+(``copy_warmup_steps``, :func:`tbt.train.warmup.copy_warmup_batch`) unless they are distilled
 from a teacher. Any value given (flag, config file, recipe) wins over these defaults, and the
 resolved values are what ``train_config.json`` records. ``docs/training.md`` has the
 measurements behind them.

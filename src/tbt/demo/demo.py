@@ -3,11 +3,11 @@
 1. build a real summarisation corpus offline: Python standard-library docstrings, the
    ``api`` style by default (summary = ``name: first sentence``, the sentence removed from the
    document, so it must be written, not copied; a from-scratch teacher lands far below the
-   ceiling, where quantization has room to hurt; :func:`tbt.train.corpus.build_docstring_corpus`);
+   ceiling, where quantization has room to hurt; :func:`tbt.demo.corpus.build_docstring_corpus`);
 2. train a byte-level BPE tokenizer on it;
 3. train a small full-precision BART teacher from scratch (``--bits fp``): a short warm-up on
    a synthetic copy task (random whole-word tokens, the target is their first part; see
-   :func:`tbt.train.corpus.copy_warmup_batch` for why), then the summaries until the
+   :func:`tbt.train.warmup.copy_warmup_batch` for why), then the summaries until the
    validation loss stops improving (``teacher_patience`` validations, a step cap);
 4. distil five students from it (same loss and steps): TBT at 2-2-8, and at the low
    activation bits where the paper's baselines collapse, TBT 2-2-2 against TWN 2-2-2 and
@@ -74,7 +74,7 @@ class DemoConfig:
     max_source_length: int = 96
     max_target_length: int = 32
     batch_size: int = 16
-    style: str = "api"  # corpus style (tbt.train.corpus: lead, api, xsum)
+    style: str = "api"  # corpus style (tbt.demo.corpus: lead, api, xsum)
     warmup_steps: int = 300  # teacher warm-up on the synthetic copy task
     warmup_batch_size: int = 32
     warmup_lr: float = 1e-3
@@ -183,7 +183,7 @@ class _Stages:
 
 def prepare_data(dc: DemoConfig, stage: _Stages) -> tuple[dict[str, str], str, Any]:
     """Stages 1-2: the docstring corpus and its tokenizer; ``(paths, tokenizer_dir, tok)``."""
-    from tbt.train.corpus import build_docstring_corpus
+    from tbt.demo.corpus import build_docstring_corpus
     from tbt.train.tokenizer import train_tokenizer
 
     out = dc.output_dir
@@ -198,12 +198,12 @@ def prepare_data(dc: DemoConfig, stage: _Stages) -> tuple[dict[str, str], str, A
 
 def copy_warmup(dc: DemoConfig, tok, out_dir: str) -> dict[str, Any]:
     """The teacher's first phase: ``dc.warmup_steps`` AdamW steps on the synthetic copy task
-    (:func:`tbt.train.corpus.copy_warmup_batch`, fresh random batches, no dropout), from a
+    (:func:`tbt.train.warmup.copy_warmup_batch`, fresh random batches, no dropout), from a
     random ``dc.architecture``; saved to ``out_dir`` (with the preset's dropout restored) for
     ``tbt train`` to continue. Returns ``{"log": log.jsonl path, "train_time_s": s}``."""
     from tqdm.auto import tqdm
 
-    from tbt.train.corpus import copy_warmup_batch
+    from tbt.train.warmup import copy_warmup_batch
     from tbt.train.presets import ARCHITECTURES, build_from_scratch
 
     t0 = time.time()
@@ -245,7 +245,7 @@ def train_teacher(dc: DemoConfig, paths: dict[str, str], tok_dir: str, tok,
              f"{dc.teacher_steps})")
     # The warm-up teaches the encoder-decoder to copy through cross attention; without it a
     # tiny model first learns the summaries' language model and ignores its input for a long
-    # time (tbt.train.corpus documents the measurements).
+    # time (tbt.demo.corpus documents the measurements).
     warm_dir = os.path.join(dc.output_dir, "teacher-warmup")
     teacher_dir = os.path.join(dc.output_dir, "teacher")
     warm = copy_warmup(dc, tok, warm_dir)
@@ -298,7 +298,7 @@ def evaluate_runs(dc: DemoConfig, runs: dict[str, dict[str, Any]], tok,
 def run_demo(dc: DemoConfig) -> dict[str, Any]:
     """Run every stage; returns ``{"results": [row per model], "plots": [...], ...}``."""
     from tbt.data import DataConfig, load_raw_splits
-    from tbt.train.plots import layer_tensors, save_all
+    from tbt.demo.plots import layer_tensors, save_all
 
     stage = _Stages(6)
     out = dc.output_dir

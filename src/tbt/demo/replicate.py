@@ -9,7 +9,7 @@ TBT 36.2 / 31.7), and each of TBT's two quantizers adds something (Table 3).
 Protocol (:func:`run_replicate`), every stage in its own folder under ``output_dir``:
 
 1. **data**: local train/validation/test files, a hub dataset (``--dataset``, ``--recipe``), or
-   the demo's offline docstring corpus (:mod:`tbt.train.corpus`, default); a tokenizer is
+   the demo's offline docstring corpus (:mod:`tbt.demo.corpus`, default); a tokenizer is
    trained when the teacher is trained from scratch;
 2. **teacher** (``teacher/``): trained to convergence: the demo's copy warm-up, then
    full-precision training until the validation loss has not improved for ``patience``
@@ -338,7 +338,7 @@ def _check_protocol(rc: ReplicateConfig) -> None:
 
 def prepare_data(rc: ReplicateConfig, log: _Log) -> dict[str, Any]:
     """Data paths (or the hub dataset) and the tokenizer directory."""
-    from tbt.train.corpus import build_docstring_corpus
+    from tbt.demo.corpus import build_docstring_corpus
 
     data: dict[str, Any] = {}
     if rc.dataset:
@@ -455,7 +455,7 @@ def train_teacher(rc: ReplicateConfig, data: dict[str, Any], tok, test: list[dic
         log(f"teacher: {rc.teacher} (given; evaluated only)")
         model = load_pretrained(rc.teacher, with_tokenizer=False)[0]
         return evaluate_run(rc, model, tok, test, tdir, {"dir": rc.teacher, "given": True})
-    from tbt.train.demo import DemoConfig, copy_warmup
+    from tbt.demo.demo import DemoConfig, copy_warmup
 
     warm = os.path.join(rc.output_dir, "teacher-warmup")
     if not os.path.isfile(os.path.join(warm, "done")):
@@ -754,7 +754,7 @@ def format_table(s: dict[str, Any]) -> str:
 def plot(s: dict[str, Any], path: str) -> str:
     """Left: each row's R-1 gap to the FP control with its 95% CI; right: the paper's gap to
     FP BART-base for the same rows."""
-    from tbt.train.plots import _pyplot
+    from tbt.demo.plots import _pyplot
 
     plt = _pyplot()
     rows = [r for r in s["rows"] if r["key"] != "fp-control"]
@@ -781,7 +781,7 @@ def plot(s: dict[str, Any], path: str) -> str:
 
 def plot_teacher(log_path: str, path: str) -> str | None:
     """The teacher's training CE (smoothed) and validation loss, the stopping step marked."""
-    from tbt.train.plots import _pyplot, _smooth, read_log
+    from tbt.demo.plots import _pyplot, _smooth, read_log
 
     if not os.path.isfile(log_path):
         return None

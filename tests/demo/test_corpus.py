@@ -8,7 +8,7 @@ import sysconfig
 
 import pytest
 
-from tbt.train.corpus import build_docstring_corpus, make_example
+from tbt.demo.corpus import build_docstring_corpus, make_example
 
 # One stdlib package: enough docstrings for a split, and seconds faster than the whole stdlib.
 SMALL = os.path.join(sysconfig.get_paths()["stdlib"], "email")
@@ -104,7 +104,7 @@ def test_bad_source(tmp_path):
 def test_copy_warmup_batch():
     import torch
 
-    from tbt.train.corpus import copy_warmup_batch
+    from tbt.train.warmup import copy_warmup_batch
 
     g = torch.Generator().manual_seed(0)
     b = copy_warmup_batch(4, 300, source_length=10, target_length=3, generator=g)
