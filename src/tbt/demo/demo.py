@@ -197,41 +197,14 @@ def prepare_data(dc: DemoConfig, stage: _Stages) -> tuple[dict[str, str], str, A
 
 
 def copy_warmup(dc: DemoConfig, tok, out_dir: str) -> dict[str, Any]:
-    """The teacher's first phase: ``dc.warmup_steps`` AdamW steps on the synthetic copy task
-    (:func:`tbt.train.warmup.copy_warmup_batch`, fresh random batches, no dropout), from a
-    random ``dc.architecture``; saved to ``out_dir`` (with the preset's dropout restored) for
-    ``tbt train`` to continue. Returns ``{"log": log.jsonl path, "train_time_s": s}``."""
-    from tqdm.auto import tqdm
+    """The teacher's first phase: :func:`tbt.train.warmup.copy_warmup_from_scratch` with the
+    demo's settings (``dc.warmup_*``, ``dc.architecture``, ``dc.seed``)."""
+    from tbt.train.warmup import copy_warmup_from_scratch
 
-    from tbt.train.warmup import copy_warmup_batch
-    from tbt.train.presets import ARCHITECTURES, build_from_scratch
-
-    t0 = time.time()
-    torch.manual_seed(dc.seed)
-    model = build_from_scratch(dc.architecture, len(tok), tok.pad_token_id, tok.bos_token_id,
-                               tok.eos_token_id, **{**dict(dc.model_overrides),
-                                                    "dropout": 0.0}).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=dc.warmup_lr)
-    gen = torch.Generator().manual_seed(dc.seed)
-    os.makedirs(out_dir, exist_ok=True)
-    log_path = os.path.join(out_dir, "log.jsonl")
-    src = min(62, dc.max_source_length - 2)
-    with open(log_path, "w", encoding="utf-8") as log:
-        for step in tqdm(range(1, dc.warmup_steps + 1), desc="copy warm-up", unit="step",
-                         disable=not dc.progress):
-            batch = copy_warmup_batch(dc.warmup_batch_size, len(tok), src, min(24, src),
-                                      generator=gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dc.bf16):
-                loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            log.write(json.dumps({"step": step, "ce": loss.item()}) + "\n")
-    model.config.dropout = ARCHITECTURES[dc.architecture].get("dropout", 0.0)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return {"log": log_path, "train_time_s": time.time() - t0}
+    return copy_warmup_from_scratch(
+        dc.architecture, tok, out_dir, steps=dc.warmup_steps, batch_size=dc.warmup_batch_size,
+        lr=dc.warmup_lr, max_source_length=dc.max_source_length, seed=dc.seed, bf16=dc.bf16,
+        model_overrides=dict(dc.model_overrides), progress=dc.progress)
 
 
 def train_teacher(dc: DemoConfig, paths: dict[str, str], tok_dir: str, tok,

@@ -178,7 +178,7 @@ class TrainConfig:
             the target is their first part) so that it learns to read its input through
             cross attention; ``0`` = none. Preset architectures trained from scratch default
             to 400 (:func:`tbt.train.presets.scratch_defaults`); it stops early once the model
-            copies (:func:`tbt.train.loop.copy_warmup`). Skipped on ``resume``.
+            copies (:func:`tbt.train.warmup.copy_warmup`). Skipped on ``resume``.
         copy_warmup_lr, copy_warmup_batch_size: the warm-up's constant learning rate and batch.
 
     Training from scratch: :meth:`from_flat` fills the preset's own defaults
