@@ -3,8 +3,9 @@
 The layers, lowest first (``docs/architecture.md`` says what each holds and why):
 
 ====  =========  ============================================================================
- 0    core       ``tbt.registry``, ``tbt.export.format``, ``tbt.export.pack``: torch-free
-                 primitives (the registry type, the packed format, the bit packer)
+ 0    core       ``tbt.registry``, ``tbt.export.format``, ``tbt.export.pack``, ``tbt._lock``:
+                 torch-free primitives (the registry type, the packed format, the bit packer,
+                 the run lock)
  1    runtime    ``tbt.runtime``: numpy kernels and packed layers (torch-free)
  2    quant      ``tbt.config``, ``tbt.quant``: QuantConfig, quantizers, registries, surgery,
                  the transformers hooks of quantized models (attention, quantization config)
@@ -40,7 +41,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # (layer, module patterns): "a.b" is that module alone, "a.b.*" the package and its modules
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("tbt.registry", "tbt.export.format", "tbt.export.pack", "tbt.export.integrity",
-              "tbt._paths")),
+              "tbt._paths", "tbt._lock")),
     ("runtime", ("tbt.runtime.*",)),
     ("quant", ("tbt.config", "tbt.quant.*")),
     ("inference", ("tbt.inference.*",)),

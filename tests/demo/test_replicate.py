@@ -217,23 +217,36 @@ def test_cli_bad_students_is_a_one_line_error(capsys):
 
 
 def test_run_lock_leaves_live_owners_alone_and_takes_over_stale_ones(tmp_path):
+    import socket
     import subprocess
     import sys
 
-    from tbt.demo.replicate import _Lock
+    from tbt._lock import RunLock
 
+    (tmp_path / "run").mkdir()
     path = str(tmp_path / "run" / ".lock")
-    lock = _Lock(path)
-    assert lock.acquire() and open(path).read() == str(os.getpid())
+    lock = RunLock(path)
+    assert lock.acquire() and open(path).read().split()[0] == str(os.getpid())
+    second = RunLock(path)  # the same process, a second acquisition: refused
+    assert not second.acquire() and second.pid == os.getpid()
     lock.release()
     assert not os.path.exists(path)
     with open(path, "w") as f:  # held by a live process (our parent)
         f.write(str(os.getppid()))
-    other = _Lock(path)
-    assert not other.acquire() and other.owner == os.getppid()
+    other = RunLock(path)
+    assert not other.acquire() and other.pid == os.getppid()
+    assert other.owner() == f"pid {os.getppid()}"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     with open(path, "w") as f:  # left by a killed command
         f.write(str(dead.pid))
-    assert other.acquire() and open(path).read() == str(os.getpid())
+    assert other.acquire() and open(path).read().split()[0] == str(os.getpid())
     other.release()
+    # left by an earlier process that had this pid (a restarted container): stale
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n{socket.gethostname()}\n")
+    assert other.acquire()
+    other.release()
+    with open(path, "w") as f:  # another machine: cannot be checked, left alone
+        f.write(f"{os.getppid()}\nsome-other-host\n")
+    assert not other.acquire() and other.owner() == f"pid {os.getppid()} on some-other-host"

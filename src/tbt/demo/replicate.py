@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from tbt._lock import RunLock
+
 # ---- the paper's numbers ---------------------------------------------------------------------
 
 PAPER_CITATION = ('Liu et al., "Binary and Ternary Natural Language Generation", ACL 2023, '
@@ -519,9 +521,10 @@ def train_and_evaluate(rc: ReplicateConfig, data: dict[str, Any], tok, test: lis
     if os.path.isfile(done):
         log(f"{label}: {row.name}, seed {seed}: done (skipped)")
         return _read_json(done)
-    lock = _Lock(os.path.join(run_dir, ".lock"))
+    os.makedirs(run_dir, exist_ok=True)
+    lock = RunLock(os.path.join(run_dir, ".lock"))
     if not lock.acquire():
-        log(f"{label}: {row.name}, seed {seed}: running in process {lock.owner} (left to it)")
+        log(f"{label}: {row.name}, seed {seed}: running in {lock.owner()} (left to it)")
         return None
     try:
         return _train_and_evaluate(rc, data, tok, test, teacher_dir, row, seed, log, label,
@@ -545,56 +548,6 @@ def _train_and_evaluate(rc, data, tok, test, teacher_dir, row, seed, log, label,
     return evaluate_run(rc, res["model"], tok, test, run_dir,
                         {"row": row.key, "seed": seed, "steps": res["steps"],
                          "train_time_s": res["train_time_s"]})
-
-
-class _Lock:
-    """An exclusive lock file holding the owner's PID (one machine). A lock whose process is
-    gone (a killed command) is stale and taken over, so SIGKILL never blocks a rerun."""
-
-    def __init__(self, path: str) -> None:
-        self.path, self.owner, self.held = path, None, False
-
-    def acquire(self) -> bool:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    with open(self.path, encoding="utf-8") as f:
-                        self.owner = int(f.read().strip() or 0)
-                except (OSError, ValueError):
-                    self.owner = 0
-                if self.owner and self.owner != os.getpid() and _alive(self.owner):
-                    return False
-                try:
-                    os.remove(self.path)  # stale: its process is gone
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(str(os.getpid()))
-            self.held = True
-            return True
-        return False
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---- the table -------------------------------------------------------------------------------
@@ -817,9 +770,9 @@ def run_replicate(rc: ReplicateConfig) -> dict[str, Any]:
     os.makedirs(rc.output_dir, exist_ok=True)
     _check_protocol(rc)
     # data, tokenizer and teacher: one process at a time (others wait for them)
-    stage_lock = _Lock(os.path.join(rc.output_dir, ".teacher.lock"))
+    stage_lock = RunLock(os.path.join(rc.output_dir, ".teacher.lock"))
     while not stage_lock.acquire():
-        log(f"data and teacher are being prepared by process {stage_lock.owner}; waiting")
+        log(f"data and teacher are being prepared by {stage_lock.owner()}; waiting")
         time.sleep(15)
     try:
         data = prepare_data(rc, log)
