@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from tbt.export.convert import convert_model
-from tbt.export.format import FormatError, FormatHeader, Packing
+from tbt.export.format import WEIGHTS_NAME, FormatError, FormatHeader, Packing, weights_path
 from tbt.export.integrity import (
     CHECKSUM_KEY,
     FILE_DIGESTS_KEY,
@@ -75,8 +75,6 @@ from tbt.inference.packed import PackedEmbedding, PackedLinear, act_spec_of, set
 __all__ = ["WEIGHTS_NAME", "save_packed", "load_packed", "read_packed_metadata", "layer_table"]
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_NAME = "tbt_packed.safetensors"
 
 
 def _quant_config(model: nn.Module):
@@ -286,9 +284,7 @@ def read_packed_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """
     from safetensors import safe_open
 
-    path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a tbt packed checkpoint")
+    path = weights_path(directory)
     from safetensors import SafetensorError
 
     try:

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from tbt.export.format import FormatError, FormatHeader, Packing
+from tbt.export.format import WEIGHTS_NAME, FormatError, FormatHeader, Packing, weights_path
 from tbt.export.integrity import (
     check_layer_values,
     read_digests,
@@ -72,7 +72,6 @@ from tbt.runtime.kernels.ref import (
 __all__ = ["ActSpec", "PackedLinearNP", "register_act_quantizer", "quantize_activation",
            "kernel_unavailable_reason", "weight_format_of", "WEIGHTS_NAME"]
 
-WEIGHTS_NAME = "tbt_packed.safetensors"  # same file name as tbt.export.io (no torch import)
 ACT_KINDS = ("minmax", "elastic", "absmax-token")
 
 
@@ -328,9 +327,7 @@ class PackedLinearNP:
         """
         from safetensors import SafetensorError, safe_open
 
-        path = Path(directory) / WEIGHTS_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: not a tbt packed checkpoint")
+        path = weights_path(directory)
         try:
             with safe_open(str(path), framework="numpy") as f:
                 md = f.metadata() or {}

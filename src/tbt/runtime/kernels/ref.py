@@ -179,9 +179,16 @@ def _alpha_c(alpha: float) -> np.float32:
     return max(np.float32(alpha), ALPHA_EPS)
 
 
-def _check_variant(variant: str) -> None:
+def _elastic_input(x: np.ndarray, alpha: float, signed: bool, variant: str,
+                   shift: float | None) -> tuple[np.ndarray, np.float32, int]:
+    """``(x̃, α_c, M)``: float32 rows, centred by the mean (or ``shift``) for the paper's
+    signed quantizers, as they are fed to the elastic rounding."""
     if variant not in ("paper", "released"):
         raise ValueError(f"variant={variant!r}; choose 'paper' or 'released'")
+    xs, a = _rows(x), _alpha_c(alpha)
+    if signed and variant == "paper":
+        xs = xs - np.float32(xs.mean(dtype=np.float32) if shift is None else shift)
+    return xs, a, xs.shape[0]
 
 
 def quantize_a2(x: np.ndarray, alpha: float, signed: bool = True, variant: str = "paper",
@@ -202,12 +209,8 @@ def quantize_a2(x: np.ndarray, alpha: float, signed: bool = True, variant: str =
         ``"a2"`` activation: codes ``a ∈ {−1, 0, 1}``, scale ``α_c``, offset ``None``
         (signed), ``α_c`` (paper non-negative: ``c = a + 1``) or ``m + α_c`` (released).
     """
-    _check_variant(variant)
-    xs, a = _rows(x), _alpha_c(alpha)
-    m = xs.shape[0]
+    xs, a, m = _elastic_input(x, alpha, signed, variant, shift)
     if signed:
-        if variant == "paper":
-            xs = xs - np.float32(xs.mean(dtype=np.float32) if shift is None else shift)
         codes = np.clip(np.rint(xs / a), -1, 1).astype(np.int8)
         return QuantizedActivation("a2", codes, _full(a, m))
     base = np.float32(0)
@@ -228,12 +231,8 @@ def quantize_a1(x: np.ndarray, alpha: float, signed: bool = True, variant: str =
     Non-negative (both variants, no shift): ``c = clip(rint(x/α_c), 0, 1)``, stored as
     ``a = 2c − 1`` with scale and offset ``α_c/2``, so ``x = α_c·c`` exactly.
     """
-    _check_variant(variant)
-    xs, a = _rows(x), _alpha_c(alpha)
-    m = xs.shape[0]
+    xs, a, m = _elastic_input(x, alpha, signed, variant, shift)
     if signed:
-        if variant == "paper":
-            xs = xs - np.float32(xs.mean(dtype=np.float32) if shift is None else shift)
         codes = np.where(xs < 0, -1, 1).astype(np.int8)  # sign(0) -> +1 (1 bit has no 0)
         return QuantizedActivation("a1", codes, _full(a, m))
     c = np.clip(np.rint(xs / a), 0, 1)
