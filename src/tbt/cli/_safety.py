@@ -146,6 +146,23 @@ def check_output_dir(path: str, *, overwrite: bool = False, flag: str = "--outpu
     return path
 
 
+def check_output_file(path: str, *, overwrite: bool = False, flag: str = "--json") -> str:
+    """Validate an output file before any work; return it.
+
+    Raises :class:`~tbt.cli.CliError` (one line, exit code 2) when ``path`` is a folder, its
+    folder cannot be written, or it exists and ``overwrite`` is not given.
+    """
+    if not path:
+        raise CliError(f"{flag} is empty: give a file path")
+    if os.path.isdir(path):
+        raise CliError(f"{flag} {path} is a folder, not a file: choose a file path")
+    _check_writable(os.path.dirname(os.path.abspath(path)), flag)
+    if os.path.exists(path) and not overwrite:
+        raise CliError(f"{flag} {path} already exists: choose a new file, or pass --overwrite "
+                       f"to replace it")
+    return path
+
+
 @contextlib.contextmanager
 def staged_output(path: str, *, overwrite: bool = False) -> Iterator[str]:
     """Yield an empty temporary sibling of ``path``; on success it replaces ``path``.

@@ -7,9 +7,11 @@ command as a script.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from tbt.cli import CliError
+from tbt.cli._safety import add_overwrite_flag, check_output_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto",
                    help="tbt kernel backend: auto|native|avx512|avx2|scalar|ref")
     p.add_argument("--json", default=None, metavar="FILE",
-                   help="also write every row as a JSON record (op, m, k, n, cache, us, ...)")
+                   help="also write every row as a JSON record (op, m, k, n, cache, us, ...); "
+                        "an existing FILE is refused without --overwrite")
+    add_overwrite_flag(p, help="replace an existing --json file")
     p.add_argument("--quick", action="store_true",
                    help="2 shapes (768x768, 4096x4096), batch 1 and 64, short timing")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
@@ -61,7 +65,11 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from tbt import bench as B
 
-    B.run(config_from_args(args), args.json)
+    cfg = config_from_args(args)
+    if args.json is not None:  # before measuring: never minutes of work, then a refusal
+        check_output_file(args.json, overwrite=args.overwrite)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    B.run(cfg, args.json)
     return 0
 
 
