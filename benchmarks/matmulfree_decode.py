@@ -5,7 +5,7 @@ One model per size, random init (speed and size do not depend on training), batc
 * ``fp``: the full-precision architecture (float32 ``nn.Linear``);
 * ``packed-torch``: ``bitlinear_config()`` + ``convert_model``: ternary codes unpacked once and
   run with ``F.linear`` (exact parity with training);
-* ``packed-t2a8``: the same layers on the ``t2a8`` kernel (``tbt.models.kernels.use_kernels``).
+* ``packed-t2a8``: the same layers on the ``t2a8`` kernel (``set_backend(model, "native")``).
 
 Reports tokens/s (after a prompt of 16 tokens, ``--new`` tokens with EOS suppressed), the
 weight bytes of the projections (fp32 vs 2-bit codes + scales), and whether packed-t2a8 picked
@@ -31,8 +31,8 @@ def _tokens_per_s(model, prompt, new: int) -> tuple[float, torch.Tensor]:
 
 
 def run(d: int, layers: int, vocab: int, new: int) -> dict:
-    from tbt.export.convert import PackedLinear, convert_model
-    from tbt.models.kernels import use_kernels
+    from tbt.export.convert import convert_model
+    from tbt.inference.packed import PackedLinear, set_backend
     from tbt.models.matmulfree import MatMulFreeConfig, MatMulFreeForCausalLM
     from tbt.quant.bitlinear import BitLinear, bitlinear_config
     from tbt.quant.surgery import quantize_model
@@ -45,7 +45,7 @@ def run(d: int, layers: int, vocab: int, new: int) -> dict:
     p_bytes = sum(m.packed.numel() + m.scale.numel() * 4 for m in packed.modules()
                   if isinstance(m, PackedLinear))
     kern = copy.deepcopy(packed)
-    use_kernels(kern)
+    set_backend(kern, "native")
     prompt = torch.randint(3, vocab, (1, 16), generator=torch.Generator().manual_seed(1))
     row = {"d": d, "layers": layers, "vocab": vocab, "fp_mib": fp_bytes / 2**20,
            "packed_mib": p_bytes / 2**20}

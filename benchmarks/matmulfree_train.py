@@ -1,6 +1,6 @@
 """Train the MatMul-free LM from scratch on an offline corpus: ternary BitLinear vs FP.
 
-Corpus: the Python standard library's docstrings (``tbt.train.corpus``, CPython-version
+Corpus: the Python standard library's docstrings (``tbt.demo.corpus``, CPython-version
 deterministic), one docstring per ``text`` row. A byte-level BPE is trained on it. Two runs of
 ``tbt.train.loop.train`` with identical settings and seed:
 
@@ -24,7 +24,7 @@ import time
 
 
 def _corpus(root: str) -> tuple[str, str]:
-    from tbt.train.corpus import build_docstring_corpus
+    from tbt.demo.corpus import build_docstring_corpus
 
     paths = build_docstring_corpus(os.path.join(root, "docs"))
     out = {}

@@ -48,7 +48,7 @@ def prepare_model(model: str, work: str) -> str:
 
 
 def prepare_data(work: str) -> dict[str, str]:
-    from tbt.train.corpus import build_docstring_corpus
+    from tbt.demo.corpus import build_docstring_corpus
 
     root = os.path.join(work, "corpus")
     if os.path.isfile(os.path.join(root, "test.jsonl")):

@@ -3,19 +3,24 @@
 The layers, lowest first (``docs/architecture.md`` says what each holds and why):
 
 ====  =========  ============================================================================
- 0    core       ``tbt.registry``, ``tbt.export.format``, ``tbt.export.pack``: torch-free
-                 primitives (the registry type, the packed format, the bit packer)
+ 0    core       ``tbt.registry``, ``tbt.export.format``, ``tbt.export.pack``, ``tbt._lock``:
+                 torch-free primitives (the registry type, the packed format, the bit packer,
+                 the run lock)
  1    runtime    ``tbt.runtime``: numpy kernels and packed layers (torch-free)
  2    quant      ``tbt.config``, ``tbt.quant``: QuantConfig, quantizers, registries, surgery,
                  the transformers hooks of quantized models (attention, quantization config)
- 3    models     ``tbt.models`` (the MatMul-free LM), ``tbt.distill`` (losses, captures)
- 4    hf         ``tbt.hf``: loading checkpoints through transformers
- 5    export     ``tbt.export``, ``tbt.models.kernels``: packing trained models, load_packed
- 6    ptq        ``tbt.ptq``: post-training methods and their packed checkpoints
- 7    eval       ``tbt.data``, ``tbt.eval``: datasets to batches, metrics, generation
- 8    train      ``tbt.train``: the training loop, recipes, demo
- 9    cli        ``tbt.cli``, ``tbt.__main__``
-10    api        ``tbt`` (the package): its lazy attributes reach every layer
+ 3    inference  ``tbt.inference``: the torch modules that run packed layers (on the runtime)
+ 4    models     ``tbt.models`` (the MatMul-free LM), ``tbt.distill`` (losses, captures)
+ 5    hf         ``tbt.hf``: loading checkpoints through transformers
+ 6    export     ``tbt.export``: packing trained models, load_packed
+ 7    ptq        ``tbt.ptq``: post-training methods and their packed checkpoints
+ 8    eval       ``tbt.data``, ``tbt.eval``: datasets to batches, metrics, generation
+ 9    train      ``tbt.train``: the training loop, recipes, the copy warm-up
+10    demo       ``tbt.demo``: the demo, ablation and paper-replication runners, their corpus
+                 and plots
+11    bench      ``tbt.bench``: the kernel benchmark harness behind ``tbt bench``
+12    cli        ``tbt.cli``, ``tbt.__main__``
+13    api        ``tbt`` (the package): its lazy attributes reach every layer
 ====  =========  ============================================================================
 
 A module may import from its own layer or any lower one. Imports are read with ``ast`` from
@@ -36,15 +41,18 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # (layer, module patterns): "a.b" is that module alone, "a.b.*" the package and its modules
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("tbt.registry", "tbt.export.format", "tbt.export.pack", "tbt.export.integrity",
-              "tbt._paths")),
+              "tbt._paths", "tbt._lock")),
     ("runtime", ("tbt.runtime.*",)),
     ("quant", ("tbt.config", "tbt.quant.*")),
+    ("inference", ("tbt.inference.*",)),
     ("models", ("tbt.models.*", "tbt.distill.*")),
     ("hf", ("tbt.hf.*",)),
-    ("export", ("tbt.export.*", "tbt.models.kernels")),
+    ("export", ("tbt.export.*",)),
     ("ptq", ("tbt.ptq.*",)),
     ("eval", ("tbt.data", "tbt.eval.*")),
     ("train", ("tbt.train.*",)),
+    ("demo", ("tbt.demo.*",)),
+    ("bench", ("tbt.bench",)),
     ("cli", ("tbt.cli.*", "tbt.__main__")),
     ("api", ("tbt",)),
 )
@@ -144,5 +152,5 @@ def test_the_checker_sees_nested_and_dynamic_imports(tmp_path):
     got = sorted(m for _, m in imports_of("tbt.quant.m", p))
     assert got == ["tbt.cli.train", "tbt.eval.metrics", "tbt.hf", "tbt.train.loop"]
     assert [layer_of(m) for m in got] == ["cli", "eval", "hf", "train"]
-    assert layer_of("tbt.models.kernels") == "export" and layer_of("tbt.models.mlgru") == "models"
+    assert layer_of("tbt.inference.packed") == "inference" and layer_of("tbt.models") == "models"
     assert layer_of("tbt") == "api" and layer_of("tbt.export.format") == "core"

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
 from train_helpers import make_model_dir, make_workspace  # noqa: E402
 
 from tbt.cli import main  # noqa: E402
-from tbt.cli._safety import (LOCK_NAME, check_output_dir, owned_run_dir, run_lock,  # noqa: E402
-                             staged_output)
+from tbt.cli._safety import (LOCK_NAME, check_output_dir, check_output_file,  # noqa: E402
+                             owned_run_dir, run_lock, staged_output)
 
 
 def tree_hash(root) -> str:
@@ -176,6 +176,13 @@ BAD = [
      "holds files not written by this command: notes.txt", "occupied"),
     ("ablate-into-demo", lambda w: ["ablate", "--from-demo", w["occupied"], "--output-dir",
                                     w["occupied"]], "is the --from-demo folder", "occupied"),
+    # 2: bench --json never replaces a file silently (checked before measuring anything)
+    ("bench-json-exists", lambda w: ["bench", "--quick", "--json",
+                                     os.path.join(w["occupied"], "notes.txt")],
+     "notes.txt already exists: choose a new file, or pass --overwrite to replace it",
+     "occupied"),
+    ("bench-json-folder", lambda w: ["bench", "--quick", "--json", w["occupied"]],
+     "is a folder, not a file: choose a file path", "occupied"),
 ]
 
 
@@ -422,3 +429,16 @@ def test_a_real_second_run_refuses_while_the_first_trains(ws, tmp_path, capsys):
     finally:
         first.kill()
         first.wait()
+
+
+def test_check_output_file_allows_new_files_and_overwrite(tmp_path):
+    from tbt.cli import CliError
+
+    new = tmp_path / "sub" / "r.json"  # its folder does not exist yet: fine, it is created
+    assert check_output_file(str(new)) == str(new)
+    f = tmp_path / "r.json"
+    f.write_text("[]")
+    with pytest.raises(CliError, match="already exists"):
+        check_output_file(str(f))
+    assert check_output_file(str(f), overwrite=True) == str(f) and f.read_text() == "[]"
+

@@ -70,7 +70,7 @@ def _deq(t) -> np.ndarray:
 
 def _tbt_values(mod) -> np.ndarray:
     """``fp16(α_r) · q`` from the packed module's own codes and scales (float64 product)."""
-    from tbt.export.convert import unpack_codes
+    from tbt.inference.packed import unpack_codes
 
     q = unpack_codes(mod.packed, mod.packing, mod.k).numpy().astype(np.float64)
     a16 = mod.scale.numpy().astype(np.float16).astype(np.float64)
@@ -105,7 +105,8 @@ def _names(layer: int) -> dict[str, str]:
 @pytest.mark.parametrize("ternary_type,fallback", [("tq2_0", "q4_0"), ("tq1_0", "q8_0"),
                                                    ("tq2_0", "f16")])
 def test_weights_read_back_exactly(tmp_path, ternary_type, fallback):
-    from tbt.export.convert import PackedEmbedding, PackedLinear, convert_model
+    from tbt.export.convert import convert_model
+    from tbt.inference.packed import PackedEmbedding, PackedLinear
     from tbt.export.gguf_writer import export_gguf
 
     model = _model()
@@ -228,7 +229,8 @@ def test_transformers_reads_the_file_back(tmp_path, family):
 
     import transformers as tf
 
-    from tbt.export.convert import PackedEmbedding, PackedLinear, convert_model
+    from tbt.export.convert import convert_model
+    from tbt.inference.packed import PackedEmbedding, PackedLinear
     from tbt.export.gguf_writer import export_gguf
 
     model = _model(family=family)

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from tbt.export.convert import PackedEmbedding, PackedLinear, convert_model
+from tbt.export.convert import convert_model
+from tbt.inference.packed import PackedEmbedding, PackedLinear
 from tbt.export.format import FormatError, Packing
 from tbt.export.io import (CHECKSUM_KEY, WEIGHTS_NAME, _checksum, load_packed,
                           read_packed_metadata, save_packed)

@@ -30,7 +30,8 @@ import pytest
 import torch
 
 from tbt.config import QuantConfig
-from tbt.export.convert import PackedEmbedding, PackedLinear, convert_model, set_backend
+from tbt.export.convert import convert_model
+from tbt.inference.packed import PackedEmbedding, PackedLinear, set_backend
 from tbt.export.io import load_packed, save_packed
 from tbt.quant.surgery import quantize_model
 
@@ -145,7 +146,7 @@ def test_beam_search_runs(tmp_path):
 
 def test_float_activations_fall_back_with_reason(tmp_path, caplog):
     m = _trained("bart", "2-2-fp")
-    with caplog.at_level(logging.INFO, logger="tbt.export.convert"):
+    with caplog.at_level(logging.INFO, logger="tbt.inference.packed"):
         loaded = load_packed(save_packed(m, tmp_path / "ck"), backend="native")
     linears = [x for x in loaded.modules() if isinstance(x, PackedLinear)]
     assert linears and all(x.backend == "torch" for x in linears)

@@ -232,7 +232,7 @@ def _trained_and_packed(tmp_path):
 
 
 def test_packed_export_reproduces_logits_and_generation(tmp_path):
-    from tbt.export.convert import PackedLinear
+    from tbt.inference.packed import PackedLinear
     from tbt.export.io import read_packed_metadata
 
     m, loaded = _trained_and_packed(tmp_path)
@@ -249,39 +249,50 @@ def test_packed_export_reproduces_logits_and_generation(tmp_path):
 
 @pytest.mark.parametrize("backend", ["ref", "auto"])
 def test_t2a8_kernels_run_the_packed_model(tmp_path, backend):
-    from tbt.models.kernels import KernelBitLinear, use_kernels
+    from tbt.inference.packed import PackedLinear, set_backend
 
     _, loaded = _trained_and_packed(tmp_path)
     ref = copy.deepcopy(loaded)
-    assert use_kernels(loaded, backend) == 13
-    assert not any(type(x).__name__ == "PackedLinear" for x in loaded.modules())
-    assert isinstance(loaded.lm_head.proj, KernelBitLinear)
+    assert set_backend(loaded, "native", backend) == {}  # every BitLinear has a kernel
+    packed = [x for x in loaded.modules() if isinstance(x, PackedLinear)]
+    assert len(packed) == 13 and all(x.backend == "native" for x in packed)
+    assert loaded.lm_head.proj.runtime_linear().kernel.name == "t2a8"
     ids = _ids(2, 9, seed=8)
     with torch.no_grad():
         a, b = loaded(input_ids=ids).logits, ref(input_ids=ids).logits
-    # integer accumulation is exact; the float epilogue rounds differently (module docstring)
+    # integer accumulation is exact; the float epilogue rounds differently (tbt.inference.packed)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
     prompt = ids[:, :4]
     _assert_greedy_of(ref, loaded.generate(prompt, 8, min_new_tokens=8), 4, tol=1e-4)
 
 
-def test_kernel_accumulator_is_exact():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_accumulator_is_exact(bits):
     import numpy as np
 
-    from tbt.export.convert import PackedLinear, convert_model, unpack_codes
-    from tbt.models.kernels import KernelBitLinear, quantize_absmax_token_np
+    from tbt.export.convert import convert_model
+    from tbt.inference.packed import PackedLinear, unpack_codes
+    from tbt.runtime.linear import quantize_activation
 
     m = _model(seed=6).eval()
     convert_model(m)
     pl = m.layers[0].mlp.gate_proj.proj
     assert isinstance(pl, PackedLinear)
-    kl = KernelBitLinear(pl)
+    pl.act_quant.bits = bits
+    assert pl.set_backend("native", "ref") is None
+    rt = pl.runtime_linear()
     x = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
-    act = quantize_absmax_token_np(x)
+    x[2] = 0.0  # an all-zero token: the 1e-5 floor of max|x|
+    act = quantize_activation(x, rt.act)
     q = unpack_codes(pl.packed, pl.packing, pl.k).numpy().astype(np.int64)
     expect = act.codes.astype(np.int64) @ q.T
-    assert np.array_equal(kl.kernel.accumulate(kl.weight, act), expect)
-    # the numpy per-token codes are the torch quantizer's, value for value
+    assert np.array_equal(rt.kernel.accumulate(rt.weight, act), expect)
+    # the numpy per-token codes are torch's: an independent float64 re-derivation of the codes
+    # (ties aside, which these random inputs do not hit) and the torch quantizer's values
+    qp = 2 ** (bits - 1) - 1
+    s64 = qp / np.maximum(np.abs(x.astype(np.float64)).max(axis=1), 1e-5)
+    codes64 = np.clip(np.rint(x * s64[:, None]), -qp - 1, qp)
+    assert np.array_equal(act.codes, codes64.astype(np.int8))
     with torch.no_grad():
         xq = pl.act_quant(torch.from_numpy(x))
     torch.testing.assert_close(torch.from_numpy(act.dequantize()), xq, rtol=1e-6, atol=1e-7)

@@ -118,7 +118,7 @@ def test_export_refuses_codes_that_do_not_rebuild_the_weights(tmp_path):
 
 
 def test_set_backend_keeps_the_ptq_layers_on_torch_and_says_why(saved):
-    from tbt.export.convert import set_backend
+    from tbt.inference.packed import set_backend
 
     _, _, _, d = saved
     model = load_packed(d, backend="torch")

@@ -141,7 +141,7 @@ def test_only_low_rank_and_scales_get_gradients():
 
 @pytest.mark.parametrize("bits", ["2-2-8", "1-1-8"])
 def test_merge_is_exact_and_packs(tmp_path, bits):
-    from tbt.export.convert import PackedLinear
+    from tbt.inference.packed import PackedLinear
     from tbt.export.io import save_packed
 
     m = _llama_lrqat(bits=bits)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tbt.config import QuantConfig
-from tbt.export.convert import PackedLinear, convert_model
+from tbt.export.convert import convert_model
+from tbt.inference.packed import PackedLinear
 from tbt.export.io import load_packed, save_packed
 from tbt.quant.modules import QuantLinear
 from tbt.quant.surgery import quantize_model

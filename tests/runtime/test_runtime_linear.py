@@ -22,14 +22,18 @@ SPECS = [
     ActSpec("elastic", 2, False, variant="released", alpha=0.3),
     ActSpec("elastic", 1, True, variant="paper", alpha=0.3),
     ActSpec("elastic", 1, False, variant="released", alpha=0.3),
+    ActSpec("absmax-token", 8), ActSpec("absmax-token", 4),  # per-token scales
 ]
 
 
 def _torch_quantizer(spec: ActSpec):
     import torch
 
+    from tbt.quant.act_methods import AbsmaxTokenQuantizer
     from tbt.quant.activation import ElasticQuantizer, MinMaxQuantizer
 
+    if spec.kind == "absmax-token":
+        return AbsmaxTokenQuantizer(spec.bits)
     if spec.kind == "minmax":
         return MinMaxQuantizer(8, spec.signed, spec.clip)
     q = ElasticQuantizer(spec.bits, spec.signed, spec.variant)
@@ -69,7 +73,8 @@ def _random_layer(rng, packing: Packing, n: int, k: int):
 
 
 @pytest.mark.parametrize("backend", available_backends())
-@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[2], SPECS[5], SPECS[6], SPECS[7]],
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[2], SPECS[5], SPECS[6], SPECS[7],
+                                  SPECS[8], SPECS[9]],
                          ids=lambda s: f"{s.kind}{s.bits}-{s.signed}-{s.variant}")
 @pytest.mark.parametrize("m", [1, 9])  # GEMV and GEMM
 def test_packed_linear_np_matches_float64(backend, spec, m):
@@ -106,6 +111,8 @@ def test_errors():
         lin(np.zeros((2, 7), np.float32))
     with pytest.raises(ValueError, match="needs clip"):
         ActSpec("minmax", 8, True)
+    with pytest.raises(ValueError, match="signed"):
+        ActSpec("absmax-token", 8, False)
 
 
 NO_TORCH = r"""

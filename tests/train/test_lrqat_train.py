@@ -13,7 +13,7 @@ from train_helpers import flat_settings, make_model_dir, make_workspace
 @pytest.mark.slow
 def test_tbt_train_with_lrqat_writes_a_packed_checkpoint(tmp_path):
     """``TrainConfig(lrqat_rank=...)``: only A, B, scales train; the run ends merged + packed."""
-    from tbt.export.convert import PackedLinear
+    from tbt.inference.packed import PackedLinear
     from tbt.train.config import TrainConfig
     from tbt.train.loop import train
 

@@ -34,11 +34,10 @@ import contextlib
 import errno
 import os
 import shutil
-import socket
 import tempfile
-import time
 from collections.abc import Iterable, Iterator, Mapping
 
+from tbt._lock import RunLock, holder_alive, read_lock
 from tbt._paths import check_local_dir, is_path_like  # noqa: F401  (re-exported for commands)
 from tbt.cli import CliError
 
@@ -147,6 +146,23 @@ def check_output_dir(path: str, *, overwrite: bool = False, flag: str = "--outpu
     return path
 
 
+def check_output_file(path: str, *, overwrite: bool = False, flag: str = "--json") -> str:
+    """Validate an output file before any work; return it.
+
+    Raises :class:`~tbt.cli.CliError` (one line, exit code 2) when ``path`` is a folder, its
+    folder cannot be written, or it exists and ``overwrite`` is not given.
+    """
+    if not path:
+        raise CliError(f"{flag} is empty: give a file path")
+    if os.path.isdir(path):
+        raise CliError(f"{flag} {path} is a folder, not a file: choose a file path")
+    _check_writable(os.path.dirname(os.path.abspath(path)), flag)
+    if os.path.exists(path) and not overwrite:
+        raise CliError(f"{flag} {path} already exists: choose a new file, or pass --overwrite "
+                       f"to replace it")
+    return path
+
+
 @contextlib.contextmanager
 def staged_output(path: str, *, overwrite: bool = False) -> Iterator[str]:
     """Yield an empty temporary sibling of ``path``; on success it replaces ``path``.
@@ -200,107 +216,39 @@ def clear_dir(path: str) -> None:
             os.remove(p)
 
 
-# ---- run lock ----------------------------------------------------------------------------
-
-def _read_lock(path: str) -> tuple[int | None, str | None]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split()
-        return int(lines[0]), (lines[1] if len(lines) > 1 else None)
-    except (OSError, ValueError, IndexError):
-        return None, None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def _holder_alive(path: str, pid: int | None, host: str | None) -> bool:
-    if pid is None:  # being written this instant, or garbage: trust it only while fresh
-        try:
-            return time.time() - os.path.getmtime(path) < 10
-        except OSError:
-            return False
-    if host is not None and host != socket.gethostname():
-        return True  # another machine on a shared file system: cannot tell, assume alive
-    return _pid_alive(pid)
-
-
-def _take_over_stale(path: str, pid: int | None) -> bool:
-    """Remove a stale lock; ``False`` if it turned out to be a fresh lock of another run."""
-    aside = f"{path}.stale-{os.getpid()}"
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return True  # someone else removed it: try again
-    if _read_lock(aside)[0] != pid:  # we moved a lock that was created meanwhile: put it back
-        try:
-            os.link(aside, path)
-        except FileExistsError:
-            pass
-        os.remove(aside)
-        return False
-    os.remove(aside)
-    return True
-
+# ---- run lock (tbt._lock) -------------------------------------------------------------------
 
 def lock_holder(directory: str) -> str | None:
-    """``"pid N"`` when a live run holds ``directory``'s lock, else ``None``."""
+    """``"pid N"`` when a live run of another process holds ``directory``'s lock, else ``None``."""
     path = os.path.join(directory, LOCK_NAME)
     if not os.path.isfile(path):
         return None
-    pid, host = _read_lock(path)
-    if not _holder_alive(path, pid, host) or pid == os.getpid():
+    pid, host = read_lock(path)
+    if not holder_alive(path, pid, host) or pid == os.getpid():
         return None
     return f"pid {pid}" if pid is not None else "another process"
 
 
 @contextlib.contextmanager
 def run_lock(directory: str, flag: str = "--output-dir") -> Iterator[str]:
-    """Hold ``directory/.tbt.lock`` for the duration (the folder is created if needed).
+    """Hold ``directory/.tbt.lock`` (a :class:`tbt._lock.RunLock`) for the duration; the folder
+    is created if needed.
 
-    Raises :class:`CliError` when a live process holds it. A lock whose pid is dead (on this
-    host) is taken over. The lock file is removed on exit, and the folders this call created
-    too if they are still empty.
+    Raises :class:`CliError` when a live process (this one included) holds it. A lock left by
+    a dead process is taken over. The lock file is removed on exit, and the folders this call
+    created too if they are still empty.
     """
     created = _makedirs(directory)
-    path = os.path.join(directory, LOCK_NAME)
-    me = f"{os.getpid()}\n{socket.gethostname()}\n"
-    for _ in range(5):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            pid, host = _read_lock(path)
-            if _holder_alive(path, pid, host):
-                who = f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname()
-                                      else "") if pid is not None else "another process"
-                raise CliError(f"{flag} {directory} is in use by another tbt run ({who}; lock "
-                               f"file {path}): wait for it to finish or choose another "
-                               f"{flag} (delete the lock file only if no run is active)"
-                               ) from None
-            if not _take_over_stale(path, pid):
-                raise CliError(f"{flag} {directory} is in use by another tbt run (it started "
-                               f"just now): choose another {flag}") from None
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(me)
-        break
-    else:  # pragma: no cover (five races in a row)
-        raise CliError(f"could not take the lock {path}: retry")
+    lock = RunLock(os.path.join(directory, LOCK_NAME))
+    if not lock.acquire():
+        _remove_if_empty(created)
+        raise CliError(f"{flag} {directory} is in use by another tbt run ({lock.owner()}; lock "
+                       f"file {lock.path}): wait for it to finish or choose another {flag} "
+                       f"(delete the lock file only if no run is active)")
     try:
-        yield path
+        yield lock.path
     finally:
-        with contextlib.suppress(OSError):
-            with open(path, encoding="utf-8") as f:
-                mine = f.read() == me
-            if mine:
-                os.remove(path)
+        lock.release()
         _remove_if_empty(created)  # the folders made for the lock, if nothing was written
 
 

@@ -10,7 +10,7 @@ ABLATE_MARKER = ".tbt-ablate"  # an ablation folder holds it (see tbt.cli.demo.D
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tbt.train.ablate import DEFAULT_SUITES, SUITES
+    from tbt.demo.ablate import DEFAULT_SUITES, SUITES
 
     suites = "; ".join(f"{k}: {', '.join(sp.name for sp in v)}" for k, v in SUITES.items())
     p = subparsers.add_parser(
@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tbt.train.ablate import ablation_config, parse_suites, run_ablation
+    from tbt.demo.ablate import ablation_config, parse_suites, run_ablation
 
     suites = parse_suites(args.suite)
     dc = ablation_config(args.quick, output_dir=args.output_dir,

@@ -1,15 +1,17 @@
 """``tbt bench``: GEMV/GEMM latency of tbt's kernels vs torch fp32, bf16 and dynamic int8.
 
-The measurement itself is :mod:`tbt.runtime.bench`; ``benchmarks/bench_kernels.py`` is the same
+The measurement itself is :mod:`tbt.bench`; ``benchmarks/bench_kernels.py`` is the same
 command as a script.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from tbt.cli import CliError
+from tbt.cli._safety import add_overwrite_flag, check_output_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,15 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto",
                    help="tbt kernel backend: auto|native|avx512|avx2|scalar|ref")
     p.add_argument("--json", default=None, metavar="FILE",
-                   help="also write every row as a JSON record (op, m, k, n, cache, us, ...)")
+                   help="also write every row as a JSON record (op, m, k, n, cache, us, ...); "
+                        "an existing FILE is refused without --overwrite")
+    add_overwrite_flag(p, help="replace an existing --json file")
     p.add_argument("--quick", action="store_true",
                    help="2 shapes (768x768, 4096x4096), batch 1 and 64, short timing")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
 
 
 def config_from_args(args: argparse.Namespace):
-    """A :class:`tbt.runtime.bench.BenchConfig`; bad values raise :class:`CliError`."""
-    from tbt.runtime import bench as B
+    """A :class:`tbt.bench.BenchConfig`; bad values raise :class:`CliError`."""
+    from tbt import bench as B
 
     try:
         return B.BenchConfig(
@@ -59,9 +63,13 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tbt.runtime import bench as B
+    from tbt import bench as B
 
-    B.run(config_from_args(args), args.json)
+    cfg = config_from_args(args)
+    if args.json is not None:  # before measuring: never minutes of work, then a refusal
+        check_output_file(args.json, overwrite=args.overwrite)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    B.run(cfg, args.json)
     return 0
 
 

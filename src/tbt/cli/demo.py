@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tbt.train.demo import demo_config, run_demo
+    from tbt.demo.demo import demo_config, run_demo
 
     dc = demo_config(args.quick, output_dir=args.output_dir, teacher_steps=args.teacher_steps,
                      student_steps=args.student_steps, eval_samples=args.eval_samples,

@@ -119,7 +119,7 @@ _SETTINGS = ("train_file", "validation_file", "test_file", "source_column", "tar
 
 
 def run(args: argparse.Namespace) -> int:
-    from tbt.train.replicate import ROWS, replicate_config, run_replicate
+    from tbt.demo.replicate import ROWS, replicate_config, run_replicate
 
     if args.list_students:
         for r in ROWS:

@@ -11,7 +11,7 @@ generator, so the same inputs give the same interval, and rows compared with one
 paired with each other too.
 
 The intervals cover the test-set sampling only. Training-seed variation is a separate source:
-:mod:`tbt.train.replicate` averages each example's score over seeds before bootstrapping and
+:mod:`tbt.demo.replicate` averages each example's score over seeds before bootstrapping and
 reports the spread of the per-seed scores next to it.
 """
 

@@ -3,98 +3,30 @@
 How it works
 ------------
 Every :class:`~tbt.quant.modules.QuantLinear` whose weight is 1- or 2-bit becomes a
-:class:`PackedLinear`: the integer codes of :func:`tbt.quant.weight.weight_codes` packed along
-``in_features`` in the format's ``ternary_2bit`` or ``binary_1bit`` packing (``uint8`` buffer
-``packed``, ``ceil(K/4)`` or ``ceil(K/8)`` bytes per row), one float32 scale per row
-(``scale``; a per-tensor scale is repeated per row, same values), the FP bias, and the *same*
-activation-quantizer module, so inference follows the trained quantizers exactly.
-:class:`~tbt.quant.modules.QuantEmbedding` becomes :class:`PackedEmbedding` the same way
-(``embed_scale`` kept). Embeddings that shared one latent Parameter (BART's three) share one
-pair of packed tensors. The tied LM head is untouched (TBT: it keeps the FP latent matrix)
-unless training quantized it (``QuantConfig(skip_modules=())``): then it is a ``QuantLinear``
-on the embedding's Parameter and quantizer, and its :class:`PackedLinear` shares the
-embedding's packed tensors too.
+:class:`~tbt.inference.packed.PackedLinear`: the integer codes of the layer's ``WeightSpec``
+(``spec.codes_and_scale``) packed in the format's ``ternary_2bit`` or ``binary_1bit`` packing,
+one float32 scale per row (a per-tensor scale is repeated per row, same values), the FP bias,
+and the *same* activation-quantizer module, so inference follows the trained quantizers
+exactly. :class:`~tbt.quant.modules.QuantEmbedding` becomes a
+:class:`~tbt.inference.packed.PackedEmbedding` the same way (``embed_scale`` kept). Embeddings
+that shared one latent Parameter (BART's three) share one pair of packed tensors. The tied LM
+head is untouched (TBT: it keeps the FP latent matrix) unless training quantized it
+(``QuantConfig(skip_modules=())``): then it is a ``QuantLinear`` on the embedding's Parameter
+and quantizer, and its ``PackedLinear`` shares the embedding's packed tensors too.
 
-The forward unpacks the codes once, dequantizes them exactly as the fake quantizer does
-(``dequantize(codes, scale, dtype)``) and caches the float weight in a non-persistent attribute
-(cleared on ``load_state_dict`` and ``.to()``). In eval mode a converted model's logits equal the
-fake-quantized model's bit for bit (float32), except on an exact-zero latent weight of the
-``tbt``/``released`` binary quantizer, which the format stores as ``+α`` (``docs/format.md`` §4).
-
-Kernel backend
---------------
-``set_backend(model, "native")`` (what ``load_packed`` does by default) switches every
-:class:`PackedLinear` whose (weight, activation) format pair has a kernel to the integer kernels
-of :mod:`tbt.runtime`: the input is quantized exactly as the trained quantizer does
-(:class:`~tbt.runtime.linear.ActSpec`, built from the module's ``act_quant``), the kernel
-computes the exact integer accumulator on the packed codes (re-tiled once, cached) and applies
-the activation scale/offset, the row scale α and the bias in float32. Only the float rescale
-differs from the torch path (rounding order), so logits agree to float32 rounding, not bit for
-bit. Layers with no kernel (float activations, a quantizer width without a kernel format) stay
-on the torch path and the reason is logged. :class:`PackedEmbedding` then looks up and
-dequantizes only the gathered rows instead of caching the whole float matrix (same values).
+How the packed modules run (the torch path and the integer kernels) is
+:mod:`tbt.inference.packed`'s business.
 """
 
 from __future__ import annotations
 
-import logging
-
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tbt.export.cached import CachedModule, float_linear
-from tbt.export.format import Packing
-from tbt.export.lm_head import Int8Linear
-from tbt.export.pack import pack, unpack
+from tbt.inference.packed import PackedEmbedding, PackedLinear, pack_codes
 from tbt.quant.modules import QuantEmbedding, QuantLinear, WeightSpec
-from tbt.quant.weight import dequantize
-from tbt.runtime.linear import ActSpec, PackedLinearNP, kernel_unavailable_reason
 
-__all__ = ["PackedLinear", "PackedEmbedding", "convert_model", "packing_for_bits",
-           "pack_codes", "unpack_codes", "act_spec_of", "set_backend",
-           "BACKENDS"]
-
-logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "native", "torch")  # module backends; "auto": native if the C library loads
-
-
-def act_spec_of(act_quant: nn.Module | None) -> ActSpec | None:
-    """The runtime description of a trained activation quantizer (None for float inputs).
-
-    Raises:
-        KeyError: a quantizer class without its own ``runtime_spec()``.
-    """
-    if act_quant is None:
-        return None
-    # defined on the class itself: a subclass of ElasticQuantizer (BiT's shift, LSQ) computes
-    # something else and has no runtime kernel unless it says so
-    fn = type(act_quant).__dict__.get("runtime_spec")
-    if fn is None:
-        raise KeyError(f"no ActSpec for activation quantizer {type(act_quant).__name__}; "
-                       f"give the class a runtime_spec() method")
-    return fn(act_quant)
-
-
-def packing_for_bits(bits: int) -> Packing:
-    if bits == 2:
-        return Packing.TERNARY_2BIT
-    if bits == 1:
-        return Packing.BINARY_1BIT
-    raise ValueError(f"no packing for {bits}-bit weights (1 or 2 only)")
-
-
-def pack_codes(codes: Tensor, packing: Packing) -> Tensor:
-    """int8 codes ``(N, K)`` -> uint8 ``(N, row_bytes)`` (the normative numpy packer)."""
-    return torch.from_numpy(np.ascontiguousarray(pack(codes.cpu().numpy(), packing)))
-
-
-def unpack_codes(packed: Tensor, packing: Packing, k: int) -> Tensor:
-    """uint8 ``(N, row_bytes)`` -> int8 codes ``(N, K)`` on ``packed``'s device."""
-    q = unpack(packed.detach().cpu().numpy(), packing, k)
-    return torch.from_numpy(np.ascontiguousarray(q)).to(packed.device)
+__all__ = ["convert_model", "packed_linear", "packed_embedding"]
 
 
 def _stored(t: Tensor | None, n: int) -> Tensor | None:
@@ -115,227 +47,58 @@ def _codes_scale(w: Tensor,
     return pw.codes, _stored(pw.scale, n), _stored(pw.offset, n), pw.bias
 
 
-def _row_scale(t: Tensor) -> Tensor:
-    """A stored scale/offset as a 2-D ``(N, 1|G)`` tensor for :func:`dequantize`."""
-    t = t.to(torch.float32)
-    return t[:, None] if t.dim() == 1 else t
-
-
-class _PackedBase(CachedModule):
-    """Shared pieces: packed codes + per-row scale buffers and the lazily cached float weight."""
-
-    CACHES = ("_w_cache", "_rt")  # the float weight; the kernel-layout layer (native backend)
-
-    packing: Packing
-    k: int
-
-    def _init_packed(self, packed: Tensor, scale: Tensor, bits: int, dtype: torch.dtype) -> None:
-        self.bits = bits
-        self.packing = packing_for_bits(bits)
-        self.weight_dtype = dtype
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self.register_buffer("offset", None)  # DLT's per-row/group shift γ (added after α·code)
-        self._w_cache: Tensor | None = None
-        self._rt: PackedLinearNP | None = None
-        self.backend = "torch"
-
-    def dequantized_weight(self) -> Tensor:
-        """The float ``(N, K)`` weight, ``dequantize(codes, scale[:, None], weight_dtype)``."""
-        if self._w_cache is None or self._w_cache.device != self.packed.device:
-            codes = unpack_codes(self.packed, self.packing, self.k)
-            offset = None if self.offset is None else _row_scale(self.offset)
-            w = dequantize(codes, _row_scale(self.scale), self.weight_dtype, offset)
-            if getattr(self, "w_layout_t", False):  # same memory layout as the fake-quant weight
-                w = w.t().contiguous().t()
-            self._w_cache = w
-        return self._w_cache
-
-    def packed_bits(self) -> int:
-        """Bits of the packed codes (padding included) plus the scales."""
-        return self.packed.numel() * 8 + self.scale.numel() * self.scale.element_size() * 8
-
-
-class PackedLinear(_PackedBase):
-    """``y = F.linear(act_quant(x), α ⊙ unpack(codes), b)``: a converted 1/2-bit ``QuantLinear``."""
-
-    def __init__(self, in_features: int, out_features: int, bits: int, *, bias: bool = True,
-                 act_quant: nn.Module | None = None, dtype: torch.dtype = torch.float32,
-                 w_layout_t: bool = False) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.k = in_features, out_features, in_features
-        packing = packing_for_bits(bits)
-        self._init_packed(torch.zeros(out_features, packing.row_bytes(in_features),
-                                      dtype=torch.uint8),
-                          torch.zeros(out_features, dtype=torch.float32), bits, dtype)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) \
-            if bias else None
-        self.act_quant = act_quant
-        self.w_layout_t = w_layout_t
-
-    @classmethod
-    def from_quant(cls, ql: QuantLinear, skeleton: bool = False) -> PackedLinear:
-        """Pack ``ql``'s quantized weight; ``skeleton``: zero buffers to load a checkpoint into
-        (the latent weight is never read, so it may be uninitialised memory)."""
-        spec = ql.weight_spec
-        w = ql.weight.t() if ql.transposed else ql.weight
-        layout = spec.packed_layout(w)  # shapes and memory layout, without reading values
-        has_bias = ql.bias is not None or layout.has_bias
-        new = cls(ql.in_features, ql.out_features, spec.bits, bias=has_bias,
-                  act_quant=ql.act_quant, dtype=ql.weight.dtype, w_layout_t=layout.transposed)
-        if skeleton:
-            n = ql.out_features
-            if layout.groups > 1:
-                new.scale = torch.zeros(n, layout.groups, dtype=torch.float32)
-            if layout.has_offset:
-                new.offset = torch.zeros_like(new.scale)
-            if has_bias:
-                ref = ql.bias if ql.bias is not None else ql.weight
-                new.bias = nn.Parameter(torch.zeros(n, dtype=ref.dtype), requires_grad=False)
-            return new
-        codes, scale, offset, extra = _codes_scale(w, spec)
-        new.packed = pack_codes(codes, new.packing).to(w.device)
-        new.scale = scale.to(w.device)
-        new.offset = None if offset is None else offset.to(w.device)
-        if has_bias:  # Tequila's dead-zone term folds into the bias, as effective_bias adds it
-            if ql.bias is None:
-                b = extra
-            else:
-                b = ql.bias.detach() if extra is None else ql.bias.detach() + extra
-            new.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+def packed_linear(ql: QuantLinear, skeleton: bool = False) -> PackedLinear:
+    """Pack ``ql``'s quantized weight; ``skeleton``: zero buffers to load a checkpoint into
+    (the latent weight is never read, so it may be uninitialised memory)."""
+    spec = ql.weight_spec
+    w = ql.weight.t() if ql.transposed else ql.weight
+    layout = spec.packed_layout(w)  # shapes and memory layout, without reading values
+    has_bias = ql.bias is not None or layout.has_bias
+    new = PackedLinear(ql.in_features, ql.out_features, spec.bits, bias=has_bias,
+              act_quant=ql.act_quant, dtype=ql.weight.dtype, w_layout_t=layout.transposed)
+    if skeleton:
+        n = ql.out_features
+        if layout.groups > 1:
+            new.scale = torch.zeros(n, layout.groups, dtype=torch.float32)
+        if layout.has_offset:
+            new.offset = torch.zeros_like(new.scale)
+        if has_bias:
+            ref = ql.bias if ql.bias is not None else ql.weight
+            new.bias = nn.Parameter(torch.zeros(n, dtype=ref.dtype), requires_grad=False)
         return new
-
-    def set_backend(self, backend: str, kernel_backend: str | None = None) -> str | None:
-        """``"torch"`` (dequantized ``F.linear``) or ``"native"`` (integer kernels).
-
-        Returns None when the requested backend is in use, else why the layer stays on torch.
-        ``kernel_backend`` picks the kernel implementation (``tbt.runtime.kernels``: ``ref``,
-        ``native``, ``scalar`` ...; default ``$TBT_KERNEL_BACKEND`` or auto).
-        """
-        if backend not in ("torch", "native"):
-            raise ValueError(f"backend={backend!r}; choose 'native' or 'torch'")
-        self.clear_cache()
-        self.backend, self.kernel_backend = "torch", kernel_backend
-        if backend == "torch":
-            return None
-        if self.scale.dim() != 1 or self.offset is not None:
-            return "per-group scales or a weight offset (DLT) have no kernel format"
-        try:
-            spec = act_spec_of(self.act_quant)
-        except KeyError as e:
-            return str(e)
-        reason = kernel_unavailable_reason(self.packing, spec, kernel_backend)
-        if reason is None:
-            self.backend = "native"
-        return reason
-
-    def runtime_linear(self) -> PackedLinearNP:
-        """The torch-free layer the native backend runs (built once from the buffers, cached)."""
-        if self._rt is None:
-            bias = None if self.bias is None else self.bias.detach().float().cpu().numpy()
-            self._rt = PackedLinearNP(self.packed.cpu().numpy(), self.k,
-                                      self.scale.detach().float().cpu().numpy(), bias,
-                                      self.packing, act_spec_of(self.act_quant),
-                                      getattr(self, "kernel_backend", None))
-        return self._rt
-
-    def _native_forward(self, x: Tensor) -> Tensor:
-        rt = self.runtime_linear()
-        x32 = x.detach()
-        if x32.dtype != torch.float32:
-            x32 = x32.to(torch.float32)
-        x32 = x32.contiguous()
-        # the paper's signed quantizers centre by the tensor mean: use torch's value (same codes)
-        shift = float(x32.mean()) if rt.act.needs_mean else None
-        fused = rt.fused
-        m = x32.numel() // self.k
-        if fused is None or m == 0:
-            y = torch.from_numpy(rt(x32.numpy(), shift))  # (..., N) float32
-        else:  # one C call: quantizer + kernel, on torch's buffers (no numpy round trip)
-            y = torch.empty(*x32.shape[:-1], self.out_features, dtype=torch.float32)
-            if fused.run_ptr(x32.data_ptr(), m, 0.0 if shift is None else shift, y.data_ptr()):
-                rt.undo_binary_zeros(y.numpy().reshape(m, -1), x32.numpy().reshape(m, -1), shift)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.backend == "native" and x.device.type == "cpu" and not (
-                x.requires_grad and torch.is_grad_enabled()):
-            return self._native_forward(x)
-        if self.act_quant is not None:
-            x = self.act_quant(x)
-        return float_linear(x, self.dequantized_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, {self.packing.value}, "
-                f"bias={self.bias is not None}")
-
-
-class PackedEmbedding(_PackedBase):
-    """Token lookup in ``α ⊙ unpack(codes)`` (times ``embed_scale``): a converted
-    ``QuantEmbedding``."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int,
-                 padding_idx: int | None = None, embed_scale: float | Tensor | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.k = embedding_dim
-        self.padding_idx = padding_idx
-        packing = packing_for_bits(bits)
-        self._init_packed(torch.zeros(num_embeddings, packing.row_bytes(embedding_dim),
-                                      dtype=torch.uint8),
-                          torch.zeros(num_embeddings, dtype=torch.float32), bits, dtype)
-        if isinstance(embed_scale, Tensor):
-            self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
+    codes, scale, offset, extra = _codes_scale(w, spec)
+    new.packed = pack_codes(codes, new.packing).to(w.device)
+    new.scale = scale.to(w.device)
+    new.offset = None if offset is None else offset.to(w.device)
+    if has_bias:  # Tequila's dead-zone term folds into the bias, as effective_bias adds it
+        if ql.bias is None:
+            b = extra
         else:
-            self.embed_scale = embed_scale
+            b = ql.bias.detach() if extra is None else ql.bias.detach() + extra
+        new.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+    return new
 
-    @classmethod
-    def from_quant(cls, qe: QuantEmbedding, shared: tuple | None = None,
-                   skeleton: bool = False) -> PackedEmbedding:
-        new = cls(qe.num_embeddings, qe.embedding_dim, qe.weight_spec.bits, qe.padding_idx,
-                  qe.embed_scale, dtype=qe.weight.dtype)
-        if skeleton and shared is None:
-            layout = qe.weight_spec.packed_layout(qe.weight)
-            if layout.groups > 1:
-                new.scale = torch.zeros(qe.num_embeddings, layout.groups, dtype=torch.float32)
-            if layout.has_offset:
-                new.offset = torch.zeros_like(new.scale)
-            return new
-        if shared is None:
-            codes, scale, offset, _ = _codes_scale(qe.weight, qe.weight_spec)  # no bias here
-            dev = qe.weight.device
-            shared = (pack_codes(codes, new.packing).to(dev), scale.to(dev),
-                      None if offset is None else offset.to(dev))
-        new.packed, new.scale, new.offset = shared
+
+def packed_embedding(qe: QuantEmbedding, shared: tuple | None = None,
+                     skeleton: bool = False) -> PackedEmbedding:
+    """Pack ``qe``'s quantized weight (``shared``: the packed tensors of a tied matrix already
+    packed; ``skeleton``: zero buffers to load a checkpoint into)."""
+    new = PackedEmbedding(qe.num_embeddings, qe.embedding_dim, qe.weight_spec.bits,
+                          qe.padding_idx, qe.embed_scale, dtype=qe.weight.dtype)
+    if skeleton and shared is None:
+        layout = qe.weight_spec.packed_layout(qe.weight)
+        if layout.groups > 1:
+            new.scale = torch.zeros(qe.num_embeddings, layout.groups, dtype=torch.float32)
+        if layout.has_offset:
+            new.offset = torch.zeros_like(new.scale)
         return new
-
-    def set_backend(self, backend: str, kernel_backend: str | None = None) -> None:
-        """``"native"``: dequantize only the looked-up rows (no float copy of the matrix)."""
-        if backend not in ("torch", "native"):
-            raise ValueError(f"backend={backend!r}; choose 'native' or 'torch'")
-        self.clear_cache()
-        self.backend = backend
-
-    def _lookup_rows(self, input_ids: Tensor) -> Tensor:
-        flat = input_ids.reshape(-1)
-        codes = unpack_codes(self.packed[flat], self.packing, self.k)  # (T, K) int8
-        offset = None if self.offset is None else _row_scale(self.offset)[flat]
-        w = dequantize(codes, _row_scale(self.scale)[flat], self.weight_dtype, offset)
-        return w.view(*input_ids.shape, self.k)  # same values as the full dequantized matrix
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        if self.backend == "native":
-            out = self._lookup_rows(input_ids)
-        else:
-            out = F.embedding(input_ids, self.dequantized_weight(), self.padding_idx)
-        if self.embed_scale is not None:
-            out = out * self.embed_scale
-        return out
-
-    def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
-                f"{self.packing.value}, embed_scale={self.embed_scale}")
+    if shared is None:
+        codes, scale, offset, _ = _codes_scale(qe.weight, qe.weight_spec)  # no bias here
+        dev = qe.weight.device
+        shared = (pack_codes(codes, new.packing).to(dev), scale.to(dev),
+                  None if offset is None else offset.to(dev))
+    new.packed, new.scale, new.offset = shared
+    return new
 
 
 def convert_model(model: nn.Module, skeleton: bool = False) -> nn.Module:
@@ -358,13 +121,13 @@ def convert_model(model: nn.Module, skeleton: bool = False) -> nn.Module:
             tied = None  # the same Parameter under another quantizer: packed on its own
         transposed = isinstance(mod, QuantLinear) and mod.transposed
         if isinstance(mod, QuantLinear):
-            new = PackedLinear.from_quant(mod, skeleton)
+            new = packed_linear(mod, skeleton)
             if tied is not None and not transposed:
                 # a quantized LM head tied to the token embedding: same matrix, same quantizer,
                 # so the same codes and scales, stored once (save_packed aliases them)
                 new.packed, new.scale, new.offset = tied[1]
         else:
-            new = PackedEmbedding.from_quant(mod, None if tied is None else tied[1], skeleton)
+            new = packed_embedding(mod, None if tied is None else tied[1], skeleton)
         if tied is None and not transposed:
             shared[id(mod.weight)] = (spec, (new.packed, new.scale, new.offset))
         model.set_submodule(name, new)
@@ -372,37 +135,3 @@ def convert_model(model: nn.Module, skeleton: bool = False) -> nn.Module:
     if n == 0:
         raise ValueError("convert_model found no 1/2-bit QuantLinear/QuantEmbedding to pack")
     return model
-
-
-def set_backend(model: nn.Module, backend: str = "auto",
-                kernel_backend: str | None = None) -> dict[str, str]:
-    """Run every packed layer of ``model`` on ``backend`` (``auto``, ``native`` or ``torch``).
-
-    ``auto`` is ``native`` when the C kernel library loads here and ``torch`` otherwise;
-    ``native`` uses the kernels of ``kernel_backend`` (default auto: the C library, else the
-    numpy reference). Returns ``{layer: reason}`` for the linear layers left on the torch path
-    (also logged once, grouped by reason).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; choose one of {list(BACKENDS)}")
-    if backend == "auto":
-        from tbt.runtime.kernels import native
-
-        backend = "native" if native.available() else "torch"
-    from tbt.export.ptq_layers import SchemeLinear  # packed PTQ layers: always torch, says why
-
-    fallback: dict[str, str] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, (PackedLinear, SchemeLinear)):
-            reason = mod.set_backend(backend, kernel_backend)
-            if reason is not None:
-                fallback[name] = reason
-        elif isinstance(mod, (PackedEmbedding, Int8Linear)):
-            mod.set_backend(backend, kernel_backend)
-    by_reason: dict[str, list[str]] = {}
-    for name, reason in fallback.items():
-        by_reason.setdefault(reason, []).append(name)
-    for reason, names in by_reason.items():
-        logger.info("tbt: %d packed linear layer(s) stay on the torch path (%s), e.g. %s",
-                    len(names), reason, names[0])
-    return fallback

@@ -49,13 +49,15 @@ says what was found and what was expected.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
+from pathlib import Path
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "METADATA_PREFIX", "FormatError", "Packing",
            "FormatHeader", "TERNARY_CODE_MAP", "BINARY_CODE_MAP", "TERNARY_PAD_CODE",
-           "BINARY_PAD_BIT", "SCALE_DTYPES"]
+           "BINARY_PAD_BIT", "SCALE_DTYPES", "WEIGHTS_NAME", "weights_path"]
 
 MAGIC = "TBTPACK"
 FORMAT_VERSION = 1
@@ -66,6 +68,15 @@ BINARY_CODE_MAP: dict[int, int] = {-1: 0, 1: 1}  # bit = (q > 0)
 TERNARY_PAD_CODE = 1  # the code of q = 0
 BINARY_PAD_BIT = 0
 SCALE_DTYPES = ("float32", "float16")
+WEIGHTS_NAME = "tbt_packed.safetensors"  # the file of a packed checkpoint folder
+
+
+def weights_path(directory: str | os.PathLike) -> Path:
+    """``directory/tbt_packed.safetensors``; FileNotFoundError (one line) if it is not there."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a tbt packed checkpoint")
+    return path
 
 
 class FormatError(ValueError):

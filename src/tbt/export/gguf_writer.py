@@ -300,7 +300,7 @@ def _write_vocab_hf(w, tok, n_vocab: int, pre: str) -> None:
 
 
 def _codes_of(mod) -> tuple[np.ndarray, np.ndarray]:
-    from tbt.export.convert import unpack_codes
+    from tbt.inference.packed import unpack_codes
 
     codes = unpack_codes(mod.packed, mod.packing, mod.k).numpy().astype(np.int8)
     return codes, mod.scale.detach().float().cpu().numpy()
@@ -330,7 +330,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None
     """
     import gguf
 
-    from tbt.export.convert import PackedEmbedding, PackedLinear, convert_model
+    from tbt.export.convert import convert_model
+    from tbt.inference.packed import PackedEmbedding, PackedLinear
     from tbt.export.lm_head import Int8Linear
     from tbt.export.ptq_layers import SchemeLinear
 

@@ -34,7 +34,7 @@ without rebuilding the model.
 ``load_packed`` builds the architecture from ``config.json`` with transformers (without
 initialising its weights), runs :func:`~tbt.quant.surgery.quantize_model` with the saved
 ``QuantConfig``, turns it into empty packed modules (``convert_model(skeleton=True)``), loads
-the tensors (strict) and picks the backend (:func:`~tbt.export.convert.set_backend`), after
+the tensors (strict) and picks the backend (:func:`~tbt.inference.packed.set_backend`), after
 checking every checksum and the scales' values; it never runs code from the directory (an
 ``auto_map`` is refused, ``tbt.model_class`` must name a transformers model class). The
 directory is written to a temporary sibling first and moved into place with ``os.replace``.
@@ -53,14 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tbt.export.convert import (
-    PackedEmbedding,
-    PackedLinear,
-    act_spec_of,
-    convert_model,
-    set_backend,
-)
-from tbt.export.format import FormatError, FormatHeader, Packing
+from tbt.export.convert import convert_model
+from tbt.export.format import WEIGHTS_NAME, FormatError, FormatHeader, Packing, weights_path
 from tbt.export.integrity import (
     CHECKSUM_KEY,
     FILE_DIGESTS_KEY,
@@ -76,12 +70,11 @@ from tbt.export.integrity import (
     warn_unverified,
 )
 from tbt.export.lm_head import LM_HEAD_FORMATS, Int8Linear, output_embedding_name
+from tbt.inference.packed import PackedEmbedding, PackedLinear, act_spec_of, set_backend
 
 __all__ = ["WEIGHTS_NAME", "save_packed", "load_packed", "read_packed_metadata", "layer_table"]
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_NAME = "tbt_packed.safetensors"
 
 
 def _quant_config(model: nn.Module):
@@ -291,9 +284,7 @@ def read_packed_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """
     from safetensors import safe_open
 
-    path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a tbt packed checkpoint")
+    path = weights_path(directory)
     from safetensors import SafetensorError
 
     try:
@@ -452,7 +443,7 @@ def load_packed(directory: str | os.PathLike, device: str | torch.device = "cpu"
         backend: ``"auto"`` (the integer kernels when the native library loads, else torch),
             ``"native"`` (kernels for every layer whose format pair has one) or ``"torch"``
             (dequantized float weights: logits equal the fake-quantized model's bit for bit).
-            See :func:`~tbt.export.convert.set_backend`; layers without a kernel stay on torch
+            See :func:`~tbt.inference.packed.set_backend`; layers without a kernel stay on torch
             with a logged reason.
         kernel_backend: the kernel implementation for ``"native"`` (``tbt.runtime.kernels``:
             ``ref``, ``native``, ``scalar``, ``avx2``, ``avx512``; default auto).

@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from tbt.export.cached import CachedModule, float_linear
+from tbt.inference.cached import CachedModule, float_linear
 
 __all__ = ["Int8Linear", "LM_HEAD_FORMATS", "quantize_rows_int8", "output_embedding_name"]
 

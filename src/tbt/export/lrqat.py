@@ -2,7 +2,7 @@
 
 After training, each :class:`~tbt.quant.lrqat.LRQATLinear` holds integer grid codes
 ``grid(Z)`` and a scale ``s``: :func:`merge_lrqat` turns it into a plain
-:class:`~tbt.export.convert.PackedLinear` and packs the rest of the model, so
+:class:`~tbt.inference.packed.PackedLinear` and packs the rest of the model, so
 :func:`~tbt.export.io.save_packed` writes an ordinary tbt checkpoint.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tbt.export.convert import PackedLinear, convert_model, pack_codes
+from tbt.export.convert import convert_model
+from tbt.inference.packed import PackedLinear, pack_codes
 from tbt.quant.lrqat import GRIDS, LRQATLinear
 from tbt.quant.modules import QuantEmbedding, QuantLinear
 
@@ -19,7 +20,7 @@ __all__ = ["merge_lrqat", "packed_from_lrqat"]
 
 
 def packed_from_lrqat(mod: LRQATLinear) -> PackedLinear:
-    """The merged :class:`~tbt.export.convert.PackedLinear` of ``mod`` (codes ``grid(Z)``,
+    """The merged :class:`~tbt.inference.packed.PackedLinear` of ``mod`` (codes ``grid(Z)``,
     scale s)."""
     new = PackedLinear(mod.in_features, mod.out_features, mod.bits,
                        bias=mod.bias is not None, act_quant=mod.act_quant,

@@ -46,6 +46,16 @@ def _check_values(q: np.ndarray, allowed: tuple[int, ...], what: str) -> None:
         raise ValueError(f"{what} codes must be in {allowed}; found {int(q[idx])} at {idx}")
 
 
+def _ternary_codes(q: np.ndarray, packing: Packing) -> tuple[np.ndarray, bool, int]:
+    """``(codes, one row?, K)``: ``q + 1`` as uint8 ``(N, padded K)``, padded with code 1."""
+    q, one = _as_rows(q)
+    _check_values(q, (-1, 0, 1), "ternary")
+    n, k = q.shape
+    codes = np.full((n, packing.padded_k(k)), TERNARY_PAD_CODE, dtype=np.uint8)
+    codes[:, :k] = q + 1
+    return codes, one, k
+
+
 def _packed_rows(packed: np.ndarray, k: int, packing: Packing) -> tuple[np.ndarray, bool]:
     packed = np.asarray(packed)
     if packed.dtype != np.uint8:
@@ -65,12 +75,8 @@ def pack_ternary(q: np.ndarray) -> np.ndarray:
 
     ``code = q + 1``; weight ``j`` at bits ``2·(j%4)`` of byte ``j//4``; padded with code 1.
     """
-    q, one = _as_rows(q)
-    _check_values(q, (-1, 0, 1), "ternary")
-    n, k = q.shape
-    kp = Packing.TERNARY_2BIT.padded_k(k)
-    codes = np.full((n, kp), TERNARY_PAD_CODE, dtype=np.uint8)
-    codes[:, :k] = q + 1
+    codes, one, k = _ternary_codes(q, Packing.TERNARY_2BIT)
+    n, kp = codes.shape
     out = np.bitwise_or.reduce(codes.reshape(n, kp // 4, 4) << _SHIFTS_2BIT, axis=2)
     assert out.shape == (n, Packing.TERNARY_2BIT.row_bytes(k)) and out.dtype == np.uint8  # 2 bpw
     return out[0] if one else out
@@ -120,12 +126,8 @@ def pack_base3(q: np.ndarray) -> np.ndarray:
 
     ``code = q + 1``; byte = Σ_i code_{5b+i}·3^i (i = 0..4) ≤ 242; padded with code 1.
     """
-    q, one = _as_rows(q)
-    _check_values(q, (-1, 0, 1), "ternary")
-    n, k = q.shape
-    kp = Packing.TERNARY_BASE3.padded_k(k)
-    codes = np.full((n, kp), TERNARY_PAD_CODE, dtype=np.uint8)
-    codes[:, :k] = q + 1
+    codes, one, k = _ternary_codes(q, Packing.TERNARY_BASE3)
+    n, kp = codes.shape
     out = (codes.reshape(n, kp // 5, 5) * _POW3).sum(axis=2, dtype=np.uint16).astype(np.uint8)
     assert out.shape == (n, Packing.TERNARY_BASE3.row_bytes(k))  # 1.6 bpw
     return out[0] if one else out

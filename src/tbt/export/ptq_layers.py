@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tbt.export.cached import CachedModule, float_linear
 from tbt.export.format import FormatError, Packing
 from tbt.export.pack import pack, pack_uint, unpack, unpack_uint
+from tbt.inference.cached import CachedModule, float_linear
 
 __all__ = ["Scheme", "SCHEMES", "register_scheme", "SchemeLinear", "check_scheme_layer",
            "layer_bits", "layer_keys", "tensor_bits"]

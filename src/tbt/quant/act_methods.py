@@ -154,6 +154,12 @@ class AbsmaxTokenQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return absmax_token_quantize(x, self.bits)
 
+    def runtime_spec(self):
+        """How the packed runtime quantizes this input (:class:`tbt.runtime.linear.ActSpec`)."""
+        from tbt.runtime.linear import ActSpec
+
+        return ActSpec("absmax-token", self.bits, True)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 

@@ -40,7 +40,7 @@ and ≤ ``2^−(f+1)`` elsewhere.
 backward instead of stored.
 
 After training, :func:`tbt.export.lrqat.merge_lrqat` replaces every :class:`LRQATLinear` by a plain
-:class:`~tbt.export.convert.PackedLinear` holding ``grid(Z)`` and ``s``: no adapter is left,
+:class:`~tbt.inference.packed.PackedLinear` holding ``grid(Z)`` and ``s``: no adapter is left,
 and ``save_packed`` / ``load_packed`` treat the model as any tbt checkpoint. In eval mode the
 merged model's logits equal the LR-QAT model's bit for bit (both compute
 ``dequantize(codes, s)``).

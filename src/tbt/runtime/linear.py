@@ -17,21 +17,23 @@ object does both.
 per layer in the checkpoint (``tbt.layers[name]["act"]``, ``docs/format.md`` §8). The quantizer
 functions are a registry keyed by ``(kind, bits)`` (:func:`register_act_quantizer`):
 
-=====================  =======  =============================================================
-``(kind, bits)``       format   quantizer (``tbt.runtime.kernels.ref``; numerics.md §4)
-=====================  =======  =============================================================
-``("minmax", 8)``      ``a8``   dynamic per-tensor scale after clipping to ``[−c, c]``;
-                                symmetric (signed) or asymmetric min/max (non-negative)
-``("elastic", 2)``     ``a2``   learned α; signed ``{−α, 0, α}`` (paper: centred by the mean);
-                                non-negative ``{0, α, 2α}`` (released: ``+ min(x)``)
-``("elastic", 1)``     ``a1``   learned α; signed ``{−α, α}``; non-negative ``{0, α}``
-=====================  =======  =============================================================
+=======================  =======  ===========================================================
+``(kind, bits)``         format   quantizer (``tbt.runtime.kernels.ref``; numerics.md §4)
+=======================  =======  ===========================================================
+``("minmax", 8)``        ``a8``   dynamic per-tensor scale after clipping to ``[−c, c]``;
+                                  symmetric (signed) or asymmetric min/max (non-negative)
+``("elastic", 2)``       ``a2``   learned α; signed ``{−α, 0, α}`` (paper: centred by the
+                                  mean); non-negative ``{0, α, 2α}`` (released: ``+ min(x)``)
+``("elastic", 1)``       ``a1``   learned α; signed ``{−α, α}``; non-negative ``{0, α}``
+``("absmax-token", b)``  ``a8``   per-token absmax (BitNet b1.58), one scale per row, ``b``
+                                  in 2..8; numpy quantizer (no C twin, so no fused call)
+=======================  =======  ===========================================================
 
 One tensor is one quantizer call: the whole ``(..., K)`` input shares one scale, one α and one
-mean/min, exactly as the torch quantizer, whatever ``M``. ``shift`` lets a caller hand in the
-mean (paper, signed) that torch computed, so the codes are bit-identical to the fake-quantized
-model's (numpy's float32 mean can differ from torch's by an ulp, which flips a code only when an
-input sits exactly on a rounding boundary).
+mean/min, exactly as the torch quantizer, whatever ``M`` (per-token absmax: one scale per row,
+as torch). ``shift`` lets a caller hand in the mean (paper, signed) that torch computed, so the
+codes are bit-identical to the fake-quantized model's (numpy's float32 mean can differ from
+torch's by an ulp, which flips a code only when an input sits exactly on a rounding boundary).
 
 This module imports no torch (docs/architecture.md; ``tests/runtime/test_runtime_linear.py`` runs it
 with ``sys.modules["torch"] = None``).
@@ -48,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from tbt.export.format import FormatError, FormatHeader, Packing
+from tbt.export.format import WEIGHTS_NAME, FormatError, FormatHeader, Packing, weights_path
 from tbt.export.integrity import (
     check_layer_values,
     read_digests,
@@ -64,13 +66,13 @@ from tbt.runtime.kernels.ref import (
     quantize_a1,
     quantize_a2,
     quantize_a8,
+    quantize_a8_absmax,
 )
 
 __all__ = ["ActSpec", "PackedLinearNP", "register_act_quantizer", "quantize_activation",
            "kernel_unavailable_reason", "weight_format_of", "WEIGHTS_NAME"]
 
-WEIGHTS_NAME = "tbt_packed.safetensors"  # same file name as tbt.export.io (no torch import)
-ACT_KINDS = ("minmax", "elastic")
+ACT_KINDS = ("minmax", "elastic", "absmax-token")
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class ActSpec:
     """One activation quantizer, as trained (``tbt.quant.activation``).
 
     Args:
-        kind: ``"minmax"`` (DQ-BART 8-bit, no parameters) or ``"elastic"`` (learned α).
+        kind: ``"minmax"`` (DQ-BART 8-bit, no parameters), ``"elastic"`` (learned α) or
+            ``"absmax-token"`` (BitNet b1.58 per-token absmax, no parameters).
         bits: activation bits.
         signed: False for non-negative inputs (after GELU/ReLU).
         clip: ``c`` of the min/max quantizer (activation units; TBT 2.5); unused by elastic.
@@ -101,6 +104,8 @@ class ActSpec:
         if self.kind == "elastic" and (self.alpha is None or self.variant is None):
             raise ValueError("an elastic ActSpec needs alpha (the learned step) and variant "
                              "('paper' or 'released')")
+        if self.kind == "absmax-token" and not self.signed:
+            raise ValueError("an absmax-token ActSpec is signed (symmetric per-token codes)")
 
     @property
     def fmt(self) -> str | None:
@@ -136,6 +141,14 @@ def register_act_quantizer(kind: str, bits: int, fmt: str):
 @register_act_quantizer("minmax", 8, "a8")
 def _minmax8(x: np.ndarray, spec: ActSpec, shift: float | None) -> QuantizedActivation:
     return quantize_a8(x, clip=spec.clip, signed=spec.signed)  # torch's ops exactly
+
+
+def _absmax_token(x: np.ndarray, spec: ActSpec, shift: float | None) -> QuantizedActivation:
+    return quantize_a8_absmax(x, spec.bits)
+
+
+for _bits in range(2, 9):  # the codes of 2..8-bit per-token absmax all fit int8
+    register_act_quantizer("absmax-token", _bits, "a8")(_absmax_token)
 
 
 @register_act_quantizer("elastic", 2, "a2")
@@ -177,14 +190,17 @@ def kernel_unavailable_reason(packing: Packing | str, act: ActSpec | None,
     return None
 
 
-def fused_act(spec: ActSpec) -> tuple[str, float, str]:
-    """``(act_kind, act_param, shift_mode)`` of the C quantizer (``tbt_linear``) for ``spec``.
+def fused_act(spec: ActSpec) -> tuple[str, float, str] | None:
+    """``(act_kind, act_param, shift_mode)`` of the C quantizer (``tbt_linear``) for ``spec``,
+    or None when the C library has no twin of it (per-token absmax: numpy quantizer, C kernel).
 
     The same quantizers as :func:`quantize_activation` (``tbt.runtime.kernels.ref``): 8-bit
     min/max symmetric or asymmetric with the clip ``c``; elastic with ``α_c = max(α, 1e-5)``,
     minus the tensor mean for the paper's signed quantizers (``"given"``: the caller passes
     the mean) or minus the minimum for the released non-negative ternary one (``"min"``).
     """
+    if spec.kind == "absmax-token":
+        return None
     if spec.kind == "minmax":
         kind = "minmax-sym" if spec.signed else "minmax-asym"
         return kind, float(np.float32(spec.clip)), "none"
@@ -237,10 +253,12 @@ class PackedLinearNP:
         if self.bias is not None and self.bias.shape != (self.out_features,):
             raise ValueError(f"bias has shape {self.bias.shape}, expected ({self.out_features},)")
         self.fused = None  # one C call per forward (quantizer + kernel) on the native kernels
-        if getattr(self.kernel, "backend", "ref") != "ref" and hasattr(self.kernel, "_lib"):
+        c_act = fused_act(act)
+        if (c_act is not None and getattr(self.kernel, "backend", "ref") != "ref"
+                and hasattr(self.kernel, "_lib")):
             from tbt.runtime.kernels.native import FusedLinear
 
-            self.fused = FusedLinear(self.kernel, self.weight, self.bias, *fused_act(act))
+            self.fused = FusedLinear(self.kernel, self.weight, self.bias, *c_act)
 
     def __repr__(self) -> str:
         return (f"PackedLinearNP(in={self.in_features}, out={self.out_features}, "
@@ -309,9 +327,7 @@ class PackedLinearNP:
         """
         from safetensors import SafetensorError, safe_open
 
-        path = Path(directory) / WEIGHTS_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: not a tbt packed checkpoint")
+        path = weights_path(directory)
         try:
             with safe_open(str(path), framework="numpy") as f:
                 md = f.metadata() or {}

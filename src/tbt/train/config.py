@@ -174,11 +174,11 @@ class TrainConfig:
             :func:`tbt.quant.lrqat.lrqat_parameters`), the factors A, B keeping ``lr``
             (docs/related.md §16: separate learning rates). ``None`` = ``lr`` (one group).
         copy_warmup_steps: before the run, train a seq2seq student this many AdamW steps on
-            the synthetic copy task (:func:`tbt.train.corpus.copy_warmup_batch`: random tokens,
+            the synthetic copy task (:func:`tbt.train.warmup.copy_warmup_batch`: random tokens,
             the target is their first part) so that it learns to read its input through
             cross attention; ``0`` = none. Preset architectures trained from scratch default
             to 400 (:func:`tbt.train.presets.scratch_defaults`); it stops early once the model
-            copies (:func:`tbt.train.loop.copy_warmup`). Skipped on ``resume``.
+            copies (:func:`tbt.train.warmup.copy_warmup`). Skipped on ``resume``.
         copy_warmup_lr, copy_warmup_batch_size: the warm-up's constant learning rate and batch.
 
     Training from scratch: :meth:`from_flat` fills the preset's own defaults

@@ -46,25 +46,13 @@ import torch
 from tbt.train.build import build_models, load_data, load_tokenizer, save_final
 from tbt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from tbt.train.config import TrainConfig
-from tbt.train.objective import distill_forward, first_non_finite, total_loss
+from tbt.train.objective import (NonFiniteLossError, distill_forward, first_non_finite,
+                                 total_loss)
+from tbt.train.warmup import copy_warmup
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss term (or the gradient norm) became NaN/inf; raised before the bad update."""
-
-
-# The copy warm-up draws its random tokens from the first ids of the vocabulary and takes its
-# softmax over those ids only. What it teaches (reading the source through cross attention,
-# position by position) does not depend on which tokens are copied, but how soon it starts
-# does depend on the size of the softmax: on bart-tiny with a 2000-id vocabulary and a softmax
-# over all of it, 5 runs (seed 28; token ranges 1000 and 200, sources of 62 and 30 tokens, AdamW
-# eps 1e-6 and 1e-8) had not started after 250-350 steps; restricted to the first 1000 ids,
-# 5 of 5 runs (seeds 28 and 0, eps 1e-8 and 1e-6, a 4000-id vocabulary) copied (loss < 0.5)
-# by steps 214-250 (benchmarks/results/scratch-real-data-2026-12-05.md).
-COPY_WARMUP_VOCAB = 1000
-COPY_WARMUP_STOP_CE = 0.3  # the warm-up ends early once the last 10 steps average below this
 # A seq2seq model "uses its input" when deranging the sources across the batch raises its
 # validation cross-entropy by at least INPUT_USE_MARGIN nats per target token and by at least
 # INPUT_USE_REL_MARGIN of the true-source cross-entropy. Measured on bart-tiny trained on real
@@ -242,81 +230,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "train_time_s": elapsed, "log": log_path, "checkpoint": latest_checkpoint(
                 cfg.output_dir), "model": acc.unwrap_model(model), "tokenizer": tokenizer,
             "copy_warmup": warm, "input_use": input_use or None}
-
-
-def copy_warmup(student, cfg: TrainConfig, acc, log_path: str | None, main: bool = True
-                ) -> dict[str, Any]:
-    """Train ``student`` in place for up to ``cfg.copy_warmup_steps`` steps on the synthetic
-    copy task (:func:`tbt.train.corpus.copy_warmup_batch`): fresh random batches of
-    ``cfg.copy_warmup_batch_size``, AdamW at the constant ``cfg.copy_warmup_lr``, clipping at
-    1, label cross-entropy only, dropout off (a full-precision student runs in eval mode). It
-    stops early once the mean cross-entropy of the last 10 steps is below
-    ``COPY_WARMUP_STOP_CE`` (the model copies).
-
-    Tokens come from the first ``COPY_WARMUP_VOCAB`` ids, and the cross-entropy is a softmax
-    over those ids only (the logits of the others are dropped; see ``COPY_WARMUP_VOCAB``
-    for why); sources are ``min(62, max_source_length - 2)`` tokens and targets their first
-    ``min(24, max_target_length - 2)``. Seeded by ``cfg.seed``, so every process computes the
-    same weights. Each step's loss goes to ``copy_warmup.jsonl`` next to ``log_path``.
-
-    Returns ``{"steps", "ce_first", "ce_last", "train_time_s", "log"}`` (``steps``: those run;
-    ``ce_last``: the mean of the last 10). A ``ce_last`` above 1 nat is logged as a warning:
-    the model has not started copying (it still may on the real data).
-    """
-    from tbt.train.corpus import copy_warmup_batch
-
-    t0 = time.time()
-    conf = student.config
-    vocab = min(conf.vocab_size, COPY_WARMUP_VOCAB)
-    src = max(2, min(62, cfg.data.max_source_length - 2))
-    tgt = max(1, min(24, src, cfg.data.max_target_length - 2))
-    bos = conf.bos_token_id if conf.bos_token_id is not None else 0
-    eos = conf.eos_token_id if conf.eos_token_id is not None else 2
-    gen = torch.Generator().manual_seed(cfg.seed)
-    # torch's AdamW defaults (eps 1e-8, weight decay 0.01), the setting the warm-up was
-    # measured with; not the run's eps 1e-6, which damps the small gradients of the plateau
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad],
-                            lr=cfg.copy_warmup_lr)
-    student.to(acc.device)
-    student.train(cfg.quant is not None)  # eval mode = no dropout (BART has no batch norm)
-    losses = []
-    path = None if log_path is None else os.path.join(os.path.dirname(log_path),
-                                                        "copy_warmup.jsonl")
-    log = open(path, "w", encoding="utf-8") if path else contextlib.nullcontext()
-    with log:
-        for k in range(1, cfg.copy_warmup_steps + 1):
-            batch = copy_warmup_batch(cfg.copy_warmup_batch_size, vocab, src, tgt,
-                                      generator=gen, bos_token_id=bos, eos_token_id=eos)
-            batch = {n: v.to(acc.device) for n, v in batch.items()}
-            with acc.autocast():
-                logits = student(**batch).logits[..., :vocab].float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab),
-                                                     batch["labels"].reshape(-1))
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"copy warm-up loss is {float(loss.detach())} at "
-                                         f"step {k}; lower --copy-warmup-lr")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            if path:
-                log.write(json.dumps({"step": k, "ce": losses[-1]}) + "\n")
-                if k % 25 == 0:
-                    log.flush()
-            if len(losses) >= 10 and sum(losses[-10:]) / 10 < COPY_WARMUP_STOP_CE:
-                break
-    student.train()
-    tail = losses[-10:]
-    out = {"steps": len(losses), "ce_first": losses[0], "ce_last": sum(tail) / len(tail),
-           "train_time_s": time.time() - t0, "log": path}
-    if main:
-        print(f"copy warm-up: {out['steps']} steps, cross-entropy {out['ce_first']:.2f} -> "
-              f"{out['ce_last']:.2f} ({out['train_time_s']:.0f} s)", flush=True)
-        if out["ce_last"] > 1.0:
-            logger.warning("the copy warm-up ended at cross-entropy %.2f: the model has not "
-                           "started copying yet (raise --copy-warmup-steps)", out["ce_last"])
-    return out
 
 
 def derange(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -210,3 +210,7 @@ def first_non_finite(values: dict[str, float]) -> str | None:
         if not math.isfinite(v):
             return k
     return None
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term (or the gradient norm) became NaN/inf; raised before the bad update."""

@@ -13,7 +13,7 @@ Trained from scratch, the presets come with their own optimisation defaults
 own defaults (lr 2.5e-4, batch 8, no weight decay, 5 % warmup) are the paper's *fine-tuning*
 settings, which leave a randomly initialised model writing the empty string or one sentence for
 every input. The BART presets also start with a synthetic copy warm-up
-(``copy_warmup_steps``, :func:`tbt.train.corpus.copy_warmup_batch`) unless they are distilled
+(``copy_warmup_steps``, :func:`tbt.train.warmup.copy_warmup_batch`) unless they are distilled
 from a teacher. Any value given (flag, config file, recipe) wins over these defaults, and the
 resolved values are what ``train_config.json`` records. ``docs/training.md`` has the
 measurements behind them.
@@ -78,13 +78,11 @@ def is_architecture(name: str | None) -> bool:
     return name in ARCHITECTURES
 
 
-# From-scratch optimisation defaults. The BART values are the setting measured to train
-# bart-small on 8,000 real English->Romanian UI strings (BLEU 8.4 at 800 steps, where the
-# fine-tuning defaults gave empty output); gpt2-tiny takes the same values (not measured
-# separately) and the MatMul-free presets their recipe's learning rate. The copy warm-up is
-# the demo's (corpus.copy_warmup_batch: batch 32, lr 1e-3) with its softmax over the first
-# 1000 ids (loop.COPY_WARMUP_VOCAB), at most 400 steps: it copied by steps 214-250 in the
-# five runs measured, and stops early once it does.
+# From-scratch optimisation defaults; docs/training.md ("Training from scratch: the presets'
+# defaults and the copy warm-up") has the runs behind them. gpt2-tiny takes the BART values,
+# the MatMul-free presets their recipe's learning rate. The copy warm-up (tbt.train.warmup:
+# batch 32, lr 1e-3, softmax over the first COPY_WARMUP_VOCAB ids) runs at most 400 steps
+# and stops early once the model copies.
 _SCRATCH_OPT: dict[str, Any] = dict(lr=1e-3, batch_size=32, warmup_ratio=0.25,
                                     weight_decay=0.01)
 COPY_WARMUP_STEPS = 400

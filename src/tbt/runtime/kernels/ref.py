@@ -52,7 +52,7 @@ from tbt.export.format import Packing
 from tbt.export.pack import unpack
 
 __all__ = ["ACT_FORMATS", "WEIGHT_FORMATS", "KERNEL_ACT", "QuantizedActivation",
-           "PreparedWeight", "quantize_a8", "quantize_a2", "quantize_a1", "accumulate",
+           "PreparedWeight", "quantize_a8", "quantize_a8_absmax", "quantize_a2", "quantize_a1", "accumulate",
            "epilogue", "gemm", "gemm_t2_a8", "gemm_b1_a8", "gemm_t2_a2", "gemm_b1_a1",
            "weight_codes", "RefKernel", "ALPHA_EPS", "ASYM_EPS", "aligned_empty"]
 
@@ -157,13 +157,38 @@ def quantize_a8(x: np.ndarray, clip: float = 2.5, signed: bool = True,
     return QuantizedActivation("a8", (u - 128).astype(np.int8), _full(step, m), _full(offset, m))
 
 
+ABSMAX_EPS = np.float32(1e-5)  # BitNet: qp / max(|x|).clamp(min=1e-5)
+
+
+def quantize_a8_absmax(x: np.ndarray, bits: int = 8) -> QuantizedActivation:
+    """Per-token absmax quantization (BitNet b1.58; ``tbt.quant.act_methods``, docs/related.md §1a).
+
+    One scale per row: ``s = qp·(1/max(max_k |x|, 1e-5))`` with ``qp = 2^(bits−1) − 1`` (torch
+    computes ``qp / t`` as ``qp·reciprocal(t)``; the same two roundings here), codes
+    ``clip(rint(x·s), −qp − 1, qp)``, scale ``1/s``. ``bits`` 2..8: the codes fit ``a8``.
+    """
+    xs = _rows(x)
+    qp = np.float32(2 ** (bits - 1) - 1)
+    inv = (np.float32(1) / np.maximum(np.abs(xs).max(axis=1), ABSMAX_EPS)).astype(np.float32)
+    s = (qp * inv).astype(np.float32)  # (M,)
+    codes = np.clip(np.rint(xs * s[:, None]), -qp - 1, qp).astype(np.int8)
+    return QuantizedActivation("a8", codes, (np.float32(1) / s).astype(np.float32))
+
+
 def _alpha_c(alpha: float) -> np.float32:
     return max(np.float32(alpha), ALPHA_EPS)
 
 
-def _check_variant(variant: str) -> None:
+def _elastic_input(x: np.ndarray, alpha: float, signed: bool, variant: str,
+                   shift: float | None) -> tuple[np.ndarray, np.float32, int]:
+    """``(x̃, α_c, M)``: float32 rows, centred by the mean (or ``shift``) for the paper's
+    signed quantizers, as they are fed to the elastic rounding."""
     if variant not in ("paper", "released"):
         raise ValueError(f"variant={variant!r}; choose 'paper' or 'released'")
+    xs, a = _rows(x), _alpha_c(alpha)
+    if signed and variant == "paper":
+        xs = xs - np.float32(xs.mean(dtype=np.float32) if shift is None else shift)
+    return xs, a, xs.shape[0]
 
 
 def quantize_a2(x: np.ndarray, alpha: float, signed: bool = True, variant: str = "paper",
@@ -184,12 +209,8 @@ def quantize_a2(x: np.ndarray, alpha: float, signed: bool = True, variant: str =
         ``"a2"`` activation: codes ``a ∈ {−1, 0, 1}``, scale ``α_c``, offset ``None``
         (signed), ``α_c`` (paper non-negative: ``c = a + 1``) or ``m + α_c`` (released).
     """
-    _check_variant(variant)
-    xs, a = _rows(x), _alpha_c(alpha)
-    m = xs.shape[0]
+    xs, a, m = _elastic_input(x, alpha, signed, variant, shift)
     if signed:
-        if variant == "paper":
-            xs = xs - np.float32(xs.mean(dtype=np.float32) if shift is None else shift)
         codes = np.clip(np.rint(xs / a), -1, 1).astype(np.int8)
         return QuantizedActivation("a2", codes, _full(a, m))
     base = np.float32(0)
@@ -210,12 +231,8 @@ def quantize_a1(x: np.ndarray, alpha: float, signed: bool = True, variant: str =
     Non-negative (both variants, no shift): ``c = clip(rint(x/α_c), 0, 1)``, stored as
     ``a = 2c − 1`` with scale and offset ``α_c/2``, so ``x = α_c·c`` exactly.
     """
-    _check_variant(variant)
-    xs, a = _rows(x), _alpha_c(alpha)
-    m = xs.shape[0]
+    xs, a, m = _elastic_input(x, alpha, signed, variant, shift)
     if signed:
-        if variant == "paper":
-            xs = xs - np.float32(xs.mean(dtype=np.float32) if shift is None else shift)
         codes = np.where(xs < 0, -1, 1).astype(np.int8)  # sign(0) -> +1 (1 bit has no 0)
         return QuantizedActivation("a1", codes, _full(a, m))
     c = np.clip(np.rint(xs / a), 0, 1)

@@ -1,4 +1,4 @@
-"""``tbt bench`` (tbt.runtime.bench): a tiny real run of the CLI, its JSON records, its errors."""
+"""``tbt bench`` (tbt.bench): a tiny real run of the CLI, its JSON records, its errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tbt.runtime import bench as B
+from tbt import bench as B
 
 N, K = 64, 256
 
@@ -82,7 +82,7 @@ def test_table_speedup_is_fp32_time_over_op_time():
 
 def test_tbt_ops_run_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from tbt.runtime import bench as B\n"
+            "from tbt import bench as B\n"
             "r = B.run(B.BenchConfig(shapes=((8, 300),), batches=(2,), ops=B.TBT_OPS,"
             " caches=('hot',), repeat=2), show=False)\n"
             "assert [x['op'] for x in r] == list(B.TBT_OPS) and all(x['us'] > 0 for x in r)\n"

@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from tbt.train.demo import STUDENTS, format_results, packed_size_bytes
-from train_helpers import tbt_cli
+from tbt.demo.demo import STUDENTS, format_results, packed_size_bytes
+from conftest import tbt_cli
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_results_table_format():
 
 @pytest.mark.parametrize("quick", [True, False])
 def test_demo_presets_are_valid(quick, tmp_path):
-    from tbt.train.demo import demo_config
+    from tbt.demo.demo import demo_config
 
     dc = demo_config(quick, output_dir=str(tmp_path), seed=None)
     assert dc.seed == 0 and (dc.teacher_steps < 100) == quick
@@ -87,8 +87,8 @@ def test_demo_presets_are_valid(quick, tmp_path):
 
 @pytest.mark.slow
 def test_ablate_quick_from_demo(quick_demo, tmp_path):
-    from tbt.train.ablate import SUITES
-    from tbt.train.demo import StudentSpec
+    from tbt.demo.ablate import SUITES
+    from tbt.demo.demo import StudentSpec
 
     out = str(tmp_path / "abl")
     proc = tbt_cli("ablate", "--quick", "--from-demo", quick_demo[0], "--suite", "table3-2-2-2",

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tbt.train.replicate import (PAPER_XSUM, ROW_BY_KEY, ROWS, ReplicateConfig, format_table,
+from tbt.demo.replicate import (PAPER_XSUM, ROW_BY_KEY, ROWS, ReplicateConfig, format_table,
                                  parse_seeds, parse_students, replicate_config, summarize)
 
 
@@ -40,7 +40,7 @@ def test_students_and_seeds_parse():
 
 def test_rows_that_are_one_run_share_it():
     from tbt.config import QuantConfig
-    from tbt.train.replicate import _run_key
+    from tbt.demo.replicate import _run_key
 
     assert _run_key(ROW_BY_KEY["t3-minmax"]) == "twn-2-2-2"  # Table 3's first row = TWN 2-2-2
     assert _run_key(ROW_BY_KEY["t3-both"]) == "tbt-2-2-2"  # and its last = TBT 2-2-2
@@ -55,7 +55,7 @@ def test_rows_that_are_one_run_share_it():
 
 def test_recipe_fills_in_the_papers_runs():
     from tbt.train.config import TrainConfig
-    from tbt.train.replicate import _recipe_train_settings, _student_lr, _train_flat
+    from tbt.demo.replicate import _recipe_train_settings, _student_lr, _train_flat
 
     rc = replicate_config(recipe="xsum", student_steps=100, output_dir="o")
     assert rc.teacher == "Aktsvigun/bart-base_xsum_42" and rc.dataset == "xsum"
@@ -81,7 +81,7 @@ def test_config_errors():
 
 
 def test_protocol_change_is_refused(tmp_path):
-    from tbt.train.replicate import _check_protocol
+    from tbt.demo.replicate import _check_protocol
 
     rc = replicate_config(output_dir=str(tmp_path))
     _check_protocol(rc)
@@ -154,7 +154,7 @@ def _tiny_args(ws_dir: str, out: str) -> list[str]:
 
 @pytest.mark.slow
 def test_replicate_end_to_end_killed_and_resumed(tmp_path):
-    from train_helpers import tbt_cli, write_corpus
+    from conftest import tbt_cli, write_corpus
 
     ws = str(tmp_path)
     write_corpus(os.path.join(ws, "train.jsonl"), 48, 0)
@@ -217,23 +217,36 @@ def test_cli_bad_students_is_a_one_line_error(capsys):
 
 
 def test_run_lock_leaves_live_owners_alone_and_takes_over_stale_ones(tmp_path):
+    import socket
     import subprocess
     import sys
 
-    from tbt.train.replicate import _Lock
+    from tbt._lock import RunLock
 
+    (tmp_path / "run").mkdir()
     path = str(tmp_path / "run" / ".lock")
-    lock = _Lock(path)
-    assert lock.acquire() and open(path).read() == str(os.getpid())
+    lock = RunLock(path)
+    assert lock.acquire() and open(path).read().split()[0] == str(os.getpid())
+    second = RunLock(path)  # the same process, a second acquisition: refused
+    assert not second.acquire() and second.pid == os.getpid()
     lock.release()
     assert not os.path.exists(path)
     with open(path, "w") as f:  # held by a live process (our parent)
         f.write(str(os.getppid()))
-    other = _Lock(path)
-    assert not other.acquire() and other.owner == os.getppid()
+    other = RunLock(path)
+    assert not other.acquire() and other.pid == os.getppid()
+    assert other.owner() == f"pid {os.getppid()}"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     with open(path, "w") as f:  # left by a killed command
         f.write(str(dead.pid))
-    assert other.acquire() and open(path).read() == str(os.getpid())
+    assert other.acquire() and open(path).read().split()[0] == str(os.getpid())
     other.release()
+    # left by an earlier process that had this pid (a restarted container): stale
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n{socket.gethostname()}\n")
+    assert other.acquire()
+    other.release()
+    with open(path, "w") as f:  # another machine: cannot be checked, left alone
+        f.write(f"{os.getppid()}\nsome-other-host\n")
+    assert not other.acquire() and other.owner() == f"pid {os.getppid()} on some-other-host"

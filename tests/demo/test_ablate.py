@@ -1,12 +1,12 @@
 """`tbt ablate`: suites resolve and the table is computed against each suite's baseline (the
-end-to-end run reuses the quick demo's teacher: tests/train/test_demo.py)."""
+end-to-end run reuses the quick demo's teacher: tests/demo/test_demo.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from tbt.config import QuantConfig
-from tbt.train.ablate import SUITES, format_table, parse_suites
+from tbt.demo.ablate import SUITES, format_table, parse_suites
 
 
 def test_every_suite_row_is_a_valid_quant_config():

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
-from tbt.train.demo import (DemoConfig, StudentSpec, _Stages, evaluate_runs, prepare_data,
+from tbt.demo.demo import (DemoConfig, StudentSpec, _Stages, evaluate_runs, prepare_data,
                             train_students, train_teacher)
 
 S = StudentSpec
@@ -88,7 +88,7 @@ def run_ablation(dc: DemoConfig, suites: tuple[str, ...] = DEFAULT_SUITES,
     """Train (or reuse) the teacher, distil every student of ``suites``, evaluate, tabulate."""
     from transformers import AutoTokenizer
 
-    from tbt.train.plots import plot_training_curves
+    from tbt.demo.plots import plot_training_curves
 
     out = dc.output_dir
     os.makedirs(out, exist_ok=True)
@@ -159,7 +159,7 @@ def _write(out: str, rows: list[dict[str, Any]], dc: DemoConfig, suites: tuple[s
 
 def plot_bars(rows: list[dict[str, Any]], path: str) -> str:
     """ROUGE-1 and ROUGE-Lsum bars, one panel per suite."""
-    from tbt.train.plots import _pyplot
+    from tbt.demo.plots import _pyplot
 
     plt = _pyplot()
     suites = list(dict.fromkeys(r["suite"] for r in rows))
@@ -185,7 +185,7 @@ def plot_bars(rows: list[dict[str, Any]], path: str) -> str:
 
 
 def ablation_config(quick: bool, **kw: Any) -> DemoConfig:
-    from tbt.train.demo import demo_config
+    from tbt.demo.demo import demo_config
 
     dc = demo_config(quick, **kw)
     return dc if "output_dir" in kw and kw["output_dir"] else replace(dc, output_dir="tbt-ablate")

@@ -3,11 +3,11 @@
 1. build a real summarisation corpus offline: Python standard-library docstrings, the
    ``api`` style by default (summary = ``name: first sentence``, the sentence removed from the
    document, so it must be written, not copied; a from-scratch teacher lands far below the
-   ceiling, where quantization has room to hurt; :func:`tbt.train.corpus.build_docstring_corpus`);
+   ceiling, where quantization has room to hurt; :func:`tbt.demo.corpus.build_docstring_corpus`);
 2. train a byte-level BPE tokenizer on it;
 3. train a small full-precision BART teacher from scratch (``--bits fp``): a short warm-up on
    a synthetic copy task (random whole-word tokens, the target is their first part; see
-   :func:`tbt.train.corpus.copy_warmup_batch` for why), then the summaries until the
+   :func:`tbt.train.warmup.copy_warmup_batch` for why), then the summaries until the
    validation loss stops improving (``teacher_patience`` validations, a step cap);
 4. distil five students from it (same loss and steps): TBT at 2-2-8, and at the low
    activation bits where the paper's baselines collapse, TBT 2-2-2 against TWN 2-2-2 and
@@ -74,7 +74,7 @@ class DemoConfig:
     max_source_length: int = 96
     max_target_length: int = 32
     batch_size: int = 16
-    style: str = "api"  # corpus style (tbt.train.corpus: lead, api, xsum)
+    style: str = "api"  # corpus style (tbt.demo.corpus: lead, api, xsum)
     warmup_steps: int = 300  # teacher warm-up on the synthetic copy task
     warmup_batch_size: int = 32
     warmup_lr: float = 1e-3
@@ -183,7 +183,7 @@ class _Stages:
 
 def prepare_data(dc: DemoConfig, stage: _Stages) -> tuple[dict[str, str], str, Any]:
     """Stages 1-2: the docstring corpus and its tokenizer; ``(paths, tokenizer_dir, tok)``."""
-    from tbt.train.corpus import build_docstring_corpus
+    from tbt.demo.corpus import build_docstring_corpus
     from tbt.train.tokenizer import train_tokenizer
 
     out = dc.output_dir
@@ -197,41 +197,14 @@ def prepare_data(dc: DemoConfig, stage: _Stages) -> tuple[dict[str, str], str, A
 
 
 def copy_warmup(dc: DemoConfig, tok, out_dir: str) -> dict[str, Any]:
-    """The teacher's first phase: ``dc.warmup_steps`` AdamW steps on the synthetic copy task
-    (:func:`tbt.train.corpus.copy_warmup_batch`, fresh random batches, no dropout), from a
-    random ``dc.architecture``; saved to ``out_dir`` (with the preset's dropout restored) for
-    ``tbt train`` to continue. Returns ``{"log": log.jsonl path, "train_time_s": s}``."""
-    from tqdm.auto import tqdm
+    """The teacher's first phase: :func:`tbt.train.warmup.copy_warmup_from_scratch` with the
+    demo's settings (``dc.warmup_*``, ``dc.architecture``, ``dc.seed``)."""
+    from tbt.train.warmup import copy_warmup_from_scratch
 
-    from tbt.train.corpus import copy_warmup_batch
-    from tbt.train.presets import ARCHITECTURES, build_from_scratch
-
-    t0 = time.time()
-    torch.manual_seed(dc.seed)
-    model = build_from_scratch(dc.architecture, len(tok), tok.pad_token_id, tok.bos_token_id,
-                               tok.eos_token_id, **{**dict(dc.model_overrides),
-                                                    "dropout": 0.0}).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=dc.warmup_lr)
-    gen = torch.Generator().manual_seed(dc.seed)
-    os.makedirs(out_dir, exist_ok=True)
-    log_path = os.path.join(out_dir, "log.jsonl")
-    src = min(62, dc.max_source_length - 2)
-    with open(log_path, "w", encoding="utf-8") as log:
-        for step in tqdm(range(1, dc.warmup_steps + 1), desc="copy warm-up", unit="step",
-                         disable=not dc.progress):
-            batch = copy_warmup_batch(dc.warmup_batch_size, len(tok), src, min(24, src),
-                                      generator=gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dc.bf16):
-                loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            log.write(json.dumps({"step": step, "ce": loss.item()}) + "\n")
-    model.config.dropout = ARCHITECTURES[dc.architecture].get("dropout", 0.0)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return {"log": log_path, "train_time_s": time.time() - t0}
+    return copy_warmup_from_scratch(
+        dc.architecture, tok, out_dir, steps=dc.warmup_steps, batch_size=dc.warmup_batch_size,
+        lr=dc.warmup_lr, max_source_length=dc.max_source_length, seed=dc.seed, bf16=dc.bf16,
+        model_overrides=dict(dc.model_overrides), progress=dc.progress)
 
 
 def train_teacher(dc: DemoConfig, paths: dict[str, str], tok_dir: str, tok,
@@ -245,7 +218,7 @@ def train_teacher(dc: DemoConfig, paths: dict[str, str], tok_dir: str, tok,
              f"{dc.teacher_steps})")
     # The warm-up teaches the encoder-decoder to copy through cross attention; without it a
     # tiny model first learns the summaries' language model and ignores its input for a long
-    # time (tbt.train.corpus documents the measurements).
+    # time (tbt.demo.corpus documents the measurements).
     warm_dir = os.path.join(dc.output_dir, "teacher-warmup")
     teacher_dir = os.path.join(dc.output_dir, "teacher")
     warm = copy_warmup(dc, tok, warm_dir)
@@ -298,7 +271,7 @@ def evaluate_runs(dc: DemoConfig, runs: dict[str, dict[str, Any]], tok,
 def run_demo(dc: DemoConfig) -> dict[str, Any]:
     """Run every stage; returns ``{"results": [row per model], "plots": [...], ...}``."""
     from tbt.data import DataConfig, load_raw_splits
-    from tbt.train.plots import layer_tensors, save_all
+    from tbt.demo.plots import layer_tensors, save_all
 
     stage = _Stages(6)
     out = dc.output_dir

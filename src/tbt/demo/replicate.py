@@ -9,7 +9,7 @@ TBT 36.2 / 31.7), and each of TBT's two quantizers adds something (Table 3).
 Protocol (:func:`run_replicate`), every stage in its own folder under ``output_dir``:
 
 1. **data**: local train/validation/test files, a hub dataset (``--dataset``, ``--recipe``), or
-   the demo's offline docstring corpus (:mod:`tbt.train.corpus`, default); a tokenizer is
+   the demo's offline docstring corpus (:mod:`tbt.demo.corpus`, default); a tokenizer is
    trained when the teacher is trained from scratch;
 2. **teacher** (``teacher/``): trained to convergence: the demo's copy warm-up, then
    full-precision training until the validation loss has not improved for ``patience``
@@ -52,6 +52,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
+
+from tbt._lock import RunLock
 
 # ---- the paper's numbers ---------------------------------------------------------------------
 
@@ -338,7 +340,7 @@ def _check_protocol(rc: ReplicateConfig) -> None:
 
 def prepare_data(rc: ReplicateConfig, log: _Log) -> dict[str, Any]:
     """Data paths (or the hub dataset) and the tokenizer directory."""
-    from tbt.train.corpus import build_docstring_corpus
+    from tbt.demo.corpus import build_docstring_corpus
 
     data: dict[str, Any] = {}
     if rc.dataset:
@@ -455,7 +457,7 @@ def train_teacher(rc: ReplicateConfig, data: dict[str, Any], tok, test: list[dic
         log(f"teacher: {rc.teacher} (given; evaluated only)")
         model = load_pretrained(rc.teacher, with_tokenizer=False)[0]
         return evaluate_run(rc, model, tok, test, tdir, {"dir": rc.teacher, "given": True})
-    from tbt.train.demo import DemoConfig, copy_warmup
+    from tbt.demo.demo import DemoConfig, copy_warmup
 
     warm = os.path.join(rc.output_dir, "teacher-warmup")
     if not os.path.isfile(os.path.join(warm, "done")):
@@ -519,9 +521,10 @@ def train_and_evaluate(rc: ReplicateConfig, data: dict[str, Any], tok, test: lis
     if os.path.isfile(done):
         log(f"{label}: {row.name}, seed {seed}: done (skipped)")
         return _read_json(done)
-    lock = _Lock(os.path.join(run_dir, ".lock"))
+    os.makedirs(run_dir, exist_ok=True)
+    lock = RunLock(os.path.join(run_dir, ".lock"))
     if not lock.acquire():
-        log(f"{label}: {row.name}, seed {seed}: running in process {lock.owner} (left to it)")
+        log(f"{label}: {row.name}, seed {seed}: running in {lock.owner()} (left to it)")
         return None
     try:
         return _train_and_evaluate(rc, data, tok, test, teacher_dir, row, seed, log, label,
@@ -545,56 +548,6 @@ def _train_and_evaluate(rc, data, tok, test, teacher_dir, row, seed, log, label,
     return evaluate_run(rc, res["model"], tok, test, run_dir,
                         {"row": row.key, "seed": seed, "steps": res["steps"],
                          "train_time_s": res["train_time_s"]})
-
-
-class _Lock:
-    """An exclusive lock file holding the owner's PID (one machine). A lock whose process is
-    gone (a killed command) is stale and taken over, so SIGKILL never blocks a rerun."""
-
-    def __init__(self, path: str) -> None:
-        self.path, self.owner, self.held = path, None, False
-
-    def acquire(self) -> bool:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    with open(self.path, encoding="utf-8") as f:
-                        self.owner = int(f.read().strip() or 0)
-                except (OSError, ValueError):
-                    self.owner = 0
-                if self.owner and self.owner != os.getpid() and _alive(self.owner):
-                    return False
-                try:
-                    os.remove(self.path)  # stale: its process is gone
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(str(os.getpid()))
-            self.held = True
-            return True
-        return False
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---- the table -------------------------------------------------------------------------------
@@ -754,7 +707,7 @@ def format_table(s: dict[str, Any]) -> str:
 def plot(s: dict[str, Any], path: str) -> str:
     """Left: each row's R-1 gap to the FP control with its 95% CI; right: the paper's gap to
     FP BART-base for the same rows."""
-    from tbt.train.plots import _pyplot
+    from tbt.demo.plots import _pyplot
 
     plt = _pyplot()
     rows = [r for r in s["rows"] if r["key"] != "fp-control"]
@@ -781,7 +734,7 @@ def plot(s: dict[str, Any], path: str) -> str:
 
 def plot_teacher(log_path: str, path: str) -> str | None:
     """The teacher's training CE (smoothed) and validation loss, the stopping step marked."""
-    from tbt.train.plots import _pyplot, _smooth, read_log
+    from tbt.demo.plots import _pyplot, _smooth, read_log
 
     if not os.path.isfile(log_path):
         return None
@@ -817,9 +770,9 @@ def run_replicate(rc: ReplicateConfig) -> dict[str, Any]:
     os.makedirs(rc.output_dir, exist_ok=True)
     _check_protocol(rc)
     # data, tokenizer and teacher: one process at a time (others wait for them)
-    stage_lock = _Lock(os.path.join(rc.output_dir, ".teacher.lock"))
+    stage_lock = RunLock(os.path.join(rc.output_dir, ".teacher.lock"))
     while not stage_lock.acquire():
-        log(f"data and teacher are being prepared by process {stage_lock.owner}; waiting")
+        log(f"data and teacher are being prepared by {stage_lock.owner()}; waiting")
         time.sleep(15)
     try:
         data = prepare_data(rc, log)

@@ -18,7 +18,7 @@ module, class or function) that has more than one sentence. Three styles:
 
 A tiny model trained from random weights learns the summaries' language model first and
 ignores its encoder for a long and unpredictable time; the demo's teacher therefore starts with
-a short synthetic copy task (:func:`copy_warmup_batch`). docs/training.md, "Notes: the demo
+a short synthetic copy task (:mod:`tbt.train.warmup`). docs/training.md, "Notes: the demo
 corpus and the copy warm-up", has the measurements behind this and the ROUGE each style
 reaches.
 
@@ -222,33 +222,3 @@ def build_docstring_corpus(output_dir: str, max_examples: int | None = None, see
     print(f"docstring corpus ({source}, {style}): {sum(map(len, splits.values()))} examples "
           f"({sizes}) -> {output_dir}")
     return paths
-
-
-def copy_warmup_batch(batch_size: int, vocab_size: int, source_length: int = 62,
-                      target_length: int = 24, generator=None, bos_token_id: int = 0,
-                      eos_token_id: int = 2) -> dict:
-    """A batch of the synthetic copy task that starts a from-scratch seq2seq model copying.
-
-    Random token ids; labels = ``<s>`` + the first ``target_length`` source tokens + ``</s>``.
-    Training on it first teaches position-to-position cross attention, which a small BART
-    trained from random weights on real text takes hundreds to thousands of steps to find. A
-    warm-up for the demo's teacher only, never evaluated; the settings in which it was measured
-    to work (and those in which it did not) are in docs/training.md, "Notes: the demo corpus
-    and the copy warm-up".
-
-    Returns ``{"input_ids": (B, source_length + 2), "attention_mask", "labels": (B,
-    target_length + 2)}`` long tensors; ``bos_token_id``/``eos_token_id`` (default 0/2, BART's
-    and tbt's tokenizers) are ``<s>``/``</s>``, the tokens are drawn from ``[5, vocab_size - 1)``
-    (no special tokens, no ``<mask>``). :func:`tbt.train.loop.copy_warmup` passes
-    ``vocab_size = min(len(tokenizer), COPY_WARMUP_VOCAB)``.
-    """
-    import torch
-
-    if target_length > source_length:
-        raise ValueError("target_length must be <= source_length")
-    body = torch.randint(5, vocab_size - 1, (batch_size, source_length), generator=generator)
-    bos = torch.full((batch_size, 1), bos_token_id, dtype=torch.long)
-    eos = torch.full((batch_size, 1), eos_token_id, dtype=torch.long)
-    ids = torch.cat([bos, body, eos], dim=1)  # (B, S + 2)
-    labels = torch.cat([ids[:, : target_length + 1], eos], dim=1)  # (B, T + 2)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}

@@ -8,7 +8,7 @@ import sysconfig
 
 import pytest
 
-from tbt.train.corpus import build_docstring_corpus, make_example
+from tbt.demo.corpus import build_docstring_corpus, make_example
 
 # One stdlib package: enough docstrings for a split, and seconds faster than the whole stdlib.
 SMALL = os.path.join(sysconfig.get_paths()["stdlib"], "email")
@@ -99,21 +99,3 @@ def test_api_style_name_then_sentence(tmp_path):
 def test_bad_source(tmp_path):
     with pytest.raises(ValueError, match="source must be one of"):
         build_docstring_corpus(str(tmp_path), source="nowhere")
-
-
-def test_copy_warmup_batch():
-    import torch
-
-    from tbt.train.corpus import copy_warmup_batch
-
-    g = torch.Generator().manual_seed(0)
-    b = copy_warmup_batch(4, 300, source_length=10, target_length=3, generator=g)
-    assert b["input_ids"].shape == (4, 12) and b["labels"].shape == (4, 5)
-    assert (b["input_ids"][:, 0] == 0).all() and (b["input_ids"][:, -1] == 2).all()
-    assert torch.equal(b["labels"][:, :4], b["input_ids"][:, :4])  # <s> + 3 copied tokens
-    assert (b["labels"][:, -1] == 2).all() and b["attention_mask"].all()
-    body = b["input_ids"][:, 1:-1]
-    assert body.min() >= 5 and body.max() < 299
-    again = copy_warmup_batch(4, 300, source_length=10, target_length=3,
-                              generator=torch.Generator().manual_seed(0))
-    assert torch.equal(again["input_ids"], b["input_ids"])
