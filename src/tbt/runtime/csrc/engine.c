@@ -419,6 +419,7 @@ typedef struct {
   float *probs;    /* (B, H, T, Tk) */
   float *att;      /* (B, T, H, D) */
   int64_t B, T, Tk, pos0;
+  int64_t sets; /* head sets per KV group (att_units) */
 } att_job;
 
 TBT_CLONES static float dot(const float *a, const float *b, int64_t n) {
@@ -432,57 +433,188 @@ TBT_CLONES static float dot(const float *a, const float *b, int64_t n) {
   return acc[0];
 }
 
-/* scores and softmax of (b, h) pairs [u0, u1); the quantized keys are (D, max_t) per block */
-TBT_CLONES static void att_scores(void *ctx, int64_t u0, int64_t u1) {
+/* Scores of R query rows q[r] (D) against the keys j of a transposed block kt (D x mt):
+ * p[r][j] = sum_i q[r][i] kt[i mt + j], each sum in order i = 0 .. D-1 from 0. The R heads of
+ * a GQA group share their keys: a block of W keys accumulates R x W sums in registers over the
+ * D dimensions, every key column read once for all R rows. R, W: compile-time constants. */
+static inline __attribute__((always_inline)) void score_blk(const int R, const int W,
+                                                            const float *const *q,
+                                                            const float *kt, int64_t mt,
+                                                            int64_t D, float *const *p,
+                                                            int64_t j, int keep) {
+  float acc[4][64];
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < W; ++l) acc[r][l] = 0.0f;
+  for (int64_t i = 0; i < D; ++i) {
+    const float *kr = kt + i * mt + j;
+    for (int r = 0; r < R; ++r) {
+      const float qi = q[r][i];
+      for (int l = 0; l < W; ++l) acc[r][l] += qi * kr[l];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < keep; ++l) p[r][j + l] = acc[r][l];
+}
+
+/* keys [0, n): blocks of 64, then 16 (the last one reading past n, up to mt: those lanes are
+ * dropped), then one at a time */
+#define SCORE_ROWS(R)                                                                       \
+  TBT_CLONES static void score_rows##R(const float *const *q, const float *kt, int64_t mt,  \
+                                       int64_t D, int64_t n, float *const *p) {             \
+    int64_t j = 0;                                                                          \
+    for (; j + 64 <= n; j += 64) score_blk(R, 64, q, kt, mt, D, p, j, 64);                  \
+    for (; j + 16 <= mt && j < n; j += 16)                                                  \
+      score_blk(R, 16, q, kt, mt, D, p, j, n - j < 16 ? (int)(n - j) : 16);                 \
+    for (; j < n; ++j) score_blk(R, 1, q, kt, mt, D, p, j, 1);                              \
+  }
+SCORE_ROWS(1)
+SCORE_ROWS(2)
+SCORE_ROWS(3)
+SCORE_ROWS(4)
+
+static void score_rows(int R, const float *const *q, const float *kt, int64_t mt, int64_t D,
+                       int64_t n, float *const *p) {
+  for (; R > 0; R -= 4, q += 4, p += 4) switch (R < 4 ? R : 4) {
+      case 1: score_rows1(q, kt, mt, D, n, p); break;
+      case 2: score_rows2(q, kt, mt, D, n, p); break;
+      case 3: score_rows3(q, kt, mt, D, n, p); break;
+      default: score_rows4(q, kt, mt, D, n, p); break;
+    }
+}
+
+/* o[r][i] = sum_j p[r][j] v[j D + i] for i < D, each sum in order j = 0, 1, ... from 0 over
+ * the keys j < n and those beyond with p[r][j] != 0 (a quantized probability of a masked key
+ * may be > 0; adding an exact 0 changes no sum): R heads share the value rows, blocks of W
+ * dimensions accumulate in registers over the keys. */
+static inline __attribute__((always_inline)) void value_blk(const int R, const int W,
+                                                            const float *const *p,
+                                                            const float *v, int64_t D,
+                                                            int64_t n, int64_t Tk, float *const *o,
+                                                            int64_t i0, int keep) {
+  float acc[4][64];
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < W; ++l) acc[r][l] = 0.0f;
+  for (int64_t j = 0; j < Tk; ++j) {
+    const float *vr = v + j * D + i0;
+    if (j >= n) {
+      int any = 0;
+      for (int r = 0; r < R; ++r) any |= p[r][j] != 0.0f;
+      if (!any) continue;
+    }
+    for (int r = 0; r < R; ++r) {
+      const float pj = p[r][j];
+      for (int l = 0; l < W; ++l) acc[r][l] += pj * vr[l];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < keep; ++l) o[r][i0 + l] = acc[r][l];
+}
+
+#define VALUE_ROWS(R)                                                                       \
+  TBT_CLONES static void value_rows##R(const float *const *p, const float *v, int64_t D,    \
+                                       int64_t n, int64_t Tk, float *const *o) {            \
+    int64_t i0 = 0;                                                                         \
+    for (; i0 + 64 <= D; i0 += 64) value_blk(R, 64, p, v, D, n, Tk, o, i0, 64);             \
+    for (; i0 + 16 <= D; i0 += 16) value_blk(R, 16, p, v, D, n, Tk, o, i0, 16);             \
+    for (; i0 < D; ++i0) value_blk(R, 1, p, v, D, n, Tk, o, i0, 1);                         \
+  }
+VALUE_ROWS(1)
+VALUE_ROWS(2)
+VALUE_ROWS(3)
+VALUE_ROWS(4)
+
+static void value_rows(int R, const float *const *p, const float *v, int64_t D, int64_t n,
+                       int64_t Tk, float *const *o) {
+  for (; R > 0; R -= 4, p += 4, o += 4) switch (R < 4 ? R : 4) {
+      case 1: value_rows1(p, v, D, n, Tk, o); break;
+      case 2: value_rows2(p, v, D, n, Tk, o); break;
+      case 3: value_rows3(p, v, D, n, Tk, o); break;
+      default: value_rows4(p, v, D, n, Tk, o); break;
+    }
+}
+
+/* softmax of p[0..n) in place: max and sum over 16 lanes (then the lanes), exp_f */
+TBT_CLONES static void softmax_row(float *p, int64_t n) {
+  float mx[16], sm[16];
+  for (int l = 0; l < 16; ++l) mx[l] = -INFINITY, sm[l] = 0.0f;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) mx[l] = p[j + l] > mx[l] ? p[j + l] : mx[l];
+  for (; j < n; ++j) mx[0] = p[j] > mx[0] ? p[j] : mx[0];
+  float m = mx[0];
+  for (int l = 1; l < 16; ++l) m = mx[l] > m ? mx[l] : m;
+  for (j = 0; j < n; ++j) p[j] = exp_f(p[j] - m);
+  for (j = 0; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) sm[l] += p[j + l];
+  for (; j < n; ++j) sm[0] += p[j];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) sm[l] += sm[l + w];
+  const float inv = 1.0f / sm[0];
+  for (j = 0; j < n; ++j) p[j] = p[j] * inv;
+}
+
+#define ATT_PAR_MACS ((int64_t)1 << 17)
+
+/* The attention work splits into units of (sequence b, KV group g, query t, head set):
+ * `sets` head sets per group (1: the rep heads of the group together, sharing each key and
+ * value row; rep: one head each, more units for the threads when B n_kv T is small). */
+static int64_t att_units(const att_job *J) { return J->B * J->m->n_kv * J->T * J->sets; }
+
+static void att_unit(const att_job *J, int64_t u, int64_t *b, int64_t *g, int64_t *t,
+                     int64_t *h0, int *R) {
+  const int64_t rep = J->m->n_heads / J->m->n_kv, per = rep / J->sets;
+  const int64_t s = u % J->sets;
+  u /= J->sets;
+  *t = u % J->T;
+  u /= J->T;
+  *g = u % J->m->n_kv;
+  *b = u / J->m->n_kv;
+  *h0 = *g * rep + s * per;
+  *R = (int)per;
+}
+
+/* scores and softmax of units [u0, u1); the quantized keys are (D, max_t) per block */
+static void att_scores(void *ctx, int64_t u0, int64_t u1) {
   const att_job *J = (const att_job *)ctx;
   const tbt_dec_model *m = J->m;
-  const int64_t H = m->n_heads, D = m->head_dim, T = J->T, Tk = J->Tk, rep = H / m->n_kv;
-  const int64_t mt = m->max_t;
+  const int64_t H = m->n_heads, D = m->head_dim, T = J->T, Tk = J->Tk, mt = m->max_t;
+  const float *q[64];
+  float *p[64];
   for (int64_t u = u0; u < u1; ++u) {
-    const int64_t b = u / H, h = u % H, g = b * m->n_kv + h / rep;
-    const float *kt = J->L->kq + g * D * mt;
-    for (int64_t t = 0; t < T; ++t) {
-      const float *q = J->qb + ((b * T + t) * H + h) * D;
-      float *p = J->probs + ((b * H + h) * T + t) * Tk;
-      const int64_t n = J->pos0 + t + 1; /* causal: keys 0 .. pos0 + t */
-      for (int64_t j = 0; j < n; ++j) p[j] = 0.0f;
-      for (int64_t i = 0; i < D; ++i) {
-        const float qi = q[i];
-        const float *kr = kt + i * mt;
-        for (int64_t j = 0; j < n; ++j) p[j] += qi * kr[j];
-      }
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) mx = p[j] > mx ? p[j] : mx;
-      float sum = 0.0f;
-      for (int64_t j = 0; j < n; ++j) p[j] = exp_f(p[j] - mx);
-      for (int64_t j = 0; j < n; ++j) sum += p[j];
-      const float inv = 1.0f / sum;
-      for (int64_t j = 0; j < n; ++j) p[j] = p[j] * inv;
-      for (int64_t j = n; j < Tk; ++j) p[j] = 0.0f; /* masked: exp(-inf) */
+    int64_t b, g, t, h0;
+    int R;
+    att_unit(J, u, &b, &g, &t, &h0, &R);
+    const float *kt = J->L->kq + (b * m->n_kv + g) * D * mt;
+    const int64_t n = J->pos0 + t + 1; /* causal: keys 0 .. pos0 + t */
+    for (int r = 0; r < R; ++r) {
+      q[r] = J->qb + ((b * T + t) * H + h0 + r) * D;
+      p[r] = J->probs + ((b * H + h0 + r) * T + t) * Tk;
+    }
+    score_rows(R, q, kt, mt, D, n, p);
+    for (int r = 0; r < R; ++r) {
+      softmax_row(p[r], n);
+      for (int64_t j = n; j < Tk; ++j) p[r][j] = 0.0f; /* masked: exp(-inf) */
     }
   }
 }
 
-/* out = P V of (b, h) pairs [u0, u1) */
-TBT_CLONES static void att_values(void *ctx, int64_t u0, int64_t u1) {
+/* out = P V of units [u0, u1) */
+static void att_values(void *ctx, int64_t u0, int64_t u1) {
   const att_job *J = (const att_job *)ctx;
   const tbt_dec_model *m = J->m;
-  const int64_t H = m->n_heads, D = m->head_dim, T = J->T, Tk = J->Tk, rep = H / m->n_kv;
+  const int64_t H = m->n_heads, D = m->head_dim, T = J->T, Tk = J->Tk;
+  const float *p[64];
+  float *o[64];
   for (int64_t u = u0; u < u1; ++u) {
-    const int64_t b = u / H, h = u % H, g = b * m->n_kv + h / rep;
-    const float *vq = J->L->vq + g * m->max_t * D;
-    for (int64_t t = 0; t < T; ++t) {
-      const float *p = J->probs + ((b * H + h) * T + t) * Tk;
-      float *o = J->att + ((b * T + t) * H + h) * D;
-      for (int64_t i = 0; i < D; ++i) o[i] = 0.0f;
-      const int64_t n = J->pos0 + t + 1; /* p = 0 beyond (exactly, unless quantized to > 0) */
-      for (int64_t j = 0; j < Tk; ++j) {
-        const float pj = p[j];
-        if (j >= n && pj == 0.0f) continue;
-        const float *v = vq + j * D;
-        for (int64_t i = 0; i < D; ++i) o[i] += pj * v[i];
-      }
+    int64_t b, g, t, h0;
+    int R;
+    att_unit(J, u, &b, &g, &t, &h0, &R);
+    const float *vq = J->L->vq + (b * m->n_kv + g) * m->max_t * D;
+    for (int r = 0; r < R; ++r) {
+      p[r] = J->probs + ((b * H + h0 + r) * T + t) * Tk;
+      o[r] = J->att + ((b * T + t) * H + h0 + r) * D;
     }
+    value_rows(R, p, vq, D, J->pos0 + t + 1, Tk, o);
   }
 }
 
@@ -603,13 +735,17 @@ static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *b
   aq_tensor(&L->aq_q, bf->qb, M * H * D);
   aq_cache(&L->aq_k, L->kc, L->kq, B, nkv, m->max_t, D, pos0, Tk, L->st, bf->gbuf, 1);
   aq_cache(&L->aq_v, L->vc, L->vq, B, nkv, m->max_t, D, pos0, Tk, L->st + 8, bf->gbuf, 0);
-  att_job J = {m, L, bf->qb, bf->probs, bf->att, B, T, Tk, pos0};
-  const int par = B * H * T * Tk * D >= (1 << 15);
-  if (par) tbt_parallel_for(B * H, att_scores, &J);
-  else att_scores(&J, 0, B * H);
+  /* the pool only where the work pays for waking it (2 * 2^17 multiply-adds: ~20 us) */
+  const int par = B * H * T * Tk * D >= ATT_PAR_MACS && tbt_get_num_threads() > 1;
+  const int64_t rep = H / nkv;
+  att_job J = {m, L, bf->qb, bf->probs, bf->att, B, T, Tk, pos0,
+               (par && B * nkv * T < 2 * tbt_get_num_threads()) || rep > 64 ? rep : 1};
+  const int64_t units = att_units(&J);
+  if (par) tbt_parallel_for(units, att_scores, &J);
+  else att_scores(&J, 0, units);
   aq_tensor(&L->aq_p, bf->probs, B * H * T * Tk);
-  if (par) tbt_parallel_for(B * H, att_values, &J);
-  else att_values(&J, 0, B * H);
+  if (par) tbt_parallel_for(units, att_values, &J);
+  else att_values(&J, 0, units);
   prof_mark(pf, TBT_PROF_ATTENTION);
   CHECK(lin_run(&L->o, bf->att, M, bf->h, &bf->ws));
   prof_mark(pf, TBT_PROF_LINEAR);
