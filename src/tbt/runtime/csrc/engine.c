@@ -27,6 +27,9 @@
 
 #include "tbt_engine.h"
 #include "tbt_internal.h"
+#if TBT_X86 && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #if defined(_POSIX_C_SOURCE)
 #include <time.h>
@@ -472,8 +475,116 @@ SCORE_ROWS(2)
 SCORE_ROWS(3)
 SCORE_ROWS(4)
 
+#if TBT_X86 && defined(__GNUC__)
+/* AVX-512 score_blk / value_blk: the same sums in the same order (a product, then an add: no
+ * FMA), the R x V accumulators held in zmm registers (GCC spills the generic arrays) and the
+ * tails masked. R heads (<= 4), V vectors of 16 keys or dimensions (<= 4). */
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) static inline
+static inline __mmask16 lanes_mask(int64_t left) {
+  return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+}
+T512 void score_blk512(const int R, const int V, const float *const *q, const float *kt,
+                       int64_t mt, int64_t D, float *const *p, int64_t j, int64_t left) {
+  __m512 acc[4][4];
+  __mmask16 mk[4];
+  for (int v = 0; v < V; ++v) mk[v] = lanes_mask(left - 16 * v);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; ++i) {
+    const float *kr = kt + i * mt + j;
+    __m512 k[4];
+    for (int v = 0; v < V; ++v) k[v] = _mm512_maskz_loadu_ps(mk[v], kr + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qi = _mm512_set1_ps(q[r][i]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_mul_ps(qi, k[v]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(p[r] + j + 16 * v, mk[v], acc[r][v]);
+}
+T512 void score_rows512_r(const int R, const float *const *q, const float *kt, int64_t mt,
+                          int64_t D, int64_t n, float *const *p) {
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) score_blk512(R, 4, q, kt, mt, D, p, j, 64);
+  switch ((n - j + 15) / 16) {
+    case 1: score_blk512(R, 1, q, kt, mt, D, p, j, n - j); break;
+    case 2: score_blk512(R, 2, q, kt, mt, D, p, j, n - j); break;
+    case 3: score_blk512(R, 3, q, kt, mt, D, p, j, n - j); break;
+    default: break;
+  }
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void score_rows512(
+    int R, const float *const *q, const float *kt, int64_t mt, int64_t D, int64_t n,
+    float *const *p) {
+  for (; R > 0; R -= 4, q += 4, p += 4) switch (R < 4 ? R : 4) {
+      case 1: score_rows512_r(1, q, kt, mt, D, n, p); break;
+      case 2: score_rows512_r(2, q, kt, mt, D, n, p); break;
+      case 3: score_rows512_r(3, q, kt, mt, D, n, p); break;
+      default: score_rows512_r(4, q, kt, mt, D, n, p); break;
+    }
+}
+T512 void value_blk512(const int R, const int V, const float *const *p, const float *v,
+                       int64_t D, int64_t n, int64_t Tk, float *const *o, int64_t i0) {
+  __m512 acc[4][4];
+  __mmask16 mk[4];
+  for (int c = 0; c < V; ++c) mk[c] = lanes_mask(D - i0 - 16 * c);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < V; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < Tk; ++j) {
+    if (j >= n) {
+      int any = 0;
+      for (int r = 0; r < R; ++r) any |= p[r][j] != 0.0f;
+      if (!any) continue;
+    }
+    const float *vr = v + j * D + i0;
+    __m512 x[4];
+    for (int c = 0; c < V; ++c) x[c] = _mm512_maskz_loadu_ps(mk[c], vr + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pj = _mm512_set1_ps(p[r][j]);
+      for (int c = 0; c < V; ++c) acc[r][c] = _mm512_add_ps(acc[r][c], _mm512_mul_ps(pj, x[c]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < V; ++c) _mm512_mask_storeu_ps(o[r] + i0 + 16 * c, mk[c], acc[r][c]);
+}
+T512 void value_rows512_r(const int R, const float *const *p, const float *v, int64_t D,
+                          int64_t n, int64_t Tk, float *const *o) {
+  int64_t i0 = 0;
+  for (; i0 + 64 <= D; i0 += 64) value_blk512(R, 4, p, v, D, n, Tk, o, i0);
+  switch ((D - i0 + 15) / 16) {
+    case 1: value_blk512(R, 1, p, v, D, n, Tk, o, i0); break;
+    case 2: value_blk512(R, 2, p, v, D, n, Tk, o, i0); break;
+    case 3: value_blk512(R, 3, p, v, D, n, Tk, o, i0); break;
+    default: break;
+  }
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void value_rows512(
+    int R, const float *const *p, const float *v, int64_t D, int64_t n, int64_t Tk,
+    float *const *o) {
+  for (; R > 0; R -= 4, p += 4, o += 4) switch (R < 4 ? R : 4) {
+      case 1: value_rows512_r(1, p, v, D, n, Tk, o); break;
+      case 2: value_rows512_r(2, p, v, D, n, Tk, o); break;
+      case 3: value_rows512_r(3, p, v, D, n, Tk, o); break;
+      default: value_rows512_r(4, p, v, D, n, Tk, o); break;
+    }
+}
+static int use512(void) {
+  static int f = -1;
+  if (f < 0) f = tbt_isa_available(TBT_ISA_AVX512);
+  return f;
+}
+#else
+static int use512(void) { return 0; }
+#define score_rows512(...) ((void)0)
+#define value_rows512(...) ((void)0)
+#endif
+
 static void score_rows(int R, const float *const *q, const float *kt, int64_t mt, int64_t D,
                        int64_t n, float *const *p) {
+  if (use512()) {
+    score_rows512(R, q, kt, mt, D, n, p);
+    return;
+  }
   for (; R > 0; R -= 4, q += 4, p += 4) switch (R < 4 ? R : 4) {
       case 1: score_rows1(q, kt, mt, D, n, p); break;
       case 2: score_rows2(q, kt, mt, D, n, p); break;
@@ -525,6 +636,10 @@ VALUE_ROWS(4)
 
 static void value_rows(int R, const float *const *p, const float *v, int64_t D, int64_t n,
                        int64_t Tk, float *const *o) {
+  if (use512()) {
+    value_rows512(R, p, v, D, n, Tk, o);
+    return;
+  }
   for (; R > 0; R -= 4, p += 4, o += 4) switch (R < 4 ? R : 4) {
       case 1: value_rows1(p, v, D, n, Tk, o); break;
       case 2: value_rows2(p, v, D, n, Tk, o); break;
