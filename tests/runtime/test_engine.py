@@ -30,7 +30,8 @@ SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden
              bos_token_id=1, eos_token_id=2)
 
 
-def _build(tmp, name: str, family: str, bits: str, head: str, variant: str = "paper"):
+def _build(tmp, name: str, family: str, bits: str, head: str, variant: str = "paper",
+           kv_gain: float = 1.0, **qkw):
     from tbt.config import QuantConfig
     from tbt.export.io import save_packed
     from tbt.quant.surgery import quantize_model
@@ -46,8 +47,13 @@ def _build(tmp, name: str, family: str, bits: str, head: str, variant: str = "pa
             for layer in fp.model.layers:
                 for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     p.bias.normal_(0, 0.1)
+    if kv_gain != 1.0:  # larger keys and values (past the attention quantizers' clip)
+        with torch.no_grad():
+            for layer in fp.model.layers:
+                layer.self_attn.k_proj.weight.mul_(kv_gain)
+                layer.self_attn.v_proj.weight.mul_(kv_gain)
     qcfg = QuantConfig(bits=bits, variant=variant,
-                       skip_modules=() if head == "packed" else ("lm_head",))
+                       skip_modules=() if head == "packed" else ("lm_head",), **qkw)
     m = quantize_model(copy.deepcopy(fp), qcfg).train()
     with torch.no_grad():
         m(input_ids=torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5)))
@@ -123,6 +129,38 @@ def test_kv_cache_many_steps(ckpts, case):
     want = _torch_tokens(ckpts[case], prompt, 120)
     got = Engine.from_packed_dir(ckpts[case]).generate(prompt, 120, min_new_tokens=120)[:, 4:]
     np.testing.assert_array_equal(got, want)
+
+
+def test_kv_cache_held_once(ckpts, tmp_path):
+    """What each K/V cache keeps (tbt_kv_mode). Min/max stops writing raw rows once its clipped
+    range saturates (here in the prompt: keys and values scaled up past the clip); the raw
+    rows after it stay untouched (NaN-filled here) and the tokens still equal torch's over 40
+    steps. The released elastic quantizer (fixed parameters) keeps no raw cache; the paper's
+    centred one shares one quantized scratch pair across the layers."""
+    from tbt.runtime.engine import Engine
+
+    d = _build(tmp_path, "clip", "llama", "2-2-8", "packed", kv_gain=300.0)
+    prompt = _prompt(1, 6, 14)
+    want = _torch_tokens(d, prompt, 40)
+    eng = Engine.from_packed_dir(d)
+    eng._allocate(1, 6 + 40)
+    for kc, vc, _, _ in eng._caches:
+        kc[...] = np.nan
+        vc[...] = np.nan
+    got = eng.generate(prompt, 40, min_new_tokens=40)[:, 6:]
+    np.testing.assert_array_equal(got, want)
+    assert all(st[3] == 1.0 and st[11] == 1.0 for st in eng._stats)  # K and V saturated
+    for kc, vc, _, _ in eng._caches:  # raw rows: the prompt's only (saturated in it)
+        assert not np.isnan(kc[0, :, :6]).any() and np.isnan(kc[0, :, 6:46]).all()
+        assert np.isnan(vc[0, :, 6:46]).all()
+
+    rel = Engine.from_packed_dir(ckpts[("llama", "2-2-2", "released")])
+    rel.generate(prompt, 4)
+    assert all(c[0] is None and c[1] is None for c in rel._caches)
+    paper = Engine.from_packed_dir(ckpts[("llama", "2-2-2", "packed")])
+    paper.generate(prompt, 4)
+    assert all(c[2] is paper._caches[0][2] and c[3] is paper._caches[0][3] and
+               c[0] is not paper._caches[0][0] for c in paper._caches[1:])
 
 
 def test_logits_equal_numpy_reference(ckpts):

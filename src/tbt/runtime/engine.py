@@ -98,6 +98,7 @@ def _lib() -> ctypes.CDLL:
         lib.tbt_engine_abi.restype, lib.tbt_engine_abi.argtypes = ctypes.c_int, []
         lib.tbt_dec_scratch_bytes.restype = _I64
         lib.tbt_dec_scratch_bytes.argtypes = [_P, _I64, _I64]
+        lib.tbt_kv_mode.restype, lib.tbt_kv_mode.argtypes = ctypes.c_int, [_P]
         lib.tbt_dec_forward.restype = ctypes.c_int
         lib.tbt_dec_forward.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _I64]
         lib._tbt_engine_declared = True
@@ -530,8 +531,7 @@ class Engine:
         max_b = max(batch, self._max_b)
         max_t = min(self.max_positions, -(-max(length, self._max_t) // 16) * 16)
         shape = (max_b, self.n_kv, max_t, self.head_dim)
-        self._caches = [[aligned_empty(shape, np.float32) for _ in range(4)]
-                        for _ in range(self.n_layers)]
+        self._caches = self._kv_buffers(shape)
         self._stats = [np.zeros(16, np.float64) for _ in range(self.n_layers)]
         self._rope = _rope_tables(self.config, self.head_dim, max_t)
         layers = (_Layer * self.n_layers)()
@@ -545,6 +545,7 @@ class Engine:
             kc, vc, kq, vq = self._caches[i]
             L.kc, L.vc, L.kq, L.vq, L.st = (_ptr(kc), _ptr(vc), _ptr(kq), _ptr(vq),
                                             _ptr(self._stats[i]))
+            L.kc, L.vc = L.kc or None, L.vc or None
         m = _Model(n_layers=self.n_layers, d=self.d, n_heads=self.n_heads, n_kv=self.n_kv,
                    head_dim=self.head_dim, inter=self.inter, vocab=self.vocab_size,
                    max_t=max_t, max_b=max_b, eps=self._eps, attn_scale=self.attn_scale,
@@ -561,6 +562,28 @@ class Engine:
         self._layers_c, self._model = layers, m
         self._max_b, self._max_t = max_b, max_t
         self.position = 0
+
+    def _kv_buffers(self, shape: tuple[int, ...]) -> list[list[np.ndarray | None]]:
+        """Per layer [raw K, raw V, quantized K, quantized V], as the quantizer needs them
+        (``tbt_kv_mode``, csrc/tbt_engine.h): no raw cache where the parameters are fixed; one
+        quantized scratch pair shared by every layer where the whole cache is re-quantized
+        each step (the paper's centred quantizer). Min/max keeps both, but writes raw rows only
+        until its clipped range saturates: the pages of later positions are never touched."""
+        shared: list[np.ndarray] = []
+        out = []
+        for i in range(self.n_layers):
+            mode = self._lib.tbt_kv_mode(ctypes.byref(self._aqs[i][1]))
+            if mode != self._lib.tbt_kv_mode(ctypes.byref(self._aqs[i][2])):
+                mode = 1  # K and V differ (not written by tbt): every buffer, none shared
+            raw = [None, None] if mode == 0 else [aligned_empty(shape, np.float32)
+                                                  for _ in range(2)]
+            if mode == 2:
+                if not shared:
+                    shared = [aligned_empty(shape, np.float32) for _ in range(2)]
+                out.append(raw + shared)
+            else:
+                out.append(raw + [aligned_empty(shape, np.float32) for _ in range(2)])
+        return out
 
     def _scratch_for(self, batch: int, t: int) -> np.ndarray:
         k0 = self._scratch_key

@@ -183,13 +183,16 @@ static void aq_tensor(const tbt_aq *q, float *x, int64_t n) {
   aq_apply(q, aq_from_stats(q, lo, hi, q->center ? tensor_mean(x, n) : 0.0f), x, x, n);
 }
 
-/* rows [r0, r1) of every block through the quantizer; transposed: out holds each block as
- * (D, max_t), so that the scores of all keys are one vector loop per dimension */
-static void aq_rows(const tbt_aq *q, aq_params p, const float *raw, float *out, int64_t blocks,
-                    int64_t max_t, int64_t D, int64_t r0, int64_t r1, int transposed) {
+/* Cache rows [r0, r1) of every block through the quantizer into out, read from src: block g's
+ * row t at src + (g * src_rows + t - r0 + src_r0) * D (the raw cache: src_rows = max_t,
+ * src_r0 = r0; the new rows of a step: src_rows = T, src_r0 = 0). transposed: out holds each
+ * block as (D, max_t), so that the scores of a block of keys are one register tile. */
+static void aq_rows(const tbt_aq *q, aq_params p, const float *src0, int64_t src_rows,
+                    int64_t src_r0, float *out, int64_t blocks, int64_t max_t, int64_t D,
+                    int64_t r0, int64_t r1, int transposed) {
   float tmp[512];
   for (int64_t g = 0; g < blocks; ++g) {
-    const float *src = raw + (g * max_t + r0) * D;
+    const float *src = src0 + (g * src_rows + src_r0) * D;
     if (!transposed) {
       aq_apply(q, p, src, out + (g * max_t + r0) * D, (r1 - r0) * D);
       continue;
@@ -206,31 +209,61 @@ static void aq_rows(const tbt_aq *q, aq_params p, const float *raw, float *out, 
   }
 }
 
-/* The cache of one layer: rows [0, n_new) of each of the B * n_kv (max_t x D) blocks of raw,
- * quantized as ONE tensor into out. st (8 doubles): [0] rows counted in the statistics,
- * [1] lo, [2] hi, [4] [5] the parameters out holds, [6] rows of out valid with them.
- * Rows [0, n_old) were counted by the previous call (n_old == 0 restarts). Min and max grow
- * with the cache (old rows keep their codes while the parameters stay); the mean of the
- * paper's signed quantizers is recomputed over the whole cache in torch's memory order
- * (gathered into gbuf): (B, T, n_kv, D) for the first call, when torch's cache is the
- * transposed projection itself, (B, n_kv, T, D) after it, when torch.cat made it contiguous. */
-static void aq_cache(const tbt_aq *q, const float *raw, float *out, int64_t B, int64_t nkv,
-                     int64_t max_t, int64_t D, int64_t n_old, int64_t n_new, double *st,
-                     float *gbuf, int transposed) {
-  const int64_t blocks = B * nkv;
-  if (q->kind == TBT_AQ_NONE) {
-    aq_rows(q, (aq_params){0.0f, 0.0f}, raw, out, blocks, max_t, D, n_old, n_new, transposed);
-    return;
+/* What a K/V cache keeps between steps (tbt_dec_layer): the quantized cache only, when the
+ * quantizer's parameters never change (none; elastic without a mean or min: codes of fixed
+ * alpha); the raw cache and a quantized copy for min/max, the raw rows written only until the
+ * clipped range saturates (then the parameters are final: the new rows are quantized
+ * directly); the raw cache only for the paper's centred quantizer, whose mean moves every step
+ * (the whole cache is re-quantized into out, scratch shared by the layers). */
+int tbt_kv_mode(const tbt_aq *q) {
+  if (q->kind == TBT_AQ_NONE || (q->kind == TBT_AQ_ELASTIC && !q->center && !q->shift_min))
+    return TBT_KV_FIXED;
+  return q->kind == TBT_AQ_MINMAX ? TBT_KV_MINMAX : TBT_KV_CENTER;
+}
+
+/* min/max parameters that no new value can change: the clipped range is full */
+static int minmax_saturated(const tbt_aq *q, float lo, float hi) {
+  const float c = q->clip;
+  return q->is_signed ? (lo <= -c || hi >= c) : (lo <= -c && hi >= c);
+}
+
+/* The cache of one layer after a step: the step's new rows fresh (B * n_kv blocks of T x D:
+ * cache rows [n_old, n_new)) join rows [0, n_old) of each of the B * n_kv (max_t x D) blocks,
+ * quantized as ONE tensor into out (tbt_kv_mode says what raw keeps). st (8 doubles): [0] rows
+ * counted in the statistics, [1] lo, [2] hi, [3] min/max saturated, [4] [5] the parameters
+ * out holds, [6] rows of out valid with them. n_old == 0 restarts. Min and max grow with the
+ * cache (old rows keep their codes while the parameters stay); the mean of the paper's signed
+ * quantizers is recomputed over the whole cache in torch's memory order (gathered into gbuf):
+ * (B, T, n_kv, D) for the first call, when torch's cache is the transposed projection itself,
+ * (B, n_kv, T, D) after it, when torch.cat made it contiguous. */
+static int aq_cache(const tbt_aq *q, const float *fresh, float *raw, float *out, int64_t B,
+                    int64_t nkv, int64_t max_t, int64_t D, int64_t n_old, int64_t n_new,
+                    double *st, float *gbuf, int transposed) {
+  const int64_t blocks = B * nkv, T = n_new - n_old;
+  const int mode = tbt_kv_mode(q);
+  if (mode == TBT_KV_FIXED) { /* parameters without statistics */
+    aq_rows(q, aq_from_stats(q, 0.0f, 0.0f, 0.0f), fresh, T, 0, out, blocks, max_t, D, n_old,
+            n_new, transposed);
+    return TBT_OK;
   }
   const int64_t first = n_old;
-  if (n_old == 0 || (int64_t)st[0] != n_old) { /* restart the statistics */
-    st[1] = INFINITY, st[2] = -INFINITY, st[6] = 0.0;
-    n_old = 0;
+  if (n_old == 0) { /* a new sequence: restart the statistics */
+    st[1] = INFINITY, st[2] = -INFINITY, st[3] = 0.0, st[6] = 0.0;
+  } else if ((int64_t)st[0] != n_old || (int64_t)st[6] != n_old) {
+    return TBT_EINVAL; /* the statistics do not describe the cache (a step was skipped) */
   }
+  st[0] = (double)n_new;
+  if (mode == TBT_KV_MINMAX && st[3] != 0.0) { /* final parameters: only the new rows */
+    aq_rows(q, (aq_params){(float)st[4], (float)st[5]}, fresh, T, 0, out, blocks, max_t, D,
+            n_old, n_new, transposed);
+    st[6] = (double)n_new;
+    return TBT_OK;
+  }
+  for (int64_t g = 0; g < blocks; ++g) /* the raw rows */
+    memcpy(raw + (g * max_t + n_old) * D, fresh + g * T * D, (size_t)(T * D) * sizeof(float));
   float lo = (float)st[1], hi = (float)st[2];
-  for (int64_t g = 0; g < blocks; ++g)
-    aq_stats(q, raw + (g * max_t + n_old) * D, (n_new - n_old) * D, &lo, &hi);
-  st[0] = (double)n_new, st[1] = lo, st[2] = hi;
+  for (int64_t g = 0; g < blocks; ++g) aq_stats(q, fresh + g * T * D, T * D, &lo, &hi);
+  st[1] = lo, st[2] = hi;
   float mean = 0.0f;
   if (q->center) {
     const size_t row = (size_t)D * sizeof(float);
@@ -248,10 +281,12 @@ static void aq_cache(const tbt_aq *q, const float *raw, float *out, int64_t B, i
   }
   const aq_params p = aq_from_stats(q, lo, hi, mean);
   int64_t start = 0;
-  if ((int64_t)st[6] == n_old && n_old > 0 && (float)st[4] == p.p0 && (float)st[5] == p.p1)
+  if (mode == TBT_KV_MINMAX && n_old > 0 && (float)st[4] == p.p0 && (float)st[5] == p.p1)
     start = n_old; /* same parameters: the old rows keep their values */
-  aq_rows(q, p, raw, out, blocks, max_t, D, start, n_new, transposed);
+  aq_rows(q, p, raw, max_t, start, out, blocks, max_t, D, start, n_new, transposed);
   st[4] = p.p0, st[5] = p.p1, st[6] = (double)n_new;
+  if (mode == TBT_KV_MINMAX && minmax_saturated(q, lo, hi)) st[3] = 1.0;
+  return TBT_OK;
 }
 
 /* ---- packed linears ----------------------------------------------------------------------- */
@@ -761,7 +796,7 @@ static void head_rows(void *ctx, int64_t c0, int64_t c1) {
 /* ---- the step ----------------------------------------------------------------------------- */
 
 typedef struct {
-  float *x, *h, *qkv, *qb, *att, *probs, *mlp, *act, *last, *gbuf;
+  float *x, *h, *qkv, *qb, *att, *probs, *mlp, *act, *last, *gbuf, *knew, *vnew;
   lin_ws ws;
 } bufs;
 
@@ -773,12 +808,13 @@ static int64_t carve(const tbt_dec_model *m, int64_t B, int64_t T, int64_t Tk, u
                      bufs *b) {
   const int64_t M = B * T, d = m->d, H = m->n_heads, D = m->head_dim;
   const int64_t nqkv = (H + 2 * m->n_kv) * D;
-  const int64_t sizes[10] = {M * d, M * d, M * nqkv, M * H * D, M * H * D, B * H * T * Tk,
-                             2 * M * m->inter, M * m->inter, B * d, B * m->n_kv * Tk * D};
-  float **ptrs[10] = {&b->x, &b->h, &b->qkv, &b->qb, &b->att, &b->probs, &b->mlp, &b->act,
-                      &b->last, &b->gbuf};
+  const int64_t sizes[12] = {M * d, M * d, M * nqkv, M * H * D, M * H * D, B * H * T * Tk,
+                             2 * M * m->inter, M * m->inter, B * d, B * m->n_kv * Tk * D,
+                             M * m->n_kv * D, M * m->n_kv * D};
+  float **ptrs[12] = {&b->x, &b->h, &b->qkv, &b->qb, &b->att, &b->probs, &b->mlp, &b->act,
+                      &b->last, &b->gbuf, &b->knew, &b->vnew};
   size_t off = 0;
-  for (int i = 0; i < 10; ++i) {
+  for (int i = 0; i < 12; ++i) {
     if (base) *ptrs[i] = (float *)(base + off);
     off += al64((size_t)sizes[i] * sizeof(float));
   }
@@ -839,17 +875,19 @@ static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *b
     for (int64_t t = 0; t < T; ++t) {
       const int64_t r = b * T + t, pos = pos0 + t;
       const float *c = m->rope_cos + pos * half, *s = m->rope_sin + pos * half;
-      for (int64_t g = 0; g < nkv; ++g) {
-        const int64_t at = ((b * nkv + g) * m->max_t + pos) * D;
-        rope(ks + r * kst + g * D, c, s, D, 1.0f, L->kc + at);
-        memcpy(L->vc + at, vs + r * vst + g * D, (size_t)D * sizeof(float));
+      for (int64_t g = 0; g < nkv; ++g) { /* the new rows, (B, n_kv, T, D) */
+        const int64_t at = ((b * nkv + g) * T + t) * D;
+        rope(ks + r * kst + g * D, c, s, D, 1.0f, bf->knew + at);
+        memcpy(bf->vnew + at, vs + r * vst + g * D, (size_t)D * sizeof(float));
       }
       for (int64_t h = 0; h < H; ++h)
         rope(qs + r * qst + h * D, c, s, D, m->attn_scale, bf->qb + (r * H + h) * D);
     }
   aq_tensor(&L->aq_q, bf->qb, M * H * D);
-  aq_cache(&L->aq_k, L->kc, L->kq, B, nkv, m->max_t, D, pos0, Tk, L->st, bf->gbuf, 1);
-  aq_cache(&L->aq_v, L->vc, L->vq, B, nkv, m->max_t, D, pos0, Tk, L->st + 8, bf->gbuf, 0);
+  CHECK(aq_cache(&L->aq_k, bf->knew, L->kc, L->kq, B, nkv, m->max_t, D, pos0, Tk, L->st,
+                 bf->gbuf, 1));
+  CHECK(aq_cache(&L->aq_v, bf->vnew, L->vc, L->vq, B, nkv, m->max_t, D, pos0, Tk, L->st + 8,
+                 bf->gbuf, 0));
   /* the pool only where the work pays for waking it (2 * 2^17 multiply-adds: ~20 us) */
   const int par = B * H * T * Tk * D >= ATT_PAR_MACS && tbt_get_num_threads() > 1;
   const int64_t rep = H / nkv;
