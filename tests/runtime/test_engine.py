@@ -107,6 +107,68 @@ def test_greedy_tokens_equal_torch_backend(ckpts, case):
         np.testing.assert_array_equal(got, want, err_msg=f"batch {b}, prompt length {t}")
 
 
+def _torch_padded(d, ids: np.ndarray, mask: np.ndarray, n: int):
+    """torch's greedy tokens and per-step logits (B, n, V) on a padded batch."""
+    from tbt.export.io import load_packed
+
+    torch.set_num_threads(1)
+    model = load_packed(d)
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.from_numpy(ids),
+                             attention_mask=torch.from_numpy(mask), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    return (out.sequences[:, ids.shape[1]:].numpy(),
+            np.stack([x.numpy() for x in out.logits], axis=1))
+
+
+@pytest.mark.parametrize("case", CASES + [("llama", "2-2-2", "released")],
+                         ids=lambda c: "-".join(c))
+def test_padded_batch_of_unequal_prompts_equals_torch(ckpts, case):
+    """Prompts of 3, 9 and 6 tokens, left-padded (with token 0) into one batch: the tokens and
+    the logits of every step equal torch's generate on the same padded batch and attention mask
+    (pad tokens in the per-tensor quantizer statistics, masked as keys, position ids from the
+    first real token). Each prompt decoded alone, or the batch without its mask, gives other
+    logits (the batch's quantizer statistics; the pad keys): the comparison can tell."""
+    from tbt.runtime.engine import Engine
+
+    rng = np.random.default_rng(21)
+    prompts = [rng.integers(3, VOCAB, n).tolist() for n in (3, 9, 6)]
+    ids = np.zeros((3, 9), dtype=np.int64)
+    mask = np.zeros((3, 9), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, 9 - len(p):], mask[i, 9 - len(p):] = p, 1
+    want, want_logits = _torch_padded(ckpts[case], ids, mask, 20)
+    eng = Engine.from_packed_dir(ckpts[case])
+    got = eng.generate(prompts, 20, min_new_tokens=20, pad_token_id=0)
+    np.testing.assert_array_equal(got[:, :9], ids)
+    np.testing.assert_array_equal(got[:, 9:], want)
+
+    def logits(prompt, **kw):
+        steps = []
+        list(eng.stream(prompt, 20, min_new_tokens=20, eos_token_id=None,
+                        logits_hook=lambda x: steps.append(x.copy()), **kw))
+        return np.stack(steps, axis=1)
+
+    tol = 1e-5 * float(np.abs(want_logits).max())
+    np.testing.assert_allclose(logits(ids, attention_mask=mask), want_logits, rtol=0, atol=tol)
+    assert np.abs(logits(ids) - want_logits).max() > 100 * tol  # no mask: not torch's
+    alone = logits(np.array([prompts[1]]))[0]  # the unpadded row, without the batch
+    assert np.abs(alone - want_logits[1]).max() > 100 * tol
+
+
+def test_padding_errors_are_clear(ckpts):
+    from tbt.runtime.engine import Engine
+
+    eng = Engine.from_packed_dir(ckpts[("llama", "2-2-8", "packed")])
+    with pytest.raises(ValueError, match="left padding"):
+        eng.generate([[5, 6, 7]], 2, attention_mask=[[1, 0, 1]])
+    with pytest.raises(ValueError, match="left padding"):
+        eng.generate([[5, 6, 7]], 2, attention_mask=[[0, 0, 0]])
+    with pytest.raises(ValueError, match="at least one token"):
+        eng.generate([[5, 6], []], 2)
+
+
 def test_int8_head_equals_the_float_path(ckpts):
     """The int8 head runs as its dequantized matrix: the values of backend="torch"."""
     from tbt.runtime.engine import Engine

@@ -457,8 +457,19 @@ typedef struct {
   float *probs;    /* (B, H, T, Tk) */
   float *att;      /* (B, T, H, D) */
   int64_t B, T, Tk, pos0;
-  int64_t sets; /* head sets per KV group (att_units) */
+  int64_t sets;       /* head sets per KV group (att_units) */
+  const int64_t *pad; /* NULL, or (B,) left padding: cache rows [0, pad[b]) are pad tokens */
 } att_job;
+
+/* The keys [j0, n) a query row sees: causal (n = its cache row + 1) after the left padding.
+ * A pad query sees no key: torch's additive mask makes that row all finfo.min, a uniform
+ * softmax over all Tk keys: returns 0 and sets *uniform. */
+static int64_t att_keys(const att_job *J, int64_t b, int64_t t, int64_t *j0, int *uniform) {
+  const int64_t i = J->pos0 + t, pb = J->pad ? J->pad[b] : 0;
+  *uniform = i < pb;
+  *j0 = *uniform ? 0 : pb;
+  return *uniform ? J->Tk : i + 1;
+}
 
 TBT_CLONES static float dot(const float *a, const float *b, int64_t n) {
   float acc[16] = {0};
@@ -735,15 +746,26 @@ static void att_scores(void *ctx, int64_t u0, int64_t u1) {
     int R;
     att_unit(J, u, &b, &g, &t, &h0, &R);
     const float *kt = J->L->kq + (b * m->n_kv + g) * D * mt;
-    const int64_t n = J->pos0 + t + 1; /* causal: keys 0 .. pos0 + t */
+    int64_t j0;
+    int uniform;
+    const int64_t n = att_keys(J, b, t, &j0, &uniform); /* keys j0 .. n-1 */
     for (int r = 0; r < R; ++r) {
       q[r] = J->qb + ((b * T + t) * H + h0 + r) * D;
       p[r] = J->probs + ((b * H + h0 + r) * T + t) * Tk;
     }
-    score_rows(R, q, kt, mt, D, n, p);
+    if (uniform) { /* exp(0) / Tk for every key */
+      const float u = 1.0f / (float)Tk;
+      for (int r = 0; r < R; ++r)
+        for (int64_t j = 0; j < Tk; ++j) p[r][j] = u;
+      continue;
+    }
+    for (int r = 0; r < R; ++r) p[r] += j0;
+    score_rows(R, q, kt + j0, mt, D, n - j0, p);
     for (int r = 0; r < R; ++r) {
-      softmax_row(p[r], n);
-      for (int64_t j = n; j < Tk; ++j) p[r][j] = 0.0f; /* masked: exp(-inf) */
+      softmax_row(p[r], n - j0);
+      p[r] -= j0;
+      for (int64_t j = 0; j < j0; ++j) p[r][j] = 0.0f; /* masked: exp(-inf) */
+      for (int64_t j = n; j < Tk; ++j) p[r][j] = 0.0f;
     }
   }
 }
@@ -759,12 +781,15 @@ static void att_values(void *ctx, int64_t u0, int64_t u1) {
     int64_t b, g, t, h0;
     int R;
     att_unit(J, u, &b, &g, &t, &h0, &R);
-    const float *vq = J->L->vq + (b * m->n_kv + g) * m->max_t * D;
-    for (int r = 0; r < R; ++r) {
-      p[r] = J->probs + ((b * H + h0 + r) * T + t) * Tk;
+    int64_t j0;
+    int uniform;
+    const int64_t n = att_keys(J, b, t, &j0, &uniform);
+    const float *vq = J->L->vq + ((b * m->n_kv + g) * m->max_t + j0) * D;
+    for (int r = 0; r < R; ++r) { /* keys before j0: p = 0 exactly (masked), skipped */
+      p[r] = J->probs + ((b * H + h0 + r) * T + t) * Tk + j0;
       o[r] = J->att + ((b * T + t) * H + h0 + r) * D;
     }
-    value_rows(R, p, vq, D, J->pos0 + t + 1, Tk, o);
+    value_rows(R, p, vq, D, n - j0, Tk - j0, o);
   }
 }
 
@@ -850,7 +875,7 @@ int64_t tbt_dec_scratch_bytes(const tbt_dec_model *m, int64_t B, int64_t T) {
   } while (0)
 
 static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *bf, int64_t B,
-                         int64_t T, int64_t pos0, prof_t *pf) {
+                         int64_t T, int64_t pos0, const int64_t *pad, prof_t *pf) {
   const int64_t M = B * T, d = m->d, H = m->n_heads, nkv = m->n_kv, D = m->head_dim;
   const int64_t nq = H * D, nk = nkv * D, Tk = pos0 + T, I = m->inter;
   /* attention block */
@@ -873,7 +898,9 @@ static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *b
   const int64_t half = D / 2;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t r = b * T + t, pos = pos0 + t;
+      /* position ids: transformers' cumsum(mask) - 1, pad tokens 0 */
+      const int64_t r = b * T + t, pb = pad ? pad[b] : 0;
+      const int64_t pos = pos0 + t >= pb ? pos0 + t - pb : 0;
       const float *c = m->rope_cos + pos * half, *s = m->rope_sin + pos * half;
       for (int64_t g = 0; g < nkv; ++g) { /* the new rows, (B, n_kv, T, D) */
         const int64_t at = ((b * nkv + g) * T + t) * D;
@@ -892,7 +919,7 @@ static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *b
   const int par = B * H * T * Tk * D >= ATT_PAR_MACS && tbt_get_num_threads() > 1;
   const int64_t rep = H / nkv;
   att_job J = {m, L, bf->qb, bf->probs, bf->att, B, T, Tk, pos0,
-               (par && B * nkv * T < 2 * tbt_get_num_threads()) || rep > 64 ? rep : 1};
+               (par && B * nkv * T < 2 * tbt_get_num_threads()) || rep > 64 ? rep : 1, pad};
   const int64_t units = att_units(&J);
   if (par) tbt_parallel_for(units, att_scores, &J);
   else att_scores(&J, 0, units);
@@ -927,7 +954,15 @@ static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *b
 
 int tbt_dec_forward(const tbt_dec_model *m, const int32_t *tokens, int64_t B, int64_t T,
                     int64_t pos0, float *logits, void *scratch, int64_t scratch_bytes) {
+  return tbt_dec_forward_padded(m, tokens, B, T, pos0, NULL, logits, scratch, scratch_bytes);
+}
+
+int tbt_dec_forward_padded(const tbt_dec_model *m, const int32_t *tokens, int64_t B, int64_t T,
+                           int64_t pos0, const int64_t *pad, float *logits, void *scratch,
+                           int64_t scratch_bytes) {
   if (!m || !tokens || !logits || !scratch || B < 1 || T < 1 || pos0 < 0) return TBT_EINVAL;
+  for (int64_t b = 0; pad && b < B; ++b)
+    if (pad[b] < 0 || pad[b] >= pos0 + T) return TBT_EINVAL; /* a real token in every row */
   if (B > m->max_b || pos0 + T > m->max_t || pos0 + T > m->rope_len) return TBT_EINVAL;
   if (m->head_dim % 2 || m->n_heads % m->n_kv) return TBT_EINVAL;
   const int64_t need = tbt_dec_scratch_bytes(m, B, T);
@@ -942,7 +977,7 @@ int tbt_dec_forward(const tbt_dec_model *m, const int32_t *tokens, int64_t B, in
   if (pf.acc) now2(pf.t);
   for (int64_t i = 0; i < B * T; ++i) embed_row(m, tokens[i], bf.x + i * d);
   for (int64_t l = 0; l < m->n_layers; ++l)
-    CHECK(layer_forward(m, m->layers + l, &bf, B, T, pos0, &pf));
+    CHECK(layer_forward(m, m->layers + l, &bf, B, T, pos0, pad, &pf));
   for (int64_t b = 0; b < B; ++b)
     rmsnorm(bf.x + (b * T + T - 1) * d, m->norm_w, m->eps, d, bf.last + b * d);
   prof_mark(&pf, TBT_PROF_OTHER);

@@ -102,6 +102,14 @@ TBT_API int64_t tbt_dec_scratch_bytes(const tbt_dec_model *m, int64_t B, int64_t
  * pos0 = 0 starts new sequences (the quantizer statistics of the caches restart). */
 TBT_API int tbt_dec_forward(const tbt_dec_model *m, const int32_t *tokens, int64_t B, int64_t T,
                             int64_t pos0, float *logits, void *scratch, int64_t scratch_bytes);
+/* The same for left-padded sequences (transformers' generate with padding_side="left"): row b's
+ * cache positions [0, pad[b]) hold pad tokens, masked as keys (as an attention mask of zeros
+ * does); position ids count from the first real token (pad tokens: 0); a pad query attends
+ * uniformly to every key (torch's all-masked softmax row). The pad rows take part in the
+ * per-tensor quantizer statistics, as in torch. pad[b] < pos0 + T; NULL: no padding. */
+TBT_API int tbt_dec_forward_padded(const tbt_dec_model *m, const int32_t *tokens, int64_t B,
+                                   int64_t T, int64_t pos0, const int64_t *pad, float *logits,
+                                   void *scratch, int64_t scratch_bytes);
 
 #ifdef __cplusplus
 }
