@@ -19,7 +19,8 @@ Llama) with default RoPE, SiLU, 1/2-bit packed linears whose activation quantize
 (every E-W-A setting with 8-, 2- or 1-bit activations: ``2-2-8``, ``1-1-8``, ``2-2-2``,
 ``1-1-1``), attention quantizers ``minmax``/``elastic`` (or none), LM heads ``packed``, ``fp``
 and ``int8`` (the int8 head runs as its dequantized float matrix: the values of
-``load_packed(..., backend="torch")``). Batches are sequences of equal length (no padding).
+``load_packed(..., backend="torch")``). Batches are prompts of equal length, or of different
+lengths left-padded with an attention mask (as transformers' ``generate`` pads them).
 
 The tokens equal the torch backend's (``load_packed``) up to float32 rounding in the
 reductions; ``docs/engine.md`` gives the details. This module imports no torch.
