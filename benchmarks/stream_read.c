@@ -73,7 +73,8 @@ int main(int argc, char **argv) {
     best = t < best ? t : best;
     best_cpu = worst < best_cpu ? worst : best_cpu;
   }
-  printf("%zu MiB, %d thread(s): %.1f GB/s wall, %.1f GB/s per thread-CPU time (best of %d; %lld)\n",
+  printf("%zu MiB, %d thread(s): %.1f GB/s wall, %.1f GB/s per thread-CPU time "
+         "(best of %d; %lld)\n",
          n >> 20, nt, (double)n / best / 1e9, (double)n / best_cpu / 1e9, passes, chk & 1);
   free(p);
   return 0;
