@@ -227,7 +227,8 @@ _BUILDERS: dict[str, tuple[Callable, Callable]] = {
 def _planned_bytes(op: str, n: int, k: int) -> int:
     if op in TORCH_OPS:
         return _torch_bytes(op, n, k)
-    kpad = -(-k // 256) * 256
+    g = 64 if op in ("t2a8", "b1a8") else 256  # native.padded_k
+    kpad = -(-k // g) * g
     return n * kpad // (4 if op.startswith("t2") else 8) + 4 * n
 
 

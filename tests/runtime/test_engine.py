@@ -30,7 +30,8 @@ SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden
              bos_token_id=1, eos_token_id=2)
 
 
-def _build(tmp, name: str, family: str, bits: str, head: str, variant: str = "paper"):
+def _build(tmp, name: str, family: str, bits: str, head: str, variant: str = "paper",
+           kv_gain: float = 1.0, **qkw):
     from tbt.config import QuantConfig
     from tbt.export.io import save_packed
     from tbt.quant.surgery import quantize_model
@@ -46,8 +47,13 @@ def _build(tmp, name: str, family: str, bits: str, head: str, variant: str = "pa
             for layer in fp.model.layers:
                 for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     p.bias.normal_(0, 0.1)
+    if kv_gain != 1.0:  # larger keys and values (past the attention quantizers' clip)
+        with torch.no_grad():
+            for layer in fp.model.layers:
+                layer.self_attn.k_proj.weight.mul_(kv_gain)
+                layer.self_attn.v_proj.weight.mul_(kv_gain)
     qcfg = QuantConfig(bits=bits, variant=variant,
-                       skip_modules=() if head == "packed" else ("lm_head",))
+                       skip_modules=() if head == "packed" else ("lm_head",), **qkw)
     m = quantize_model(copy.deepcopy(fp), qcfg).train()
     with torch.no_grad():
         m(input_ids=torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5)))
@@ -101,6 +107,68 @@ def test_greedy_tokens_equal_torch_backend(ckpts, case):
         np.testing.assert_array_equal(got, want, err_msg=f"batch {b}, prompt length {t}")
 
 
+def _torch_padded(d, ids: np.ndarray, mask: np.ndarray, n: int):
+    """torch's greedy tokens and per-step logits (B, n, V) on a padded batch."""
+    from tbt.export.io import load_packed
+
+    torch.set_num_threads(1)
+    model = load_packed(d)
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.from_numpy(ids),
+                             attention_mask=torch.from_numpy(mask), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    return (out.sequences[:, ids.shape[1]:].numpy(),
+            np.stack([x.numpy() for x in out.logits], axis=1))
+
+
+@pytest.mark.parametrize("case", CASES + [("llama", "2-2-2", "released")],
+                         ids=lambda c: "-".join(c))
+def test_padded_batch_of_unequal_prompts_equals_torch(ckpts, case):
+    """Prompts of 3, 9 and 6 tokens, left-padded (with token 0) into one batch: the tokens and
+    the logits of every step equal torch's generate on the same padded batch and attention mask
+    (pad tokens in the per-tensor quantizer statistics, masked as keys, position ids from the
+    first real token). Each prompt decoded alone, or the batch without its mask, gives other
+    logits (the batch's quantizer statistics; the pad keys): the comparison can tell."""
+    from tbt.runtime.engine import Engine
+
+    rng = np.random.default_rng(21)
+    prompts = [rng.integers(3, VOCAB, n).tolist() for n in (3, 9, 6)]
+    ids = np.zeros((3, 9), dtype=np.int64)
+    mask = np.zeros((3, 9), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, 9 - len(p):], mask[i, 9 - len(p):] = p, 1
+    want, want_logits = _torch_padded(ckpts[case], ids, mask, 20)
+    eng = Engine.from_packed_dir(ckpts[case])
+    got = eng.generate(prompts, 20, min_new_tokens=20, pad_token_id=0)
+    np.testing.assert_array_equal(got[:, :9], ids)
+    np.testing.assert_array_equal(got[:, 9:], want)
+
+    def logits(prompt, **kw):
+        steps = []
+        list(eng.stream(prompt, 20, min_new_tokens=20, eos_token_id=None,
+                        logits_hook=lambda x: steps.append(x.copy()), **kw))
+        return np.stack(steps, axis=1)
+
+    tol = 1e-5 * float(np.abs(want_logits).max())
+    np.testing.assert_allclose(logits(ids, attention_mask=mask), want_logits, rtol=0, atol=tol)
+    assert np.abs(logits(ids) - want_logits).max() > 100 * tol  # no mask: not torch's
+    alone = logits(np.array([prompts[1]]))[0]  # the unpadded row, without the batch
+    assert np.abs(alone - want_logits[1]).max() > 100 * tol
+
+
+def test_padding_errors_are_clear(ckpts):
+    from tbt.runtime.engine import Engine
+
+    eng = Engine.from_packed_dir(ckpts[("llama", "2-2-8", "packed")])
+    with pytest.raises(ValueError, match="left padding"):
+        eng.generate([[5, 6, 7]], 2, attention_mask=[[1, 0, 1]])
+    with pytest.raises(ValueError, match="left padding"):
+        eng.generate([[5, 6, 7]], 2, attention_mask=[[0, 0, 0]])
+    with pytest.raises(ValueError, match="at least one token"):
+        eng.generate([[5, 6], []], 2)
+
+
 def test_int8_head_equals_the_float_path(ckpts):
     """The int8 head runs as its dequantized matrix: the values of backend="torch"."""
     from tbt.runtime.engine import Engine
@@ -123,6 +191,38 @@ def test_kv_cache_many_steps(ckpts, case):
     want = _torch_tokens(ckpts[case], prompt, 120)
     got = Engine.from_packed_dir(ckpts[case]).generate(prompt, 120, min_new_tokens=120)[:, 4:]
     np.testing.assert_array_equal(got, want)
+
+
+def test_kv_cache_held_once(ckpts, tmp_path):
+    """What each K/V cache keeps (tbt_kv_mode). Min/max stops writing raw rows once its clipped
+    range saturates (here in the prompt: keys and values scaled up past the clip); the raw
+    rows after it stay untouched (NaN-filled here) and the tokens still equal torch's over 40
+    steps. The released elastic quantizer (fixed parameters) keeps no raw cache; the paper's
+    centred one shares one quantized scratch pair across the layers."""
+    from tbt.runtime.engine import Engine
+
+    d = _build(tmp_path, "clip", "llama", "2-2-8", "packed", kv_gain=300.0)
+    prompt = _prompt(1, 6, 14)
+    want = _torch_tokens(d, prompt, 40)
+    eng = Engine.from_packed_dir(d)
+    eng._allocate(1, 6 + 40)
+    for kc, vc, _, _ in eng._caches:
+        kc[...] = np.nan
+        vc[...] = np.nan
+    got = eng.generate(prompt, 40, min_new_tokens=40)[:, 6:]
+    np.testing.assert_array_equal(got, want)
+    assert all(st[3] == 1.0 and st[11] == 1.0 for st in eng._stats)  # K and V saturated
+    for kc, vc, _, _ in eng._caches:  # raw rows: the prompt's only (saturated in it)
+        assert not np.isnan(kc[0, :, :6]).any() and np.isnan(kc[0, :, 6:46]).all()
+        assert np.isnan(vc[0, :, 6:46]).all()
+
+    rel = Engine.from_packed_dir(ckpts[("llama", "2-2-2", "released")])
+    rel.generate(prompt, 4)
+    assert all(c[0] is None and c[1] is None for c in rel._caches)
+    paper = Engine.from_packed_dir(ckpts[("llama", "2-2-2", "packed")])
+    paper.generate(prompt, 4)
+    assert all(c[2] is paper._caches[0][2] and c[3] is paper._caches[0][3] and
+               c[0] is not paper._caches[0][0] for c in paper._caches[1:])
 
 
 def test_logits_equal_numpy_reference(ckpts):

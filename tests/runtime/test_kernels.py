@@ -23,10 +23,12 @@ needs_native = pytest.mark.skipif(not native.available(), reason=native.unavaila
                                   or "native kernels unavailable")
 
 # (M, N, K): GEMV and GEMM, tile remainders in M and N (tiles are 4 x 4), odd K, K around
-# the 256-weight block and the 64-byte popcount word, one large K for accumulator range
+# the 256-weight block and the 64-byte popcount word, one large K for accumulator range; t2a8
+# and b1a8 pad K to 64: short blocks of 64 (K = 576, SmolLM2), 128 (640) and 192 (700, 150)
 SHAPES = [(1, 1, 1), (1, 7, 3), (1, 4, 255), (1, 9, 256), (1, 5, 257), (1, 13, 777),
           (2, 6, 64), (3, 4, 513), (5, 9, 1000), (8, 12, 300), (9, 5, 768), (16, 8, 1024),
-          (1, 4, 4096), (8, 16, 11008)]
+          (1, 4, 4096), (8, 16, 11008), (1, 12, 576), (1, 8, 640), (1, 16, 700), (1, 8, 150),
+          (5, 12, 576), (4, 9, 700)]
 KERNELS = list(K.KERNELS)
 
 
@@ -179,12 +181,26 @@ def test_native_layouts_follow_the_header_spec():
     """The load-time re-tiling, decoded with the rule written in csrc/tbt_kernels.h."""
     rng = np.random.default_rng(0)
     q = rng.integers(-1, 2, size=(3, 300)).astype(np.int8)
-    inter = native.repack_t2_interleaved(q)
+    inter = native.repack_t2_interleaved(q, 512)  # K padded to 2 full blocks of 256
     assert inter.shape == (3, 512 // 4)
     b = inter.reshape(3, 2, 64)  # 2 blocks of 64 bytes
     codes = np.stack([(b >> (2 * s)) & 3 for s in range(4)], axis=2).reshape(3, 512)
     np.testing.assert_array_equal(codes[:, :300].astype(np.int8) - 1, q)
     assert (codes[:, 300:] == 1).all()  # padding = code of zero
+    # the t2a8 default: K padded to 320 = one full block + one short block of 16 bytes, whose
+    # byte i holds weights 256 + 16s + i at bits 2s
+    inter = native.repack_t2_interleaved(q)
+    assert inter.shape == (3, 320 // 4)
+    np.testing.assert_array_equal(inter[:, :64], native.repack_t2_interleaved(q, 512)[:, :64])
+    short = inter[:, 64:]
+    codes = np.stack([(short >> (2 * s)) & 3 for s in range(4)], axis=1).reshape(3, 64)
+    np.testing.assert_array_equal(codes[:, :300 - 256].astype(np.int8) - 1, q[:, 256:])
+    assert (codes[:, 300 - 256:] == 1).all()
+    assert short[0, 5] == sum(int(q[0, 256 + 16 * s + 5]) + 1 << 2 * s for s in range(3)) | 1 << 6
+    c = native.t2_codes_from_interleaved(inter)
+    np.testing.assert_array_equal(c[:, :300].astype(np.int8) - 1, q)
+    assert native.padded_k(300, "t2a8") == native.padded_k(300, "b1a8") == 320
+    assert native.padded_k(300, "t2a2") == native.padded_k(300, "b1a1") == 512
     planes = native.repack_t2_planes(q)
     nz = np.unpackbits(planes[:, :64], axis=1, bitorder="little")
     neg = np.unpackbits(planes[:, 64:], axis=1, bitorder="little")
@@ -294,7 +310,7 @@ def test_minmax_codes_match_torch_over_many_scales(signed):
 # ---- the lanes GEMMs (output rows in the vector lanes, AVX-512) and the row tiles ---------------
 
 LANES_SHAPES = [(2, 1, 1), (2, 5, 3), (3, 17, 255), (8, 31, 256), (9, 33, 777), (13, 64, 1000),
-                (64, 96, 768), (5, 40, 4096)]
+                (2, 36, 576), (9, 33, 700), (64, 96, 768), (5, 40, 4096)]
 
 
 @pytest.mark.skipif(not native.available() or not native.isa_available("avx512"),

@@ -20,7 +20,8 @@ picks) with default RoPE, SiLU, 1/2-bit packed linears whose activation quantize
 (every E-W-A setting with 8-, 2- or 1-bit activations: ``2-2-8``, ``1-1-8``, ``2-2-2``,
 ``1-1-1``), attention quantizers ``minmax``/``elastic`` (or none), LM heads ``packed``, ``fp``
 and ``int8`` (the int8 head runs as its dequantized float matrix: the values of
-``load_packed(..., backend="torch")``). Batches are sequences of equal length (no padding).
+``load_packed(..., backend="torch")``). Batches are prompts of equal length, or of different
+lengths left-padded with an attention mask (as transformers' ``generate`` pads them).
 
 The tokens equal the torch backend's (``load_packed``) up to float32 rounding in the
 reductions; ``docs/engine.md`` gives the details. This module imports no torch.
@@ -99,8 +100,11 @@ def _lib() -> ctypes.CDLL:
         lib.tbt_engine_abi.restype, lib.tbt_engine_abi.argtypes = ctypes.c_int, []
         lib.tbt_dec_scratch_bytes.restype = _I64
         lib.tbt_dec_scratch_bytes.argtypes = [_P, _I64, _I64]
+        lib.tbt_kv_mode.restype, lib.tbt_kv_mode.argtypes = ctypes.c_int, [_P]
         lib.tbt_dec_forward.restype = ctypes.c_int
         lib.tbt_dec_forward.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _I64]
+        lib.tbt_dec_forward_padded.restype = ctypes.c_int
+        lib.tbt_dec_forward_padded.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _P, _I64]
         lib._tbt_engine_declared = True
     if lib.tbt_engine_abi() != _ABI:
         raise EngineError(f"engine ABI {lib.tbt_engine_abi()} != {_ABI}: rebuild tbt's C library")
@@ -504,6 +508,7 @@ class Engine:
         self._scratch_key = (0, 0, 0)
         self.position = 0  # tokens in the cache (every sequence of the batch)
         self.batch = 0
+        self._pad: np.ndarray | None = None  # left padding of each sequence (int64 (B,))
 
     @classmethod
     def from_packed_dir(cls, directory: str | os.PathLike, **kw) -> Engine:
@@ -528,8 +533,10 @@ class Engine:
         path = self.directory / "generation_config.json"
         gen = json.loads(path.read_text()) if path.is_file() else {}
         eos = gen.get("eos_token_id", self.config.get("eos_token_id"))
+        pad = gen.get("pad_token_id", self.config.get("pad_token_id"))
         return {"eos_token_id": eos, "bos_token_id": gen.get("bos_token_id",
-                                                             self.config.get("bos_token_id"))}
+                                                             self.config.get("bos_token_id")),
+                "pad_token_id": pad}
 
     # -- buffers ---------------------------------------------------------------------------------
     def _allocate(self, batch: int, length: int) -> None:
@@ -543,8 +550,7 @@ class Engine:
         max_b = max(batch, self._max_b)
         max_t = min(self.max_positions, -(-max(length, self._max_t) // 16) * 16)
         shape = (max_b, self.n_kv, max_t, self.head_dim)
-        self._caches = [[aligned_empty(shape, np.float32) for _ in range(4)]
-                        for _ in range(self.n_layers)]
+        self._caches = self._kv_buffers(shape)
         self._stats = [np.zeros(16, np.float64) for _ in range(self.n_layers)]
         self._rope = _rope_tables(self.config, self.head_dim, max_t)
         layers = (_Layer * self.n_layers)()
@@ -558,6 +564,7 @@ class Engine:
             kc, vc, kq, vq = self._caches[i]
             L.kc, L.vc, L.kq, L.vq, L.st = (_ptr(kc), _ptr(vc), _ptr(kq), _ptr(vq),
                                             _ptr(self._stats[i]))
+            L.kc, L.vc = L.kc or None, L.vc or None
         m = _Model(n_layers=self.n_layers, d=self.d, n_heads=self.n_heads, n_kv=self.n_kv,
                    head_dim=self.head_dim, inter=self.inter, vocab=self.vocab_size,
                    max_t=max_t, max_b=max_b, eps=self._eps, attn_scale=self.attn_scale,
@@ -574,6 +581,28 @@ class Engine:
         self._layers_c, self._model = layers, m
         self._max_b, self._max_t = max_b, max_t
         self.position = 0
+
+    def _kv_buffers(self, shape: tuple[int, ...]) -> list[list[np.ndarray | None]]:
+        """Per layer [raw K, raw V, quantized K, quantized V], as the quantizer needs them
+        (``tbt_kv_mode``, csrc/tbt_engine.h): no raw cache where the parameters are fixed; one
+        quantized scratch pair shared by every layer where the whole cache is re-quantized
+        each step (the paper's centred quantizer). Min/max keeps both, but writes raw rows only
+        until its clipped range saturates: the pages of later positions are never touched."""
+        shared: list[np.ndarray] = []
+        out = []
+        for i in range(self.n_layers):
+            mode = self._lib.tbt_kv_mode(ctypes.byref(self._aqs[i][1]))
+            if mode != self._lib.tbt_kv_mode(ctypes.byref(self._aqs[i][2])):
+                mode = 1  # K and V differ (not written by tbt): every buffer, none shared
+            raw = [None, None] if mode == 0 else [aligned_empty(shape, np.float32)
+                                                  for _ in range(2)]
+            if mode == 2:
+                if not shared:
+                    shared = [aligned_empty(shape, np.float32) for _ in range(2)]
+                out.append(raw + shared)
+            else:
+                out.append(raw + [aligned_empty(shape, np.float32) for _ in range(2)])
+        return out
 
     def _scratch_for(self, batch: int, t: int) -> np.ndarray:
         k0 = self._scratch_key
@@ -605,10 +634,14 @@ class Engine:
         self.position = 0
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, tokens: np.ndarray | Sequence, *, reserve: int = 0) -> np.ndarray:
+    def forward(self, tokens: np.ndarray | Sequence, *, reserve: int = 0,
+                pad: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Run new tokens ``(B, T)`` (or ``(T,)``) after the cached ones; returns the logits of
         the last position, float32 ``(B, vocab)``. ``reserve``: cache positions to allocate
         beyond these (so decoding does not re-allocate). A new batch size restarts the cache.
+        ``pad`` (first call of a sequence only): the number of left-padding tokens of each row
+        (masked as keys, position ids counted from the first real token, as transformers'
+        generate does with an attention mask); it holds for the following calls.
         """
         tok = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).astype(np.int32))
         if tok.ndim == 1:
@@ -622,6 +655,16 @@ class Engine:
         if b != self.batch:
             self.position = 0
         pos0 = self.position
+        if pad is not None:
+            if pos0:
+                raise ValueError("pad= is given with the first tokens of a sequence (position 0)")
+            pad_a = np.ascontiguousarray(np.asarray(pad, dtype=np.int64).reshape(-1))
+            if pad_a.shape != (b,) or pad_a.min() < 0 or pad_a.max() >= t:
+                raise ValueError(f"pad must hold {b} counts in [0, {t}): every row needs a real "
+                                 f"token")
+            self._pad = pad_a if pad_a.any() else None
+        elif pos0 == 0:
+            self._pad = None
         need = pos0 + t + int(reserve)
         if self._model is None or b > self._max_b or need > self._max_t:
             if pos0:
@@ -630,8 +673,9 @@ class Engine:
             self._allocate(b, need)
         scratch = self._scratch_for(b, t)
         logits = np.empty((b, self.vocab_size), dtype=np.float32)
-        rc = self._lib.tbt_dec_forward(ctypes.byref(self._model), _ptr(tok), b, t, pos0,
-                                       _ptr(logits), _ptr(scratch), scratch.nbytes)
+        rc = self._lib.tbt_dec_forward_padded(ctypes.byref(self._model), _ptr(tok), b, t, pos0,
+                                              _ptr(self._pad), _ptr(logits), _ptr(scratch),
+                                              scratch.nbytes)
         if rc != 0:
             raise RuntimeError(f"tbt_dec_forward failed ({rc}): invalid arguments")
         self.position, self.batch = pos0 + t, b
@@ -642,17 +686,20 @@ class Engine:
                min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                eos_token_id: int | Sequence[int] | None = -1,
-               logits_hook: Callable[[np.ndarray], None] | None = None) -> Iterator[np.ndarray]:
-        """Yield the next tokens ``(B,)`` one step at a time (prompt ``(B, T)`` or ``(T,)``).
+               logits_hook: Callable[[np.ndarray], None] | None = None,
+               attention_mask: np.ndarray | Sequence | None = None,
+               pad_token_id: int | None = None) -> Iterator[np.ndarray]:
+        """Yield the next tokens ``(B,)`` one step at a time (prompt ``(B, T)`` or ``(T,)``, or
+        a list of prompts of different lengths, left-padded: :meth:`pad_prompts`).
 
         Stops after ``max_new_tokens`` or when every sequence has produced an end-of-sequence
         token (``eos_token_id``; default the checkpoint's; None: never); a finished sequence
         repeats its end token. Before ``min_new_tokens`` the end tokens are suppressed.
+        ``attention_mask`` ``(B, T)``: 0 for the left padding of a padded prompt (transformers'
+        convention, ``padding_side="left"``).
         """
         cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
-        prompt = np.asarray(prompt, dtype=np.int64)
-        if prompt.ndim == 1:
-            prompt = prompt[None, :]
+        prompt, pad = self.pad_prompts(prompt, attention_mask, pad_token_id)
         if max_new_tokens < 1:
             return
         if isinstance(eos_token_id, int) and eos_token_id == -1:
@@ -661,7 +708,7 @@ class Engine:
                [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         rng = np.random.default_rng(seed)
         self.reset()
-        logits = self.forward(prompt, reserve=max_new_tokens)
+        logits = self.forward(prompt, reserve=max_new_tokens, pad=pad)
         done = np.zeros(prompt.shape[0], dtype=bool)
         for i in range(max_new_tokens):
             if i < min_new_tokens and eos:
@@ -677,13 +724,59 @@ class Engine:
                 return
             logits = self.forward(nxt[:, None])
 
+    def pad_prompts(self, prompt: np.ndarray | Sequence,
+                    attention_mask: np.ndarray | Sequence | None = None,
+                    pad_token_id: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(B, T)`` int64 token ids and the left padding of each row (None: none).
+
+        ``prompt``: ``(B, T)`` / ``(T,)`` ids, with ``attention_mask`` (1 = token, 0 = left
+        padding; a 0 after a 1 is refused: the engine pads on the left only), or a list of
+        prompts of different lengths, left-padded here with ``pad_token_id`` (default: the
+        checkpoint's pad token, else its first end token, else 0)."""
+        if isinstance(prompt, (list, tuple)) and prompt and np.ndim(prompt[0]) == 1 and \
+                len({len(p) for p in prompt}) > 1:
+            if attention_mask is not None:
+                raise ValueError("give either prompts of different lengths or a padded batch "
+                                 "with attention_mask, not both")
+            if min(len(p) for p in prompt) < 1:
+                raise ValueError("every prompt needs at least one token")
+            if pad_token_id is None:
+                g = self.generation_config
+                eos = g["eos_token_id"]
+                pad_token_id = g["pad_token_id"] if g["pad_token_id"] is not None else (
+                    eos[0] if isinstance(eos, list) and eos else eos if eos is not None else 0)
+            t = max(len(p) for p in prompt)
+            ids = np.full((len(prompt), t), int(pad_token_id), dtype=np.int64)
+            attention_mask = np.zeros((len(prompt), t), dtype=np.int64)
+            for i, p in enumerate(prompt):
+                ids[i, t - len(p):] = p
+                attention_mask[i, t - len(p):] = 1
+            prompt = ids
+        prompt = np.asarray(prompt, dtype=np.int64)
+        if prompt.ndim == 1:
+            prompt = prompt[None, :]
+        if attention_mask is None:
+            return prompt, None
+        mask = np.asarray(attention_mask).astype(bool)
+        if mask.shape != prompt.shape:
+            raise ValueError(f"attention_mask {mask.shape} must match the prompt {prompt.shape}")
+        pad = np.argmax(mask, axis=1)  # the first real token of each row
+        if not mask.any(axis=1).all() or \
+                (mask != (np.arange(mask.shape[1])[None, :] >= pad[:, None])).any():
+            raise ValueError("attention_mask must be left padding (0 ... 0 1 ... 1, at least "
+                             "one 1 per row): the engine pads on the left only")
+        return prompt, (pad.astype(np.int64) if pad.any() else None)
+
     def generate(self, prompt: np.ndarray | Sequence, max_new_tokens: int = 32,
                  **kw) -> np.ndarray:
-        """Prompt ``(B, T)`` (or ``(T,)``) → ``(B, T + new)`` int64 token ids (see
-        :meth:`stream` for the options)."""
-        prompt = np.asarray(prompt, dtype=np.int64)
-        one = prompt.ndim == 1
-        p2 = prompt[None, :] if one else prompt
-        new = list(self.stream(p2, max_new_tokens, **kw))
+        """Prompt ``(B, T)`` (or ``(T,)``, or a list of prompts of different lengths) →
+        ``(B, T + new)`` int64 token ids, left-padded like transformers' output (see
+        :meth:`stream` for the options, :meth:`pad_prompts` for the padding)."""
+        ragged = isinstance(prompt, (list, tuple)) and len(prompt) > 0
+        one = np.ndim(prompt[0]) == 0 if ragged else np.ndim(prompt) == 1
+        p2, pad = self.pad_prompts(prompt, kw.pop("attention_mask", None),
+                                   kw.pop("pad_token_id", None))
+        mask = None if pad is None else np.arange(p2.shape[1])[None, :] >= pad[:, None]
+        new = list(self.stream(p2, max_new_tokens, attention_mask=mask, **kw))
         out = np.concatenate([p2, np.stack(new, axis=1)], axis=1) if new else p2.copy()
         return out[0] if one else out

@@ -27,6 +27,9 @@
 
 #include "tbt_engine.h"
 #include "tbt_internal.h"
+#if TBT_X86 && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #if defined(_POSIX_C_SOURCE)
 #include <time.h>
@@ -180,13 +183,16 @@ static void aq_tensor(const tbt_aq *q, float *x, int64_t n) {
   aq_apply(q, aq_from_stats(q, lo, hi, q->center ? tensor_mean(x, n) : 0.0f), x, x, n);
 }
 
-/* rows [r0, r1) of every block through the quantizer; transposed: out holds each block as
- * (D, max_t), so that the scores of all keys are one vector loop per dimension */
-static void aq_rows(const tbt_aq *q, aq_params p, const float *raw, float *out, int64_t blocks,
-                    int64_t max_t, int64_t D, int64_t r0, int64_t r1, int transposed) {
+/* Cache rows [r0, r1) of every block through the quantizer into out, read from src: block g's
+ * row t at src + (g * src_rows + t - r0 + src_r0) * D (the raw cache: src_rows = max_t,
+ * src_r0 = r0; the new rows of a step: src_rows = T, src_r0 = 0). transposed: out holds each
+ * block as (D, max_t), so that the scores of a block of keys are one register tile. */
+static void aq_rows(const tbt_aq *q, aq_params p, const float *src0, int64_t src_rows,
+                    int64_t src_r0, float *out, int64_t blocks, int64_t max_t, int64_t D,
+                    int64_t r0, int64_t r1, int transposed) {
   float tmp[512];
   for (int64_t g = 0; g < blocks; ++g) {
-    const float *src = raw + (g * max_t + r0) * D;
+    const float *src = src0 + (g * src_rows + src_r0) * D;
     if (!transposed) {
       aq_apply(q, p, src, out + (g * max_t + r0) * D, (r1 - r0) * D);
       continue;
@@ -203,31 +209,61 @@ static void aq_rows(const tbt_aq *q, aq_params p, const float *raw, float *out, 
   }
 }
 
-/* The cache of one layer: rows [0, n_new) of each of the B * n_kv (max_t x D) blocks of raw,
- * quantized as ONE tensor into out. st (8 doubles): [0] rows counted in the statistics,
- * [1] lo, [2] hi, [4] [5] the parameters out holds, [6] rows of out valid with them.
- * Rows [0, n_old) were counted by the previous call (n_old == 0 restarts). Min and max grow
- * with the cache (old rows keep their codes while the parameters stay); the mean of the
- * paper's signed quantizers is recomputed over the whole cache in torch's memory order
- * (gathered into gbuf): (B, T, n_kv, D) for the first call, when torch's cache is the
- * transposed projection itself, (B, n_kv, T, D) after it, when torch.cat made it contiguous. */
-static void aq_cache(const tbt_aq *q, const float *raw, float *out, int64_t B, int64_t nkv,
-                     int64_t max_t, int64_t D, int64_t n_old, int64_t n_new, double *st,
-                     float *gbuf, int transposed) {
-  const int64_t blocks = B * nkv;
-  if (q->kind == TBT_AQ_NONE) {
-    aq_rows(q, (aq_params){0.0f, 0.0f}, raw, out, blocks, max_t, D, n_old, n_new, transposed);
-    return;
+/* What a K/V cache keeps between steps (tbt_dec_layer): the quantized cache only, when the
+ * quantizer's parameters never change (none; elastic without a mean or min: codes of fixed
+ * alpha); the raw cache and a quantized copy for min/max, the raw rows written only until the
+ * clipped range saturates (then the parameters are final: the new rows are quantized
+ * directly); the raw cache only for the paper's centred quantizer, whose mean moves every step
+ * (the whole cache is re-quantized into out, scratch shared by the layers). */
+int tbt_kv_mode(const tbt_aq *q) {
+  if (q->kind == TBT_AQ_NONE || (q->kind == TBT_AQ_ELASTIC && !q->center && !q->shift_min))
+    return TBT_KV_FIXED;
+  return q->kind == TBT_AQ_MINMAX ? TBT_KV_MINMAX : TBT_KV_CENTER;
+}
+
+/* min/max parameters that no new value can change: the clipped range is full */
+static int minmax_saturated(const tbt_aq *q, float lo, float hi) {
+  const float c = q->clip;
+  return q->is_signed ? (lo <= -c || hi >= c) : (lo <= -c && hi >= c);
+}
+
+/* The cache of one layer after a step: the step's new rows fresh (B * n_kv blocks of T x D:
+ * cache rows [n_old, n_new)) join rows [0, n_old) of each of the B * n_kv (max_t x D) blocks,
+ * quantized as ONE tensor into out (tbt_kv_mode says what raw keeps). st (8 doubles): [0] rows
+ * counted in the statistics, [1] lo, [2] hi, [3] min/max saturated, [4] [5] the parameters
+ * out holds, [6] rows of out valid with them. n_old == 0 restarts. Min and max grow with the
+ * cache (old rows keep their codes while the parameters stay); the mean of the paper's signed
+ * quantizers is recomputed over the whole cache in torch's memory order (gathered into gbuf):
+ * (B, T, n_kv, D) for the first call, when torch's cache is the transposed projection itself,
+ * (B, n_kv, T, D) after it, when torch.cat made it contiguous. */
+static int aq_cache(const tbt_aq *q, const float *fresh, float *raw, float *out, int64_t B,
+                    int64_t nkv, int64_t max_t, int64_t D, int64_t n_old, int64_t n_new,
+                    double *st, float *gbuf, int transposed) {
+  const int64_t blocks = B * nkv, T = n_new - n_old;
+  const int mode = tbt_kv_mode(q);
+  if (mode == TBT_KV_FIXED) { /* parameters without statistics */
+    aq_rows(q, aq_from_stats(q, 0.0f, 0.0f, 0.0f), fresh, T, 0, out, blocks, max_t, D, n_old,
+            n_new, transposed);
+    return TBT_OK;
   }
   const int64_t first = n_old;
-  if (n_old == 0 || (int64_t)st[0] != n_old) { /* restart the statistics */
-    st[1] = INFINITY, st[2] = -INFINITY, st[6] = 0.0;
-    n_old = 0;
+  if (n_old == 0) { /* a new sequence: restart the statistics */
+    st[1] = INFINITY, st[2] = -INFINITY, st[3] = 0.0, st[6] = 0.0;
+  } else if ((int64_t)st[0] != n_old || (int64_t)st[6] != n_old) {
+    return TBT_EINVAL; /* the statistics do not describe the cache (a step was skipped) */
   }
+  st[0] = (double)n_new;
+  if (mode == TBT_KV_MINMAX && st[3] != 0.0) { /* final parameters: only the new rows */
+    aq_rows(q, (aq_params){(float)st[4], (float)st[5]}, fresh, T, 0, out, blocks, max_t, D,
+            n_old, n_new, transposed);
+    st[6] = (double)n_new;
+    return TBT_OK;
+  }
+  for (int64_t g = 0; g < blocks; ++g) /* the raw rows */
+    memcpy(raw + (g * max_t + n_old) * D, fresh + g * T * D, (size_t)(T * D) * sizeof(float));
   float lo = (float)st[1], hi = (float)st[2];
-  for (int64_t g = 0; g < blocks; ++g)
-    aq_stats(q, raw + (g * max_t + n_old) * D, (n_new - n_old) * D, &lo, &hi);
-  st[0] = (double)n_new, st[1] = lo, st[2] = hi;
+  for (int64_t g = 0; g < blocks; ++g) aq_stats(q, fresh + g * T * D, T * D, &lo, &hi);
+  st[1] = lo, st[2] = hi;
   float mean = 0.0f;
   if (q->center) {
     const size_t row = (size_t)D * sizeof(float);
@@ -245,10 +281,12 @@ static void aq_cache(const tbt_aq *q, const float *raw, float *out, int64_t B, i
   }
   const aq_params p = aq_from_stats(q, lo, hi, mean);
   int64_t start = 0;
-  if ((int64_t)st[6] == n_old && n_old > 0 && (float)st[4] == p.p0 && (float)st[5] == p.p1)
+  if (mode == TBT_KV_MINMAX && n_old > 0 && (float)st[4] == p.p0 && (float)st[5] == p.p1)
     start = n_old; /* same parameters: the old rows keep their values */
-  aq_rows(q, p, raw, out, blocks, max_t, D, start, n_new, transposed);
+  aq_rows(q, p, raw, max_t, start, out, blocks, max_t, D, start, n_new, transposed);
   st[4] = p.p0, st[5] = p.p1, st[6] = (double)n_new;
+  if (mode == TBT_KV_MINMAX && minmax_saturated(q, lo, hi)) st[3] = 1.0;
+  return TBT_OK;
 }
 
 /* ---- packed linears ----------------------------------------------------------------------- */
@@ -419,7 +457,19 @@ typedef struct {
   float *probs;    /* (B, H, T, Tk) */
   float *att;      /* (B, T, H, D) */
   int64_t B, T, Tk, pos0;
+  int64_t sets;       /* head sets per KV group (att_units) */
+  const int64_t *pad; /* NULL, or (B,) left padding: cache rows [0, pad[b]) are pad tokens */
 } att_job;
+
+/* The keys [j0, n) a query row sees: causal (n = its cache row + 1) after the left padding.
+ * A pad query sees no key: torch's additive mask makes that row all finfo.min, a uniform
+ * softmax over all Tk keys: returns 0 and sets *uniform. */
+static int64_t att_keys(const att_job *J, int64_t b, int64_t t, int64_t *j0, int *uniform) {
+  const int64_t i = J->pos0 + t, pb = J->pad ? J->pad[b] : 0;
+  *uniform = i < pb;
+  *j0 = *uniform ? 0 : pb;
+  return *uniform ? J->Tk : i + 1;
+}
 
 TBT_CLONES static float dot(const float *a, const float *b, int64_t n) {
   float acc[16] = {0};
@@ -432,57 +482,314 @@ TBT_CLONES static float dot(const float *a, const float *b, int64_t n) {
   return acc[0];
 }
 
-/* scores and softmax of (b, h) pairs [u0, u1); the quantized keys are (D, max_t) per block */
-TBT_CLONES static void att_scores(void *ctx, int64_t u0, int64_t u1) {
+/* Scores of R query rows q[r] (D) against the keys j of a transposed block kt (D x mt):
+ * p[r][j] = sum_i q[r][i] kt[i mt + j], each sum in order i = 0 .. D-1 from 0. The R heads of
+ * a GQA group share their keys: a block of W keys accumulates R x W sums in registers over the
+ * D dimensions, every key column read once for all R rows. R, W: compile-time constants. */
+static inline __attribute__((always_inline)) void score_blk(const int R, const int W,
+                                                            const float *const *q,
+                                                            const float *kt, int64_t mt,
+                                                            int64_t D, float *const *p,
+                                                            int64_t j, int keep) {
+  float acc[4][64];
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < W; ++l) acc[r][l] = 0.0f;
+  for (int64_t i = 0; i < D; ++i) {
+    const float *kr = kt + i * mt + j;
+    for (int r = 0; r < R; ++r) {
+      const float qi = q[r][i];
+      for (int l = 0; l < W; ++l) acc[r][l] += qi * kr[l];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < keep; ++l) p[r][j + l] = acc[r][l];
+}
+
+/* keys [0, n): blocks of 64, then 16 (the last one reading past n, up to mt: those lanes are
+ * dropped), then one at a time */
+#define SCORE_ROWS(R)                                                                       \
+  TBT_CLONES static void score_rows##R(const float *const *q, const float *kt, int64_t mt,  \
+                                       int64_t D, int64_t n, float *const *p) {             \
+    int64_t j = 0;                                                                          \
+    for (; j + 64 <= n; j += 64) score_blk(R, 64, q, kt, mt, D, p, j, 64);                  \
+    for (; j + 16 <= mt && j < n; j += 16)                                                  \
+      score_blk(R, 16, q, kt, mt, D, p, j, n - j < 16 ? (int)(n - j) : 16);                 \
+    for (; j < n; ++j) score_blk(R, 1, q, kt, mt, D, p, j, 1);                              \
+  }
+SCORE_ROWS(1)
+SCORE_ROWS(2)
+SCORE_ROWS(3)
+SCORE_ROWS(4)
+
+#if TBT_X86 && defined(__GNUC__)
+/* AVX-512 score_blk / value_blk: the same sums in the same order (a product, then an add: no
+ * FMA), the R x V accumulators held in zmm registers (GCC spills the generic arrays) and the
+ * tails masked. R heads (<= 4), V vectors of 16 keys or dimensions (<= 4). */
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) static inline
+static inline __mmask16 lanes_mask(int64_t left) {
+  return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+}
+T512 void score_blk512(const int R, const int V, const float *const *q, const float *kt,
+                       int64_t mt, int64_t D, float *const *p, int64_t j, int64_t left) {
+  __m512 acc[4][4];
+  __mmask16 mk[4];
+  for (int v = 0; v < V; ++v) mk[v] = lanes_mask(left - 16 * v);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; ++i) {
+    const float *kr = kt + i * mt + j;
+    __m512 k[4];
+    for (int v = 0; v < V; ++v) k[v] = _mm512_maskz_loadu_ps(mk[v], kr + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qi = _mm512_set1_ps(q[r][i]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_mul_ps(qi, k[v]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(p[r] + j + 16 * v, mk[v], acc[r][v]);
+}
+T512 void score_rows512_r(const int R, const float *const *q, const float *kt, int64_t mt,
+                          int64_t D, int64_t n, float *const *p) {
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) score_blk512(R, 4, q, kt, mt, D, p, j, 64);
+  switch ((n - j + 15) / 16) {
+    case 1: score_blk512(R, 1, q, kt, mt, D, p, j, n - j); break;
+    case 2: score_blk512(R, 2, q, kt, mt, D, p, j, n - j); break;
+    case 3: score_blk512(R, 3, q, kt, mt, D, p, j, n - j); break;
+    default: break;
+  }
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void score_rows512(
+    int R, const float *const *q, const float *kt, int64_t mt, int64_t D, int64_t n,
+    float *const *p) {
+  for (; R > 0; R -= 4, q += 4, p += 4) switch (R < 4 ? R : 4) {
+      case 1: score_rows512_r(1, q, kt, mt, D, n, p); break;
+      case 2: score_rows512_r(2, q, kt, mt, D, n, p); break;
+      case 3: score_rows512_r(3, q, kt, mt, D, n, p); break;
+      default: score_rows512_r(4, q, kt, mt, D, n, p); break;
+    }
+}
+T512 void value_blk512(const int R, const int V, const float *const *p, const float *v,
+                       int64_t D, int64_t n, int64_t Tk, float *const *o, int64_t i0) {
+  __m512 acc[4][4];
+  __mmask16 mk[4];
+  for (int c = 0; c < V; ++c) mk[c] = lanes_mask(D - i0 - 16 * c);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < V; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < Tk; ++j) {
+    if (j >= n) {
+      int any = 0;
+      for (int r = 0; r < R; ++r) any |= p[r][j] != 0.0f;
+      if (!any) continue;
+    }
+    const float *vr = v + j * D + i0;
+    __m512 x[4];
+    for (int c = 0; c < V; ++c) x[c] = _mm512_maskz_loadu_ps(mk[c], vr + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pj = _mm512_set1_ps(p[r][j]);
+      for (int c = 0; c < V; ++c) acc[r][c] = _mm512_add_ps(acc[r][c], _mm512_mul_ps(pj, x[c]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < V; ++c) _mm512_mask_storeu_ps(o[r] + i0 + 16 * c, mk[c], acc[r][c]);
+}
+T512 void value_rows512_r(const int R, const float *const *p, const float *v, int64_t D,
+                          int64_t n, int64_t Tk, float *const *o) {
+  int64_t i0 = 0;
+  for (; i0 + 64 <= D; i0 += 64) value_blk512(R, 4, p, v, D, n, Tk, o, i0);
+  switch ((D - i0 + 15) / 16) {
+    case 1: value_blk512(R, 1, p, v, D, n, Tk, o, i0); break;
+    case 2: value_blk512(R, 2, p, v, D, n, Tk, o, i0); break;
+    case 3: value_blk512(R, 3, p, v, D, n, Tk, o, i0); break;
+    default: break;
+  }
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void value_rows512(
+    int R, const float *const *p, const float *v, int64_t D, int64_t n, int64_t Tk,
+    float *const *o) {
+  for (; R > 0; R -= 4, p += 4, o += 4) switch (R < 4 ? R : 4) {
+      case 1: value_rows512_r(1, p, v, D, n, Tk, o); break;
+      case 2: value_rows512_r(2, p, v, D, n, Tk, o); break;
+      case 3: value_rows512_r(3, p, v, D, n, Tk, o); break;
+      default: value_rows512_r(4, p, v, D, n, Tk, o); break;
+    }
+}
+static int use512(void) {
+  static int f = -1;
+  if (f < 0) f = tbt_isa_available(TBT_ISA_AVX512);
+  return f;
+}
+#else
+static int use512(void) { return 0; }
+#define score_rows512(...) ((void)0)
+#define value_rows512(...) ((void)0)
+#endif
+
+static void score_rows(int R, const float *const *q, const float *kt, int64_t mt, int64_t D,
+                       int64_t n, float *const *p) {
+  if (use512()) {
+    score_rows512(R, q, kt, mt, D, n, p);
+    return;
+  }
+  for (; R > 0; R -= 4, q += 4, p += 4) switch (R < 4 ? R : 4) {
+      case 1: score_rows1(q, kt, mt, D, n, p); break;
+      case 2: score_rows2(q, kt, mt, D, n, p); break;
+      case 3: score_rows3(q, kt, mt, D, n, p); break;
+      default: score_rows4(q, kt, mt, D, n, p); break;
+    }
+}
+
+/* o[r][i] = sum_j p[r][j] v[j D + i] for i < D, each sum in order j = 0, 1, ... from 0 over
+ * the keys j < n and those beyond with p[r][j] != 0 (a quantized probability of a masked key
+ * may be > 0; adding an exact 0 changes no sum): R heads share the value rows, blocks of W
+ * dimensions accumulate in registers over the keys. */
+static inline __attribute__((always_inline)) void value_blk(const int R, const int W,
+                                                            const float *const *p,
+                                                            const float *v, int64_t D,
+                                                            int64_t n, int64_t Tk, float *const *o,
+                                                            int64_t i0, int keep) {
+  float acc[4][64];
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < W; ++l) acc[r][l] = 0.0f;
+  for (int64_t j = 0; j < Tk; ++j) {
+    const float *vr = v + j * D + i0;
+    if (j >= n) {
+      int any = 0;
+      for (int r = 0; r < R; ++r) any |= p[r][j] != 0.0f;
+      if (!any) continue;
+    }
+    for (int r = 0; r < R; ++r) {
+      const float pj = p[r][j];
+      for (int l = 0; l < W; ++l) acc[r][l] += pj * vr[l];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < keep; ++l) o[r][i0 + l] = acc[r][l];
+}
+
+#define VALUE_ROWS(R)                                                                       \
+  TBT_CLONES static void value_rows##R(const float *const *p, const float *v, int64_t D,    \
+                                       int64_t n, int64_t Tk, float *const *o) {            \
+    int64_t i0 = 0;                                                                         \
+    for (; i0 + 64 <= D; i0 += 64) value_blk(R, 64, p, v, D, n, Tk, o, i0, 64);             \
+    for (; i0 + 16 <= D; i0 += 16) value_blk(R, 16, p, v, D, n, Tk, o, i0, 16);             \
+    for (; i0 < D; ++i0) value_blk(R, 1, p, v, D, n, Tk, o, i0, 1);                         \
+  }
+VALUE_ROWS(1)
+VALUE_ROWS(2)
+VALUE_ROWS(3)
+VALUE_ROWS(4)
+
+static void value_rows(int R, const float *const *p, const float *v, int64_t D, int64_t n,
+                       int64_t Tk, float *const *o) {
+  if (use512()) {
+    value_rows512(R, p, v, D, n, Tk, o);
+    return;
+  }
+  for (; R > 0; R -= 4, p += 4, o += 4) switch (R < 4 ? R : 4) {
+      case 1: value_rows1(p, v, D, n, Tk, o); break;
+      case 2: value_rows2(p, v, D, n, Tk, o); break;
+      case 3: value_rows3(p, v, D, n, Tk, o); break;
+      default: value_rows4(p, v, D, n, Tk, o); break;
+    }
+}
+
+/* softmax of p[0..n) in place: max and sum over 16 lanes (then the lanes), exp_f */
+TBT_CLONES static void softmax_row(float *p, int64_t n) {
+  float mx[16], sm[16];
+  for (int l = 0; l < 16; ++l) mx[l] = -INFINITY, sm[l] = 0.0f;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) mx[l] = p[j + l] > mx[l] ? p[j + l] : mx[l];
+  for (; j < n; ++j) mx[0] = p[j] > mx[0] ? p[j] : mx[0];
+  float m = mx[0];
+  for (int l = 1; l < 16; ++l) m = mx[l] > m ? mx[l] : m;
+  for (j = 0; j < n; ++j) p[j] = exp_f(p[j] - m);
+  for (j = 0; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) sm[l] += p[j + l];
+  for (; j < n; ++j) sm[0] += p[j];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) sm[l] += sm[l + w];
+  const float inv = 1.0f / sm[0];
+  for (j = 0; j < n; ++j) p[j] = p[j] * inv;
+}
+
+#define ATT_PAR_MACS ((int64_t)1 << 17)
+
+/* The attention work splits into units of (sequence b, KV group g, query t, head set):
+ * `sets` head sets per group (1: the rep heads of the group together, sharing each key and
+ * value row; rep: one head each, more units for the threads when B n_kv T is small). */
+static int64_t att_units(const att_job *J) { return J->B * J->m->n_kv * J->T * J->sets; }
+
+static void att_unit(const att_job *J, int64_t u, int64_t *b, int64_t *g, int64_t *t,
+                     int64_t *h0, int *R) {
+  const int64_t rep = J->m->n_heads / J->m->n_kv, per = rep / J->sets;
+  const int64_t s = u % J->sets;
+  u /= J->sets;
+  *t = u % J->T;
+  u /= J->T;
+  *g = u % J->m->n_kv;
+  *b = u / J->m->n_kv;
+  *h0 = *g * rep + s * per;
+  *R = (int)per;
+}
+
+/* scores and softmax of units [u0, u1); the quantized keys are (D, max_t) per block */
+static void att_scores(void *ctx, int64_t u0, int64_t u1) {
   const att_job *J = (const att_job *)ctx;
   const tbt_dec_model *m = J->m;
-  const int64_t H = m->n_heads, D = m->head_dim, T = J->T, Tk = J->Tk, rep = H / m->n_kv;
-  const int64_t mt = m->max_t;
+  const int64_t H = m->n_heads, D = m->head_dim, T = J->T, Tk = J->Tk, mt = m->max_t;
+  const float *q[64];
+  float *p[64];
   for (int64_t u = u0; u < u1; ++u) {
-    const int64_t b = u / H, h = u % H, g = b * m->n_kv + h / rep;
-    const float *kt = J->L->kq + g * D * mt;
-    for (int64_t t = 0; t < T; ++t) {
-      const float *q = J->qb + ((b * T + t) * H + h) * D;
-      float *p = J->probs + ((b * H + h) * T + t) * Tk;
-      const int64_t n = J->pos0 + t + 1; /* causal: keys 0 .. pos0 + t */
-      for (int64_t j = 0; j < n; ++j) p[j] = 0.0f;
-      for (int64_t i = 0; i < D; ++i) {
-        const float qi = q[i];
-        const float *kr = kt + i * mt;
-        for (int64_t j = 0; j < n; ++j) p[j] += qi * kr[j];
-      }
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) mx = p[j] > mx ? p[j] : mx;
-      float sum = 0.0f;
-      for (int64_t j = 0; j < n; ++j) p[j] = exp_f(p[j] - mx);
-      for (int64_t j = 0; j < n; ++j) sum += p[j];
-      const float inv = 1.0f / sum;
-      for (int64_t j = 0; j < n; ++j) p[j] = p[j] * inv;
-      for (int64_t j = n; j < Tk; ++j) p[j] = 0.0f; /* masked: exp(-inf) */
+    int64_t b, g, t, h0;
+    int R;
+    att_unit(J, u, &b, &g, &t, &h0, &R);
+    const float *kt = J->L->kq + (b * m->n_kv + g) * D * mt;
+    int64_t j0;
+    int uniform;
+    const int64_t n = att_keys(J, b, t, &j0, &uniform); /* keys j0 .. n-1 */
+    for (int r = 0; r < R; ++r) {
+      q[r] = J->qb + ((b * T + t) * H + h0 + r) * D;
+      p[r] = J->probs + ((b * H + h0 + r) * T + t) * Tk;
+    }
+    if (uniform) { /* exp(0) / Tk for every key */
+      const float u = 1.0f / (float)Tk;
+      for (int r = 0; r < R; ++r)
+        for (int64_t j = 0; j < Tk; ++j) p[r][j] = u;
+      continue;
+    }
+    for (int r = 0; r < R; ++r) p[r] += j0;
+    score_rows(R, q, kt + j0, mt, D, n - j0, p);
+    for (int r = 0; r < R; ++r) {
+      softmax_row(p[r], n - j0);
+      p[r] -= j0;
+      for (int64_t j = 0; j < j0; ++j) p[r][j] = 0.0f; /* masked: exp(-inf) */
+      for (int64_t j = n; j < Tk; ++j) p[r][j] = 0.0f;
     }
   }
 }
 
-/* out = P V of (b, h) pairs [u0, u1) */
-TBT_CLONES static void att_values(void *ctx, int64_t u0, int64_t u1) {
+/* out = P V of units [u0, u1) */
+static void att_values(void *ctx, int64_t u0, int64_t u1) {
   const att_job *J = (const att_job *)ctx;
   const tbt_dec_model *m = J->m;
-  const int64_t H = m->n_heads, D = m->head_dim, T = J->T, Tk = J->Tk, rep = H / m->n_kv;
+  const int64_t H = m->n_heads, D = m->head_dim, T = J->T, Tk = J->Tk;
+  const float *p[64];
+  float *o[64];
   for (int64_t u = u0; u < u1; ++u) {
-    const int64_t b = u / H, h = u % H, g = b * m->n_kv + h / rep;
-    const float *vq = J->L->vq + g * m->max_t * D;
-    for (int64_t t = 0; t < T; ++t) {
-      const float *p = J->probs + ((b * H + h) * T + t) * Tk;
-      float *o = J->att + ((b * T + t) * H + h) * D;
-      for (int64_t i = 0; i < D; ++i) o[i] = 0.0f;
-      const int64_t n = J->pos0 + t + 1; /* p = 0 beyond (exactly, unless quantized to > 0) */
-      for (int64_t j = 0; j < Tk; ++j) {
-        const float pj = p[j];
-        if (j >= n && pj == 0.0f) continue;
-        const float *v = vq + j * D;
-        for (int64_t i = 0; i < D; ++i) o[i] += pj * v[i];
-      }
+    int64_t b, g, t, h0;
+    int R;
+    att_unit(J, u, &b, &g, &t, &h0, &R);
+    int64_t j0;
+    int uniform;
+    const int64_t n = att_keys(J, b, t, &j0, &uniform);
+    const float *vq = J->L->vq + ((b * m->n_kv + g) * m->max_t + j0) * D;
+    for (int r = 0; r < R; ++r) { /* keys before j0: p = 0 exactly (masked), skipped */
+      p[r] = J->probs + ((b * H + h0 + r) * T + t) * Tk + j0;
+      o[r] = J->att + ((b * T + t) * H + h0 + r) * D;
     }
+    value_rows(R, p, vq, D, n - j0, Tk - j0, o);
   }
 }
 
@@ -514,7 +821,7 @@ static void head_rows(void *ctx, int64_t c0, int64_t c1) {
 /* ---- the step ----------------------------------------------------------------------------- */
 
 typedef struct {
-  float *x, *h, *qkv, *qb, *att, *probs, *mlp, *act, *last, *gbuf;
+  float *x, *h, *qkv, *qb, *att, *probs, *mlp, *act, *last, *gbuf, *knew, *vnew;
   lin_ws ws;
 } bufs;
 
@@ -526,12 +833,13 @@ static int64_t carve(const tbt_dec_model *m, int64_t B, int64_t T, int64_t Tk, u
                      bufs *b) {
   const int64_t M = B * T, d = m->d, H = m->n_heads, D = m->head_dim;
   const int64_t nqkv = (H + 2 * m->n_kv) * D;
-  const int64_t sizes[10] = {M * d, M * d, M * nqkv, M * H * D, M * H * D, B * H * T * Tk,
-                             2 * M * m->inter, M * m->inter, B * d, B * m->n_kv * Tk * D};
-  float **ptrs[10] = {&b->x, &b->h, &b->qkv, &b->qb, &b->att, &b->probs, &b->mlp, &b->act,
-                      &b->last, &b->gbuf};
+  const int64_t sizes[12] = {M * d, M * d, M * nqkv, M * H * D, M * H * D, B * H * T * Tk,
+                             2 * M * m->inter, M * m->inter, B * d, B * m->n_kv * Tk * D,
+                             M * m->n_kv * D, M * m->n_kv * D};
+  float **ptrs[12] = {&b->x, &b->h, &b->qkv, &b->qb, &b->att, &b->probs, &b->mlp, &b->act,
+                      &b->last, &b->gbuf, &b->knew, &b->vnew};
   size_t off = 0;
-  for (int i = 0; i < 10; ++i) {
+  for (int i = 0; i < 12; ++i) {
     if (base) *ptrs[i] = (float *)(base + off);
     off += al64((size_t)sizes[i] * sizeof(float));
   }
@@ -567,7 +875,7 @@ int64_t tbt_dec_scratch_bytes(const tbt_dec_model *m, int64_t B, int64_t T) {
   } while (0)
 
 static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *bf, int64_t B,
-                         int64_t T, int64_t pos0, prof_t *pf) {
+                         int64_t T, int64_t pos0, const int64_t *pad, prof_t *pf) {
   const int64_t M = B * T, d = m->d, H = m->n_heads, nkv = m->n_kv, D = m->head_dim;
   const int64_t nq = H * D, nk = nkv * D, Tk = pos0 + T, I = m->inter;
   /* attention block */
@@ -590,26 +898,34 @@ static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *b
   const int64_t half = D / 2;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t r = b * T + t, pos = pos0 + t;
+      /* position ids: transformers' cumsum(mask) - 1, pad tokens 0 */
+      const int64_t r = b * T + t, pb = pad ? pad[b] : 0;
+      const int64_t pos = pos0 + t >= pb ? pos0 + t - pb : 0;
       const float *c = m->rope_cos + pos * half, *s = m->rope_sin + pos * half;
-      for (int64_t g = 0; g < nkv; ++g) {
-        const int64_t at = ((b * nkv + g) * m->max_t + pos) * D;
-        rope(ks + r * kst + g * D, c, s, D, 1.0f, L->kc + at);
-        memcpy(L->vc + at, vs + r * vst + g * D, (size_t)D * sizeof(float));
+      for (int64_t g = 0; g < nkv; ++g) { /* the new rows, (B, n_kv, T, D) */
+        const int64_t at = ((b * nkv + g) * T + t) * D;
+        rope(ks + r * kst + g * D, c, s, D, 1.0f, bf->knew + at);
+        memcpy(bf->vnew + at, vs + r * vst + g * D, (size_t)D * sizeof(float));
       }
       for (int64_t h = 0; h < H; ++h)
         rope(qs + r * qst + h * D, c, s, D, m->attn_scale, bf->qb + (r * H + h) * D);
     }
   aq_tensor(&L->aq_q, bf->qb, M * H * D);
-  aq_cache(&L->aq_k, L->kc, L->kq, B, nkv, m->max_t, D, pos0, Tk, L->st, bf->gbuf, 1);
-  aq_cache(&L->aq_v, L->vc, L->vq, B, nkv, m->max_t, D, pos0, Tk, L->st + 8, bf->gbuf, 0);
-  att_job J = {m, L, bf->qb, bf->probs, bf->att, B, T, Tk, pos0};
-  const int par = B * H * T * Tk * D >= (1 << 15);
-  if (par) tbt_parallel_for(B * H, att_scores, &J);
-  else att_scores(&J, 0, B * H);
+  CHECK(aq_cache(&L->aq_k, bf->knew, L->kc, L->kq, B, nkv, m->max_t, D, pos0, Tk, L->st,
+                 bf->gbuf, 1));
+  CHECK(aq_cache(&L->aq_v, bf->vnew, L->vc, L->vq, B, nkv, m->max_t, D, pos0, Tk, L->st + 8,
+                 bf->gbuf, 0));
+  /* the pool only where the work pays for waking it (2 * 2^17 multiply-adds: ~20 us) */
+  const int par = B * H * T * Tk * D >= ATT_PAR_MACS && tbt_get_num_threads() > 1;
+  const int64_t rep = H / nkv;
+  att_job J = {m, L, bf->qb, bf->probs, bf->att, B, T, Tk, pos0,
+               (par && B * nkv * T < 2 * tbt_get_num_threads()) || rep > 64 ? rep : 1, pad};
+  const int64_t units = att_units(&J);
+  if (par) tbt_parallel_for(units, att_scores, &J);
+  else att_scores(&J, 0, units);
   aq_tensor(&L->aq_p, bf->probs, B * H * T * Tk);
-  if (par) tbt_parallel_for(B * H, att_values, &J);
-  else att_values(&J, 0, B * H);
+  if (par) tbt_parallel_for(units, att_values, &J);
+  else att_values(&J, 0, units);
   prof_mark(pf, TBT_PROF_ATTENTION);
   CHECK(lin_run(&L->o, bf->att, M, bf->h, &bf->ws));
   prof_mark(pf, TBT_PROF_LINEAR);
@@ -638,7 +954,15 @@ static int layer_forward(const tbt_dec_model *m, const tbt_dec_layer *L, bufs *b
 
 int tbt_dec_forward(const tbt_dec_model *m, const int32_t *tokens, int64_t B, int64_t T,
                     int64_t pos0, float *logits, void *scratch, int64_t scratch_bytes) {
+  return tbt_dec_forward_padded(m, tokens, B, T, pos0, NULL, logits, scratch, scratch_bytes);
+}
+
+int tbt_dec_forward_padded(const tbt_dec_model *m, const int32_t *tokens, int64_t B, int64_t T,
+                           int64_t pos0, const int64_t *pad, float *logits, void *scratch,
+                           int64_t scratch_bytes) {
   if (!m || !tokens || !logits || !scratch || B < 1 || T < 1 || pos0 < 0) return TBT_EINVAL;
+  for (int64_t b = 0; pad && b < B; ++b)
+    if (pad[b] < 0 || pad[b] >= pos0 + T) return TBT_EINVAL; /* a real token in every row */
   if (B > m->max_b || pos0 + T > m->max_t || pos0 + T > m->rope_len) return TBT_EINVAL;
   if (m->head_dim % 2 || m->n_heads % m->n_kv) return TBT_EINVAL;
   const int64_t need = tbt_dec_scratch_bytes(m, B, T);
@@ -653,7 +977,7 @@ int tbt_dec_forward(const tbt_dec_model *m, const int32_t *tokens, int64_t B, in
   if (pf.acc) now2(pf.t);
   for (int64_t i = 0; i < B * T; ++i) embed_row(m, tokens[i], bf.x + i * d);
   for (int64_t l = 0; l < m->n_layers; ++l)
-    CHECK(layer_forward(m, m->layers + l, &bf, B, T, pos0, &pf));
+    CHECK(layer_forward(m, m->layers + l, &bf, B, T, pos0, pad, &pf));
   for (int64_t b = 0; b < B; ++b)
     rmsnorm(bf.x + (b * T + T - 1) * d, m->norm_w, m->eps, d, bf.last + b * d);
   prof_mark(&pf, TBT_PROF_OTHER);
@@ -690,7 +1014,42 @@ void tbte_aq_apply_stats(const tbt_aq *q, const float *x, int64_t n, const float
 void tbte_aq_cache(const tbt_aq *q, const float *raw, float *out, int64_t B, int64_t nkv,
                    int64_t max_t, int64_t D, int64_t n_old, int64_t n_new, double *st,
                    float *gbuf, int transposed) {
-  aq_cache(q, raw, out, B, nkv, max_t, D, n_old, n_new, st, gbuf, transposed);
+  const int64_t blocks = B * nkv;
+  if (q->kind == TBT_AQ_NONE) {
+    aq_rows(q, (aq_params){0.0f, 0.0f}, raw, max_t, n_old, out, blocks, max_t, D, n_old, n_new,
+            transposed);
+    return;
+  }
+  const int64_t first = n_old;
+  if (n_old == 0 || (int64_t)st[0] != n_old) { /* restart the statistics */
+    st[1] = INFINITY, st[2] = -INFINITY, st[6] = 0.0;
+    n_old = 0;
+  }
+  float lo = (float)st[1], hi = (float)st[2];
+  for (int64_t g = 0; g < blocks; ++g)
+    aq_stats(q, raw + (g * max_t + n_old) * D, (n_new - n_old) * D, &lo, &hi);
+  st[0] = (double)n_new, st[1] = lo, st[2] = hi;
+  float mean = 0.0f;
+  if (q->center) { /* torch's memory order: see aq_cache */
+    const size_t row = (size_t)D * sizeof(float);
+    int64_t n = 0;
+    if (first == 0) {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < n_new; ++t)
+          for (int64_t g = 0; g < nkv; ++g, n += D)
+            memcpy(gbuf + n, raw + ((b * nkv + g) * max_t + t) * D, row);
+    } else {
+      for (int64_t g = 0; g < blocks; ++g, n += n_new * D)
+        memcpy(gbuf + n, raw + g * max_t * D, row * (size_t)n_new);
+    }
+    mean = tensor_mean(gbuf, n);
+  }
+  const aq_params p = aq_from_stats(q, lo, hi, mean);
+  int64_t start = 0;
+  if ((int64_t)st[6] == n_old && n_old > 0 && (float)st[4] == p.p0 && (float)st[5] == p.p1)
+    start = n_old; /* same parameters: the old rows keep their values */
+  aq_rows(q, p, raw, max_t, start, out, blocks, max_t, D, start, n_new, transposed);
+  st[4] = p.p0, st[5] = p.p1, st[6] = (double)n_new;
 }
 
 int tbte_lin_run(const tbt_elin *L, const float *x, int64_t M, float *y, void *work,

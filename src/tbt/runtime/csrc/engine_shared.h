@@ -16,8 +16,10 @@ void tbte_aq_tensor(const tbt_aq *q, float *x, int64_t n);
  * mean of mean_x[0..mean_n) (the same values in the order torch sums them) */
 void tbte_aq_apply_stats(const tbt_aq *q, const float *x, int64_t n, const float *mean_x,
                          int64_t mean_n, float *y);
-/* engine.c's aq_cache: the cache rows [0, n_new) of B * nkv (max_t x D) blocks quantized as
- * one tensor (statistics in st[8]; st[0] != n_old restarts them) */
+/* the whole raw cache rows [0, n_new) of B * nkv (max_t x D) blocks quantized as one tensor
+ * into out (statistics in st[8], grown from n_old; st[0] != n_old restarts them from all rows,
+ * as after a beam reorder). The encoder-decoder engine keeps the raw cache whole (beams move
+ * rows); the decoder-only engine's aq_cache keeps only what its quantizer needs. */
 void tbte_aq_cache(const tbt_aq *q, const float *raw, float *out, int64_t B, int64_t nkv,
                    int64_t max_t, int64_t D, int64_t n_old, int64_t n_new, double *st,
                    float *gbuf, int transposed);

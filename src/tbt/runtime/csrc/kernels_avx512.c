@@ -191,13 +191,43 @@ INLINE T_VNNI void t2a8_gemv2(const uint8_t *w0, const uint8_t *w1, const uint8_
   *out1 = t2a8_combine(c10, c11, c12, c13);
 }
 
-/* raw sums of four consecutive weight rows against one activation row */
+/* The short blocks of four t2a8 rows (K in [kmain, kpad), kmain = kpad rounded down to 256):
+ * the 16 bytes of a short block are broadcast to the four 128-bit lanes and lane L keeps
+ * plane L (code << 2L, mask 3 << 2L), against the 64 activations in one vector; each 128-bit
+ * lane of the accumulator is then 4^L times too large, undone by an exact per-lane shift. */
+INLINE T_VNNI __m128i t2a8_tail4(const uint8_t *w, size_t ws, const uint8_t *a, size_t kpad) {
+  const size_t kmain = kpad / 256 * 256, nt = (kpad - kmain) / 64;
+  const __m512i mk = _mm512_set_epi32(
+      (int)0xC0C0C0C0, (int)0xC0C0C0C0, (int)0xC0C0C0C0, (int)0xC0C0C0C0, 0x30303030, 0x30303030,
+      0x30303030, 0x30303030, 0x0C0C0C0C, 0x0C0C0C0C, 0x0C0C0C0C, 0x0C0C0C0C, 0x03030303,
+      0x03030303, 0x03030303, 0x03030303);
+  const __m512i sh = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+  __m512i c0 = Z, c1 = Z, c2 = Z, c3 = Z;
+  for (size_t c = 0; c < nt; ++c) {
+    const __m512i x = LD(a + kmain + 64 * c);
+    const size_t o = kmain / 4 + 16 * c;
+#define T2A8_TAIL(cr, wr)                                                                     \
+  DP(cr, _mm512_and_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(wr + o))), \
+                          mk), x)
+    T2A8_TAIL(c0, w);
+    T2A8_TAIL(c1, w + ws);
+    T2A8_TAIL(c2, w + 2 * ws);
+    T2A8_TAIL(c3, w + 3 * ws);
+#undef T2A8_TAIL
+  }
+  return hsum4_epi32(_mm512_srav_epi32(c0, sh), _mm512_srav_epi32(c1, sh),
+                     _mm512_srav_epi32(c2, sh), _mm512_srav_epi32(c3, sh));
+}
+
+/* raw sums of four consecutive weight rows against one activation row (over kpad, short
+ * blocks included) */
 #if defined(TBT_GEMV_2ROWS)
 INLINE T_VNNI __m128i t2a8_rows4(const uint8_t *w, size_t ws, const uint8_t *a, size_t kpad) {
   __m512i v0, v1, v2, v3;
   t2a8_gemv2(w, w + ws, a, kpad / 256, &v0, &v1);
   t2a8_gemv2(w + 2 * ws, w + 3 * ws, a, kpad / 256, &v2, &v3);
-  return hsum4_epi32(v0, v1, v2, v3);
+  const __m128i mainv = hsum4_epi32(v0, v1, v2, v3);
+  return kpad % 256 ? _mm_add_epi32(mainv, t2a8_tail4(w, ws, a, kpad)) : mainv;
 }
 #else
 INLINE T_VNNI __m128i t2a8_rows4(const uint8_t *w, size_t ws, const uint8_t *a, size_t kpad) {
@@ -224,8 +254,10 @@ INLINE T_VNNI __m128i t2a8_rows4(const uint8_t *w, size_t ws, const uint8_t *a, 
     T2A8_ROW(w3, c30, c31, c32, c33)
   }
 #undef T2A8_ROW
-  return hsum4_epi32(t2a8_combine(c00, c01, c02, c03), t2a8_combine(c10, c11, c12, c13),
-                     t2a8_combine(c20, c21, c22, c23), t2a8_combine(c30, c31, c32, c33));
+  const __m128i mainv =
+      hsum4_epi32(t2a8_combine(c00, c01, c02, c03), t2a8_combine(c10, c11, c12, c13),
+                  t2a8_combine(c20, c21, c22, c23), t2a8_combine(c30, c31, c32, c33));
+  return kpad % 256 ? _mm_add_epi32(mainv, t2a8_tail4(w, ws, a, kpad)) : mainv;
 }
 #endif
 
@@ -300,7 +332,8 @@ INLINE T_VNNI __m128i b1a8_rows4(const uint8_t *w, size_t ws, const uint8_t *a, 
 #define B1A8_ROW(wr, e, o)                                                                    \
   DP(e, _mm512_maskz_mov_epi8(KMASK(wr + 8 * c), ones), x0);                                  \
   DP(o, _mm512_maskz_mov_epi8(KMASK(wr + 8 * c + 8), ones), x1)
-  for (size_t c = 0; c < kpad / 64; c += 2) { /* kpad / 64 is a multiple of 4 */
+  const size_t nc = kpad / 64;
+  for (size_t c = 0; c + 2 <= nc; c += 2) { /* pairs of 64-weight chunks */
     const __m512i x0 = LD(a + 64 * c), x1 = LD(a + 64 * c + 64);
     if (!(c & 7)) {
       PF(w0 + 8 * c); PF(w1 + 8 * c); PF(w2 + 8 * c); PF(w3 + 8 * c);
@@ -309,6 +342,14 @@ INLINE T_VNNI __m128i b1a8_rows4(const uint8_t *w, size_t ws, const uint8_t *a, 
     B1A8_ROW(w1, c10, c11);
     B1A8_ROW(w2, c20, c21);
     B1A8_ROW(w3, c30, c31);
+  }
+  if (nc & 1) { /* a last single chunk (kpad a multiple of 64, not 128) */
+    const size_t c = nc - 1;
+    const __m512i x0 = LD(a + 64 * c);
+    DP(c00, _mm512_maskz_mov_epi8(KMASK(w0 + 8 * c), ones), x0);
+    DP(c10, _mm512_maskz_mov_epi8(KMASK(w1 + 8 * c), ones), x0);
+    DP(c20, _mm512_maskz_mov_epi8(KMASK(w2 + 8 * c), ones), x0);
+    DP(c30, _mm512_maskz_mov_epi8(KMASK(w3 + 8 * c), ones), x0);
   }
 #undef B1A8_ROW
   return hsum4_epi32(_mm512_add_epi32(c00, c01), _mm512_add_epi32(c10, c11),
@@ -543,18 +584,20 @@ TBT_DEFINE_TILE_FAST(tile_b1a8, b1a8_body, b1a8_44_fast, b1a8_41_fast, T_VNNI)
 TBT_DEFINE_TILE_FAST(tile_t2a2, t2a2_body, t2a2_44_fast, t2a2_41_fast, T_VPOPCNT)
 TBT_DEFINE_TILE_FAST(tile_b1a1, b1a1_body, b1a1_44_fast, b1a1_41_fast, T_VPOPCNT)
 
-/* sum_k a[m][k]: vpdpbusd against bytes of 1, four accumulators (kpad is a multiple of 256) */
+/* sum_k a[m][k]: vpdpbusd against bytes of 1, four accumulators (kpad a multiple of 64) */
 static T_VNNI void rowsum_a8(const int8_t *a, size_t as, int64_t M, size_t kpad, int32_t *out) {
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t m = 0; m < M; ++m) {
     const int8_t *am = a + m * as;
     __m512i s0 = Z, s1 = Z, s2 = Z, s3 = Z;
-    for (size_t k = 0; k < kpad; k += 256) {
+    size_t k = 0;
+    for (; k + 256 <= kpad; k += 256) {
       DP(s0, ones, LD(am + k));
       DP(s1, ones, LD(am + k + 64));
       DP(s2, ones, LD(am + k + 128));
       DP(s3, ones, LD(am + k + 192));
     }
+    for (; k < kpad; k += 64) DP(s0, ones, LD(am + k));
     out[m] = _mm512_reduce_add_epi32(
         _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3)));
   }

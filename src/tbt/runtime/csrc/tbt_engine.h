@@ -48,8 +48,10 @@ typedef struct tbt_dec_layer {
   const float *ln1, *ln2; /* input_layernorm, post_attention_layernorm weights */
   tbt_elin q, k, v, o, gate, up, down; /* k.plan NULL: q is q|k|v; up.plan NULL: gate is gate|up */
   tbt_aq aq_q, aq_k, aq_v, aq_p;
-  float *kc, *vc;         /* raw K/V caches [max_b][n_kv][max_t][head_dim] */
-  float *kq, *vq;         /* their fake-quantized copies; kq transposed per block (D, max_t) */
+  float *kc, *vc;         /* raw K/V caches [max_b][n_kv][max_t][head_dim]; what they hold
+                             depends on tbt_kv_mode (NULL allowed for TBT_KV_FIXED) */
+  float *kq, *vq;         /* their fake-quantized copies; kq transposed per block (D, max_t);
+                             TBT_KV_CENTER: scratch, rewritten each step (may be shared) */
   double *st;             /* 16 doubles of quantizer statistics (K: 0..7, V: 8..15) */
 } tbt_dec_layer;
 
@@ -79,6 +81,17 @@ typedef struct tbt_dec_model {
 enum { TBT_PROF_LINEAR = 0, TBT_PROF_ATTENTION = 1, TBT_PROF_OTHER = 2, TBT_PROF_HEAD = 3,
        TBT_PROF_N = 4 };
 
+/* What a layer's K/V cache keeps between steps, by its quantizer (engine.c, aq_cache):
+ *   TBT_KV_FIXED:  parameters without statistics (no quantizer; elastic without mean or min):
+ *                  only the quantized cache kq/vq; kc/vc are not used.
+ *   TBT_KV_MINMAX: min/max: kc/vc hold the raw rows until the clipped range saturates (then
+ *                  the parameters are final and later rows are quantized directly; their raw
+ *                  rows are never written), kq/vq the quantized cache.
+ *   TBT_KV_CENTER: the paper's centred quantizer (its mean moves every step): kc/vc the raw
+ *                  cache; kq/vq only the current step's quantized cache (scratch). */
+enum { TBT_KV_FIXED = 0, TBT_KV_MINMAX = 1, TBT_KV_CENTER = 2 };
+TBT_API int tbt_kv_mode(const tbt_aq *q);
+
 TBT_API int tbt_engine_abi(void);
 /* torch's float32 sum of x[0..n) (one thread; engine.c explains), for tests */
 TBT_API float tbt_torch_sum(const float *x, int64_t n);
@@ -89,6 +102,14 @@ TBT_API int64_t tbt_dec_scratch_bytes(const tbt_dec_model *m, int64_t B, int64_t
  * pos0 = 0 starts new sequences (the quantizer statistics of the caches restart). */
 TBT_API int tbt_dec_forward(const tbt_dec_model *m, const int32_t *tokens, int64_t B, int64_t T,
                             int64_t pos0, float *logits, void *scratch, int64_t scratch_bytes);
+/* The same for left-padded sequences (transformers' generate with padding_side="left"): row b's
+ * cache positions [0, pad[b]) hold pad tokens, masked as keys (as an attention mask of zeros
+ * does); position ids count from the first real token (pad tokens: 0); a pad query attends
+ * uniformly to every key (torch's all-masked softmax row). The pad rows take part in the
+ * per-tensor quantizer statistics, as in torch. pad[b] < pos0 + T; NULL: no padding. */
+TBT_API int tbt_dec_forward_padded(const tbt_dec_model *m, const int32_t *tokens, int64_t B,
+                                   int64_t T, int64_t pos0, const int64_t *pad, float *logits,
+                                   void *scratch, int64_t scratch_bytes);
 
 /* ---- encoder-decoder models (BART, mBART, Marian): engine_s2s.c ------------------------------
  * tbt_s2s_encode runs the whole encoder for B sources (padded to S tokens, mask 1 = token,

@@ -113,6 +113,33 @@ void tbt_set_parallel_threshold(int64_t macs) { g_par_threshold = macs < 0 ? 0 :
 
 /* ---- driver ------------------------------------------------------------------------------- */
 
+/* Kpad: a multiple of TBT_KBLOCK (256) less than a block above K; the 8-bit-activation formats
+ * (t2a8, b1a8) also take a multiple of TBT_KTAIL (64): their rows end with (Kpad % 256) / 64
+ * short blocks (tbt_kernels.h) */
+static int kblock_ok(int fmt, int64_t K, int64_t kpad) {
+  const int64_t g = fmt == TBT_T2A8 || fmt == TBT_B1A8 ? TBT_KTAIL : TBT_KBLOCK;
+  return K >= 1 && kpad >= K && kpad % g == 0 && kpad - K < TBT_KBLOCK;
+}
+
+/* The tail of an a8-format row, K in [kmain, kpad) (kmain = kpad rounded down to 256): raw sum
+ * of one weight row and one activation row over it, portable (the tiles cover [0, kmain)).
+ * t2a8: short block c (16 bytes) holds, in byte i, the codes of K = kmain + 64c + 16s + i at
+ * bits 2s; b1a8: the plain bit order. */
+static int32_t tail_raw(int fmt, const uint8_t *w, const int8_t *a, int64_t kmain, int64_t kpad) {
+  int32_t acc = 0;
+  if (fmt == TBT_T2A8) {
+    const uint8_t *wt = w + kmain / 4;
+    for (int64_t c = 0; c < (kpad - kmain) / 64; ++c)
+      for (int s = 0; s < 4; ++s)
+        for (int i = 0; i < 16; ++i)
+          acc += (int32_t)((wt[16 * c + i] >> (2 * s)) & 3) * a[kmain + 64 * c + 16 * s + i];
+  } else {
+    for (int64_t k = kmain; k < kpad; ++k) acc += (int32_t)((w[k >> 3] >> (k & 7)) & 1) * a[k];
+  }
+  return acc;
+}
+
+
 /* raw tile sums -> exact accumulators: acc = mul * raw + add_m (see tbt_internal.h) */
 static inline void correction(const job_t *j, int64_t m, int32_t *mul, int32_t *add) {
   switch (j->fmt) {
@@ -150,6 +177,7 @@ static void epilogue_row(const job_t *j, const int32_t *acc, int64_t m, int64_t 
  * in L2) are swept by every block of TBT_MR activation rows in turn (those stay in L1), so each
  * weight byte comes from L2 and each activation byte from L1. */
 static void run_tiles(const job_t *j, int64_t t0, int64_t t1) {
+  const int64_t kmain = j->kpad / TBT_KBLOCK * TBT_KBLOCK; /* the tiles' full blocks */
   int64_t group = TBT_GROUP_BYTES / (int64_t)(TBT_NR * j->ws);
   if (group < 1) group = 1;
   for (int64_t g0 = t0; g0 < t1; g0 += group) {
@@ -160,7 +188,12 @@ static void run_tiles(const job_t *j, int64_t t0, int64_t t1) {
         const int64_t n0 = t * TBT_NR;
         const int nr = (int)(j->N - n0 < TBT_NR ? j->N - n0 : TBT_NR);
         int32_t raw[TBT_NR][TBT_MR];
-        j->tile(j->w + n0 * j->ws, j->ws, nr, j->a + m0 * j->as, j->as, mr, (size_t)j->kpad, raw);
+        j->tile(j->w + n0 * j->ws, j->ws, nr, j->a + m0 * j->as, j->as, mr, (size_t)kmain, raw);
+        if (kmain < j->kpad) /* a8 formats: the short blocks after the last full one */
+          for (int r = 0; r < nr; ++r)
+            for (int m = 0; m < mr; ++m)
+              raw[r][m] += tail_raw(j->fmt, j->w + (n0 + r) * j->ws,
+                                    (const int8_t *)(j->a + (m0 + m) * j->as), kmain, j->kpad);
         for (int m = 0; m < mr; ++m) {
           int32_t mul, add, acc[TBT_NR];
           correction(j, m0 + m, &mul, &add);
@@ -330,9 +363,6 @@ static void run_parallel(job_t *j, int nt) {
 }
 #endif
 
-static int kblock_ok(int64_t K, int64_t kpad) {
-  return K >= 1 && kpad >= K && kpad % TBT_KBLOCK == 0 && kpad - K < TBT_KBLOCK;
-}
 
 /* bytes of one row group of a lanes layout: t2a8/b1a8 16 rows of 2-bit codes, b1a1 8 rows
  * of bits, t2a2 8 rows of two bit-planes */
@@ -347,7 +377,7 @@ static int gemm_run(int fmt, int isa, int lanes, const uint8_t *w, int64_t w_str
                     int64_t N, int64_t K, int64_t Kpad, float *y, int32_t *acc_out) {
   const int eff = tbt_resolve_isa(fmt, isa);
   if (eff < 0) return eff;
-  if (!w || !w_scale || !a || !a_scale || !y || M < 1 || N < 1 || !kblock_ok(K, Kpad))
+  if (!w || !w_scale || !a || !a_scale || !y || M < 1 || N < 1 || !kblock_ok(fmt, K, Kpad))
     return TBT_EINVAL;
   if (a_offset && !wsum) return TBT_EINVAL;
   const int is_a8 = fmt == TBT_T2A8 || fmt == TBT_B1A8;
@@ -450,7 +480,7 @@ int tbt_gemm_b1a1(TBT_GEMM_ARGS) { return tbt_gemm(TBT_B1A1, TBT_GEMM_PASS); }
 /* ---- activation layouts ------------------------------------------------------------------ */
 
 int tbt_prepare_a8(const int8_t *codes, int64_t M, int64_t K, int64_t Kpad, int8_t *out) {
-  if (!codes || !out || M < 1 || !kblock_ok(K, Kpad)) return TBT_EINVAL;
+  if (!codes || !out || M < 1 || !kblock_ok(TBT_T2A8, K, Kpad)) return TBT_EINVAL;
   for (int64_t m = 0; m < M; ++m) {
     memcpy(out + m * Kpad, codes + m * K, (size_t)K);
     memset(out + m * Kpad + K, 0, (size_t)(Kpad - K));
@@ -459,7 +489,7 @@ int tbt_prepare_a8(const int8_t *codes, int64_t M, int64_t K, int64_t Kpad, int8
 }
 
 int tbt_prepare_a2(const int8_t *codes, int64_t M, int64_t K, int64_t Kpad, uint8_t *out) {
-  if (!codes || !out || M < 1 || !kblock_ok(K, Kpad)) return TBT_EINVAL;
+  if (!codes || !out || M < 1 || !kblock_ok(TBT_T2A2, K, Kpad)) return TBT_EINVAL;
   const int64_t plane = Kpad / 8;
   memset(out, 0, (size_t)(M * 2 * plane));
   for (int64_t m = 0; m < M; ++m) {
@@ -481,7 +511,7 @@ int tbt_prepare_a2(const int8_t *codes, int64_t M, int64_t K, int64_t Kpad, uint
 }
 
 int tbt_prepare_a1(const int8_t *codes, int64_t M, int64_t K, int64_t Kpad, uint8_t *out) {
-  if (!codes || !out || M < 1 || !kblock_ok(K, Kpad)) return TBT_EINVAL;
+  if (!codes || !out || M < 1 || !kblock_ok(TBT_B1A1, K, Kpad)) return TBT_EINVAL;
   const int64_t row = Kpad / 8;
   memset(out, 0, (size_t)(M * row));
   for (int64_t m = 0; m < M; ++m) {

@@ -5,9 +5,14 @@
  * below equal it exactly and the float epilogue is the same sequence of float32 operations.
  *
  * Kernel ("runtime") layouts: K is padded to Kpad = a multiple of TBT_KBLOCK (256) with codes
- * of zero weight / zero activation; rows are contiguous, row strides are given in bytes.
+ * of zero weight / zero activation, or, for the formats with 8-bit activations (t2a8, b1a8), a
+ * multiple of TBT_KTAIL (64) (SmolLM2's K = 576 stays 576 instead of 768); rows are
+ * contiguous, row strides are given in bytes.
  *   t2 (for a8):  Kpad/4 bytes per row; in each 64-byte block b, byte i holds the codes
- *                 (q + 1) of weights 256b + 64s + i at bits 2s..2s+1, s = 0..3.
+ *                 (q + 1) of weights 256b + 64s + i at bits 2s..2s+1, s = 0..3; after the
+ *                 last full block (kmain = Kpad rounded down to 256), short blocks of 16
+ *                 bytes: byte i of short block c holds weights kmain + 64c + 16s + i at bits
+ *                 2s..2s+1.
  *   t2 (for a2):  two bit-planes per row, [nz: Kpad/8 bytes][neg: Kpad/8 bytes]; bit j of a
  *                 plane is bit j%8 of byte j/8; nz = (q != 0), neg = (q < 0).
  *   b1:           Kpad/8 bytes per row, bit j%8 of byte j/8 = (q > 0) (the on-disk order).
@@ -42,6 +47,7 @@ extern "C" {
 
 #define TBT_ABI_VERSION 3
 #define TBT_KBLOCK 256
+#define TBT_KTAIL 64 /* Kpad granularity of t2a8 and b1a8 */
 
 /* kernel formats (weight x activation) */
 enum { TBT_T2A8 = 0, TBT_B1A8 = 1, TBT_T2A2 = 2, TBT_B1A1 = 3, TBT_NUM_FORMATS = 4 };
@@ -76,7 +82,8 @@ TBT_API void tbt_set_parallel_threshold(int64_t macs);
 /* y (M x N, row-major float32) = epilogue(acc). w: weight rows (stride w_stride bytes), a:
  * activation rows (stride a_stride bytes), both in the kernel layout of `fmt`. wsum: int32[N];
  * w_scale: float[N]; a_scale: float[M]; a_offset, bias, acc_out (int32 M x N) may be NULL.
- * K: logical in_features (only b1a1 needs it), Kpad: padded K (multiple of TBT_KBLOCK). */
+ * K: logical in_features (only b1a1 needs it), Kpad: padded K (above: a multiple of
+ * TBT_KBLOCK, or of TBT_KTAIL for t2a8 and b1a8). */
 TBT_API int tbt_gemm(int fmt, int isa, const uint8_t *w, int64_t w_stride, const int32_t *wsum,
              const float *w_scale, const void *a, int64_t a_stride, const float *a_scale,
              const float *a_offset, const float *bias, int64_t M, int64_t N, int64_t K,

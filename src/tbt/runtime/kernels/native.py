@@ -42,7 +42,8 @@ from tbt.runtime.kernels.ref import (
 __all__ = ["KBLOCK", "ISAS", "available", "unavailable_reason", "load_library", "isa_available",
            "resolve_isa", "cpu_features", "threading_model", "set_num_threads",
            "get_num_threads", "set_parallel_threshold", "NativeKernel", "PreparedAct",
-           "padded_k", "aligned_empty", "repack_t2_interleaved", "repack_t2_planes", "repack_b1",
+           "padded_k", "KTAIL", "aligned_empty", "repack_t2_interleaved", "repack_t2_planes",
+           "repack_b1",
            "FusedLinear", "ACT_KINDS", "SHIFT_MODES", "repack_t2_lanes", "repack_b1_lanes",
            "t2_codes_from_interleaved", "repack_t2a2_lanes", "LANES_MIN_M"]
 
@@ -193,8 +194,15 @@ def _aligned(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def padded_k(k: int) -> int:
-    return -(-int(k) // KBLOCK) * KBLOCK
+KTAIL = 64  # TBT_KTAIL: the Kpad granularity of the formats with 8-bit activations
+_KTAIL_KERNELS = ("t2a8", "b1a8")
+
+
+def padded_k(k: int, kernel: str | None = None) -> int:
+    """K padded for the kernel layout: a multiple of :data:`KBLOCK` (256), or of :data:`KTAIL`
+    (64) for ``t2a8``/``b1a8`` (their rows end with short blocks, ``csrc/tbt_kernels.h``)."""
+    g = KTAIL if kernel in _KTAIL_KERNELS else KBLOCK
+    return -(-int(k) // g) * g
 
 
 def _pad(q: np.ndarray, kpad: int, fill: int) -> np.ndarray:
@@ -203,13 +211,21 @@ def _pad(q: np.ndarray, kpad: int, fill: int) -> np.ndarray:
     return out
 
 
-def repack_t2_interleaved(q: np.ndarray) -> np.ndarray:
-    """Ternary codes ``(N, K)`` → ``uint8 (N, Kpad/4)``: byte ``i`` of 64-byte block ``b``
-    holds ``q + 1`` of weights ``256b + 64s + i`` at bits ``2s`` (s = 0..3)."""
-    kp = padded_k(q.shape[1])
-    c = (_pad(q, kp, 0) + 1).astype(np.uint8).reshape(q.shape[0], kp // 256, 4, 64)
-    out = c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)
-    return np.ascontiguousarray(out.reshape(q.shape[0], kp // 4))
+def repack_t2_interleaved(q: np.ndarray, kpad: int | None = None) -> np.ndarray:
+    """Ternary codes ``(N, K)`` → ``uint8 (N, Kpad/4)`` (``Kpad`` default: the t2a8 padding,
+    a multiple of 64): byte ``i`` of 64-byte block ``b`` holds ``q + 1`` of weights
+    ``256b + 64s + i`` at bits ``2s`` (s = 0..3); after the last full block (``kmain`` =
+    ``Kpad`` rounded down to 256), byte ``i`` of 16-byte short block ``c`` holds weights
+    ``kmain + 64c + 16s + i``."""
+    n = q.shape[0]
+    kp = padded_k(q.shape[1], "t2a8") if kpad is None else int(kpad)
+    km = kp // 256 * 256
+    c = (_pad(q, kp, 0) + 1).astype(np.uint8)
+    main = c[:, :km].reshape(n, km // 256, 4, 64)
+    tail = c[:, km:].reshape(n, (kp - km) // 64, 4, 16)
+    parts = [(x[:, :, 0] | (x[:, :, 1] << 2) | (x[:, :, 2] << 4) | (x[:, :, 3] << 6)).reshape(n, -1)
+             for x in (main, tail)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=1))
 
 
 def repack_t2_planes(q: np.ndarray) -> np.ndarray:
@@ -219,18 +235,23 @@ def repack_t2_planes(q: np.ndarray) -> np.ndarray:
                            np.packbits(qp < 0, axis=1, bitorder="little")], axis=1)
 
 
-def repack_b1(q: np.ndarray) -> np.ndarray:
-    """Binary codes ``(N, K)`` → ``uint8 (N, Kpad/8)``, bit = (q > 0), zero-padded."""
-    return np.packbits(_pad(q, padded_k(q.shape[1]), -1) > 0, axis=1, bitorder="little")
+def repack_b1(q: np.ndarray, kpad: int | None = None) -> np.ndarray:
+    """Binary codes ``(N, K)`` → ``uint8 (N, Kpad/8)``, bit = (q > 0), zero-padded (``Kpad``
+    default: a multiple of 256, the b1a1 padding)."""
+    kp = padded_k(q.shape[1]) if kpad is None else int(kpad)
+    return np.packbits(_pad(q, kp, -1) > 0, axis=1, bitorder="little")
 
 
 def t2_codes_from_interleaved(data: np.ndarray) -> np.ndarray:
     """The inverse of :func:`repack_t2_interleaved`: uint8 ``(N, Kpad/4)`` → codes ``c = q + 1``
     ``(N, Kpad)`` (padding columns hold 1)."""
     n, kp = data.shape[0], data.shape[1] * 4
-    blocks = data.reshape(n, kp // 256, 1, 64)
-    planes = (blocks >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
-    return np.ascontiguousarray(planes.reshape(n, kp))
+    km = kp // 256 * 256
+    shifts = (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+    main = (data[:, :km // 4].reshape(n, km // 256, 1, 64) >> shifts) & 3
+    tail = (data[:, km // 4:].reshape(n, (kp - km) // 64, 1, 16) >> shifts) & 3
+    return np.ascontiguousarray(np.concatenate([main.reshape(n, km), tail.reshape(n, kp - km)],
+                                               axis=1))
 
 
 def repack_t2_lanes(c: np.ndarray) -> np.ndarray:
@@ -283,8 +304,9 @@ _LANES = {"t2a8": lambda data: repack_t2_lanes(t2_codes_from_interleaved(data)),
           "b1a1": repack_b1_lanes, "t2a2": repack_t2a2_lanes}
 
 
-_REPACK = {"t2a8": repack_t2_interleaved, "b1a8": repack_b1, "t2a2": repack_t2_planes,
-           "b1a1": repack_b1}
+_REPACK = {"t2a8": repack_t2_interleaved,
+           "b1a8": lambda q: repack_b1(q, padded_k(q.shape[1], "b1a8")),
+           "t2a2": repack_t2_planes, "b1a1": repack_b1}
 _ACT_BYTES = {"a8": lambda kp: kp, "a2": lambda kp: kp // 4, "a1": lambda kp: kp // 8}
 
 
@@ -339,7 +361,8 @@ class NativeKernel:
         _packing_for(self.weight_format, packing)
         q, scale, wsum = prepare_codes(self.weight_format, packed, k, scale, packing)
         data = _aligned(_REPACK[self.name](q))
-        return PreparedWeight(self.name, "native", q.shape[0], int(k), padded_k(k), data,
+        return PreparedWeight(self.name, "native", q.shape[0], int(k), padded_k(k, self.name),
+                              data,
                               _aligned(scale), _aligned(wsum))  # one layout for every ISA
 
     def prepare_act(self, act: QuantizedActivation | PreparedAct) -> PreparedAct:
@@ -354,7 +377,7 @@ class NativeKernel:
             raise ValueError(f"kernel {self.name} takes {self.act_format} activations, "
                              f"got {act.fmt}")
         m, k = act.codes.shape
-        kp = padded_k(k)
+        kp = padded_k(k, self.name)
         codes = np.ascontiguousarray(act.codes)
         out = aligned_empty((m, _ACT_BYTES[act.fmt](kp)), np.int8 if act.fmt == "a8"
                             else np.uint8)
@@ -412,7 +435,7 @@ class NativeKernel:
     def _check_weight(self, w: PreparedWeight) -> None:
         """The C code trusts these sizes: check them before the first call (no out-of-bounds)."""
         row = w.kpad // 8 if self.weight_format == "b1" else w.kpad // 4
-        ok = (w.kpad == padded_k(w.k) and w.data.dtype == np.uint8
+        ok = (w.kpad == padded_k(w.k, self.name) and w.data.dtype == np.uint8
               and w.data.shape == (w.n, row) and w.data.flags.c_contiguous
               and w.scale.dtype == np.float32 and w.scale.shape == (w.n,)
               and w.wsum.dtype == np.int32 and w.wsum.shape == (w.n,)
