@@ -245,3 +245,18 @@ def test_cli_train_fp_then_2_2_8_then_evaluate(llama_ws, tmp_path):
         assert metrics["gen_len"] <= 8  # --max-target-length of the run = new tokens
         lines = open(os.path.join(out_dir, "predictions.jsonl")).read().splitlines()
         assert len(lines) == 8
+
+
+def test_cli_template_without_source_slot_is_a_one_line_error(llama_ws, tmp_path, capsys):
+    from tbt.cli import main
+
+    ws, start, test = llama_ws
+    rc = main(["evaluate", "--model", start, "--test-file", test, "--prompt-template",
+               "Summarize:", "--output-dir", str(tmp_path / "e"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no {source}" in err and "Traceback" not in err
+    rc = main(["train", *cli_args(flat_settings(ws, str(tmp_path / "t"), model=start,
+                                                bits="fp", max_steps=1)),
+               "--prompt-template", "Summarize:"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no {source}" in err and "Traceback" not in err
