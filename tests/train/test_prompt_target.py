@@ -260,3 +260,17 @@ def test_cli_template_without_source_slot_is_a_one_line_error(llama_ws, tmp_path
                "--prompt-template", "Summarize:"])
     err = capsys.readouterr().err
     assert rc == 2 and "has no {source}" in err and "Traceback" not in err
+
+
+def test_task_resolution():
+    from conftest import make_tiny
+    from tbt.train.build import data_task
+
+    llama, bart = tiny_llama(), make_tiny("bart")
+    seq, pt, lm = (SimpleNamespace(data=DataConfig(task=t))  # data_task reads cfg.data only
+                   for t in ("seq2seq", "prompt-target", "causal-lm"))
+    assert data_task(seq, llama) == "prompt-target" and data_task(pt, llama) == "prompt-target"
+    assert data_task(lm, llama) == "causal-lm" and data_task(seq, bart) == "seq2seq"
+    for cfg in (pt, lm):
+        with pytest.raises(ValueError, match="pass --task seq2seq"):
+            data_task(cfg, bart)

@@ -117,9 +117,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise CliError(f"--{flag.replace('_', '-')} {value}: must be >= 0")
     from tbt.hf.gguf import is_gguf
 
-    if is_gguf(args.model):
-        pass  # a GGUF file, resolved (with a one-line error) when loaded
-    else:
+    if not is_gguf(args.model):  # a GGUF file is resolved (with a one-line error) when loaded
         check_local_dir(args.model, "--model", "give a model folder written by `tbt train`")
     if not is_gguf(args.model) and os.path.isfile(os.path.join(args.model, WEIGHTS_NAME)):
         raise CliError(f"--model {args.model} is a packed checkpoint (tbt export output), which "
