@@ -37,6 +37,7 @@ def run(cmd: list[str], log: str) -> tuple[float, float]:
     """Run ``cmd`` with its output in ``log``; (wall seconds, peak RSS GiB). Raises on failure."""
     print("$", shlex.join(cmd), flush=True)
     t0 = time.time()
+    os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
     with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -89,8 +90,9 @@ def main() -> None:
     commands: list[str] = []
 
     def evaluate(name: str, model: str, extra: list[str]) -> None:
-        out = os.path.join(args.workdir, name, "eval") if not model.startswith("gguf:") \
-            else os.path.join(args.workdir, name)
+        # the trained models' evaluations go into their run folders
+        out = os.path.join(args.workdir, name) if name == "zeroshot" \
+            else os.path.join(args.workdir, name, "eval")
         cmd = [*tbt, "evaluate", "--model", model, "--test-file",
                os.path.join(args.data_dir, "test.jsonl"), *data,
                "--max-samples", str(args.test_samples), "--num-beams", str(args.num_beams),
