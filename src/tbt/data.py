@@ -32,9 +32,16 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("seq2seq", "causal-lm")
+TASKS = ("seq2seq", "causal-lm", "prompt-target")
 SPLITS = ("train", "validation", "test")
 FILE_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+# Decoder-only seq2seq (task "prompt-target", :func:`tokenize_prompt_target`): the text the model
+# reads before it writes the target. ``{source}`` marks where the source goes; a template that
+# starts with ``chat:`` is the user message of the tokenizer's chat template, followed by its
+# assistant prompt (``add_generation_prompt``).
+DEFAULT_PROMPT_TEMPLATE = "{source}\nSummary:"
+CHAT_PREFIX = "chat:"
 
 # Column layout of the paper's datasets on the hub (docs/recipe.md §6). Used when the configured
 # columns are still the defaults and the dataset does not have them (e.g. cnn_dailymail).
@@ -56,6 +63,11 @@ class DataConfig:
     ``translation[source_lang]``/``translation[target_lang]`` when both languages are set.
     Causal-LM rows take ``text_column``. Lengths are in tokens, special tokens included;
     ``max_length`` caps each causal-LM example.
+
+    ``prompt-target`` is seq2seq data for a decoder-only model: each example is
+    ``prompt_template`` with the source put in, then the target and eos, and the loss counts
+    the target only (:func:`tokenize_prompt_target`). The prompt (template included) is at most
+    ``max_source_length`` tokens, the target with its eos at most ``max_target_length``.
     """
 
     task: str = "seq2seq"
@@ -70,6 +82,7 @@ class DataConfig:
     source_lang: str | None = None
     target_lang: str | None = None
     source_prefix: str = ""
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     max_source_length: int = 512
     max_target_length: int = 128
     max_length: int = 512
@@ -84,6 +97,9 @@ class DataConfig:
                              "(--train-file/--validation-file/--test-file), not both")
         if (self.source_lang is None) != (self.target_lang is None):
             raise ValueError("translation data needs both --source-lang and --target-lang")
+        if "{source}" not in self.prompt_template:
+            raise ValueError(f"prompt_template {self.prompt_template!r} has no {{source}}: "
+                             "write where the source goes, e.g. '{source}\\nSummary:'")
         for name in ("max_source_length", "max_target_length", "max_length"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2 tokens, got {getattr(self, name)}")
@@ -232,7 +248,7 @@ _READERS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
 def _resolve_for_dataset(cfg: DataConfig, columns: Sequence[str]) -> DataConfig:
     """Fill in the paper datasets' own columns/languages when cfg still has the defaults."""
     known = DATASET_DEFAULTS.get((cfg.dataset or "").split("/")[-1])
-    if not known or cfg.task != "seq2seq":
+    if not known or cfg.task == "causal-lm":
         return cfg
     defaults = DataConfig()
     if "translation" in columns and cfg.source_lang is None and "source_lang" in known:
@@ -426,6 +442,8 @@ def tokenize_rows(rows: Sequence[dict], tokenizer: Any, cfg: DataConfig) -> list
     ``text`` (≤ ``max_length``) and ``labels`` a copy of them (the model shifts). Over-long
     sequences are cut (the closing ``</s>`` is kept) and the number cut is logged.
     """
+    if cfg.task == "prompt-target":
+        return tokenize_prompt_target(rows, tokenizer, cfg)
     special = set(tokenizer.all_special_ids)
     if cfg.task == "causal-lm":
         fields = [("input_ids", "text", cfg.max_length, False)]
@@ -447,6 +465,130 @@ def tokenize_rows(rows: Sequence[dict], tokenizer: Any, cfg: DataConfig) -> list
     return out
 
 
+class PromptEncoder:
+    """Token ids of ``prompt_template`` with a source put in, for a decoder-only model.
+
+    The template is rendered once with a placeholder and split around it into the text before
+    and after the source (for a ``chat:`` template, after the tokenizer's chat template has
+    wrapped it with the assistant prompt). A prompt is ``specials + ids(before + source +
+    after)``, tokenized as one text; ``specials`` are the tokens the tokenizer itself puts
+    before a text (a BOS), none for a chat template (it writes its own), and none after (no
+    eos: the model continues). A prompt over the budget has its *source* cut from the end (to
+    the tokens that fit, decoded and tokenized again with the template), so the template's
+    closing words (``"Summary:"``, the assistant header) always reach the model. Training
+    (:func:`tokenize_prompt_target`) and ``tbt evaluate`` both build prompts here, so a model
+    is scored on exactly the kind of prompt it was trained on.
+    """
+
+    _SLOT = "\x00SOURCE\x00"
+
+    def __init__(self, tokenizer: Any, template: str = DEFAULT_PROMPT_TEMPLATE) -> None:
+        if "{source}" not in template:
+            raise ValueError(f"prompt template {template!r} has no {{source}}")
+        self.tokenizer, self.template = tokenizer, template
+        body = template.replace("{source}", self._SLOT)
+        if template.startswith(CHAT_PREFIX):
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(f"prompt template {template!r} asks for the chat template, "
+                                 "but the tokenizer has none: give a plain template")
+            body = tokenizer.apply_chat_template(
+                [{"role": "user", "content": body[len(CHAT_PREFIX):]}],
+                add_generation_prompt=True, tokenize=False)
+            self.specials: list[int] = []
+        else:
+            self.specials = _leading_specials(tokenizer)
+        before, _, after = body.partition(self._SLOT)
+        if self._SLOT in after:
+            raise ValueError(f"prompt template {template!r} has {{source}} more than once")
+        self.before_text, self.after_text = before, after
+        self.before, self.after = self._ids(before), self._ids(after)
+        # a target that follows "...Summary:" starts with a space, as it would in running text
+        self.target_space = bool(after) and not after[-1].isspace()
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _many(self, texts: list[str]) -> list[list[int]]:
+        out: list[list[int]] = []
+        for i in range(0, len(texts), 1000):
+            out.extend(self.tokenizer(texts[i:i + 1000], add_special_tokens=False)["input_ids"])
+        return [list(x) for x in out]
+
+    @property
+    def overhead(self) -> int:
+        """Tokens of the prompt that are not the source (tokenized apart)."""
+        return len(self.specials) + len(self.before) + len(self.after)
+
+    def encode(self, sources: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+        """(prompt ids of every source, at most ``max_length`` each; how many sources were cut).
+
+        Raises ``ValueError`` when the template alone does not leave room for one source token.
+        """
+        room = max_length - self.overhead
+        if room < 1:
+            raise ValueError(f"the prompt template {self.template!r} takes {self.overhead} "
+                             f"tokens, which leaves no room for the source within "
+                             f"{max_length} (raise --max-source-length)")
+        ids = [self.specials + x for x in self._many([self.before_text + s + self.after_text
+                                                     for s in sources])]
+        cut = 0
+        for i, x in enumerate(ids):
+            if len(x) <= max_length:
+                continue
+            cut += 1
+            src = self._ids(sources[i])
+            for k in range(min(room, len(src)), 0, -1):
+                text = self.tokenizer.decode(src[:k])
+                x = self.specials + self._ids(self.before_text + text + self.after_text)
+                if len(x) <= max_length:
+                    break
+            else:  # never reached in practice: the pieces tokenized apart always fit
+                x = self.specials + self.before + src[:room] + self.after
+            ids[i] = x
+        return ids, cut
+
+    def target_ids(self, targets: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+        """(target ids + eos, at most ``max_length`` each; how many targets were cut)."""
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no eos token to end the targets with")
+        pre = " " if self.target_space else ""
+        ids = [self._ids(pre + t) for t in targets]
+        cut = sum(len(x) > max_length - 1 for x in ids)
+        return [x[:max_length - 1] + [eos] for x in ids], cut
+
+
+def _leading_specials(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text by itself (e.g. ``[bos]``)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return list(full[:i])
+    return []
+
+
+def tokenize_prompt_target(rows: Sequence[dict], tokenizer: Any, cfg: DataConfig
+                           ) -> list[dict]:
+    """Decoder-only seq2seq examples: ``input_ids = prompt + target + [eos]`` and ``labels``
+    ``-100`` on the prompt, the target ids (and eos) after it.
+
+    The prompt is :class:`PromptEncoder` (``cfg.prompt_template``, source cut to fit
+    ``max_source_length``); the target is cut to ``max_target_length - 1`` tokens before its eos.
+    The model shifts labels itself, so the last prompt position predicts the first target
+    token. Truncations are logged.
+    """
+    enc = PromptEncoder(tokenizer, cfg.prompt_template)
+    prompts, n_src = enc.encode([r["source"] for r in rows], cfg.max_source_length)
+    targets, n_tgt = enc.target_ids([r["target"] for r in rows], cfg.max_target_length)
+    for n, what, limit in ((n_src, "sources", cfg.max_source_length - enc.overhead),
+                           (n_tgt, "targets", cfg.max_target_length - 1)):
+        if n:
+            logger.info("truncated %d of %d %s to %d tokens", n, len(rows), what, limit)
+    return [{"input_ids": p + t, "attention_mask": [1] * (len(p) + len(t)),
+             "labels": [-100] * len(p) + t} for p, t in zip(prompts, targets, strict=True)]
+
+
 # ---------------------------------------------------------------------------------------------
 # 3./4. batches
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +607,7 @@ def make_collator(tokenizer: Any, cfg: DataConfig, label_pad_id: int = -100) -> 
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token; set one, e.g. "
                          "tokenizer.pad_token = tokenizer.eos_token")
-    causal = cfg.task == "causal-lm"
+    causal = cfg.task in ("causal-lm", "prompt-target")
 
     def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
         width = max(len(s) for s in seqs)

@@ -66,7 +66,7 @@ def test_warning_block_on_stderr(capsys):
 def test_evaluate_writes_the_finding(tmp_path, capsys, monkeypatch):
     import tbt.eval.evaluate as E
 
-    def fake_generate(model, tok, sources, kw, bs, device, progress, msl):
+    def fake_generate(model, tok, sources, kw, bs, device, progress, msl, template=None):
         return ["le même texte"] * len(sources), [5] * len(sources)
 
     class M:

@@ -17,8 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Load a model directory (full precision or tbt), generate one output per "
                     "test source, score it and write DIR/metrics.json and DIR/predictions.jsonl.")
     p.add_argument("--model", required=True, metavar="DIR",
-                   help="model directory written by `tbt train` / save_pretrained (or a hub "
-                        "name when online)")
+                   help="model directory written by `tbt train` / save_pretrained, or a GGUF "
+                        "file (gguf:PATH, PATH.gguf, gguf:smollm2)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer directory, if the model directory has none")
     p.add_argument("--output-dir", required=True, metavar="DIR",
@@ -44,18 +44,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="translation rows: target language key, e.g. ro")
     data.add_argument("--source-prefix", default="", metavar="S",
                       help='text put before every source, e.g. "summarize: " for T5')
+    data.add_argument("--prompt-template", default=None, metavar="T",
+                      help="decoder-only models: the prompt, {source} marking the source "
+                           "(default: the one the model was trained with, from its "
+                           "train_config.json, else '{source}\\nSummary:'; 'chat:...' uses "
+                           "the tokenizer's chat template)")
     data.add_argument("--max-samples", type=int, default=None, metavar="N",
                       help="evaluate only the first N rows")
     data.add_argument("--max-source-length", type=int, default=None, metavar="N",
-                      help="truncate sources to N tokens (default: the model's limit)")
+                      help="truncate sources to N tokens (default: the model's limit; "
+                           "decoder-only: the whole prompt, default the training run's)")
     gen = p.add_argument_group("generation (a preset, then these overrides)")
     gen.add_argument("--preset", default=None,
                      choices=("xsum", "cnn_dailymail", "wmt16", "default"),
                      help="generation settings of a paper dataset (default: the --dataset's "
                           "preset if it has one, else 'default': 4 beams, max length 128)")
     gen.add_argument("--num-beams", type=int, default=None, metavar="N", help="beam width")
-    gen.add_argument("--max-length", type=int, default=None, metavar="N",
-                     help="maximum output length in tokens (decoder-only: new tokens)")
+    gen.add_argument("--max-length", "--max-target-length", dest="max_length", type=int,
+                     default=None, metavar="N",
+                     help="maximum output length in tokens (decoder-only: new tokens after the "
+                          "prompt, default the training run's --max-target-length)")
     gen.add_argument("--min-length", type=int, default=None, metavar="N",
                      help="minimum output length in tokens (decoder-only: new tokens)")
     gen.add_argument("--length-penalty", type=float, default=None, metavar="X",
@@ -111,10 +119,13 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise CliError(f"--{flag.replace('_', '-')} {value}: must be >= 0")
-    check_local_dir(args.model, "--model", "give a model folder written by `tbt train`")
-    if os.path.isfile(os.path.join(args.model, WEIGHTS_NAME)) and args.device == "cuda":
-        raise CliError(f"--model {args.model} is a packed checkpoint: it runs on the CPU "
-                       "(--device cpu)")
+    from tbt.hf.gguf import is_gguf
+
+    if not is_gguf(args.model):  # a GGUF file is resolved (with a one-line error) when loaded
+        check_local_dir(args.model, "--model", "give a model folder written by `tbt train`")
+        if os.path.isfile(os.path.join(args.model, WEIGHTS_NAME)) and args.device == "cuda":
+            raise CliError(f"--model {args.model} is a packed checkpoint: it runs on the CPU "
+                           "(--device cpu)")
     if args.tokenizer:
         check_local_dir(args.tokenizer, "--tokenizer",
                         "give a tokenizer folder (tbt tokenizer train) or a model folder")
@@ -161,8 +172,14 @@ def _load_model(args: argparse.Namespace):
 
     from tbt.export.io import WEIGHTS_NAME
     from tbt.hf import load_pretrained, load_tokenizer
+    from tbt.hf.gguf import is_gguf, load_gguf_model, load_gguf_tokenizer
 
-    if os.path.isfile(os.path.join(args.model, WEIGHTS_NAME)):
+    if is_gguf(args.model):
+        try:
+            model, tok = load_gguf_model(args.model), load_gguf_tokenizer(args.model)
+        except (FileNotFoundError, ImportError) as e:
+            raise CliError(str(e)) from None
+    elif os.path.isfile(os.path.join(args.model, WEIGHTS_NAME)):
         import json as _json
 
         from tbt.export.io import load_packed
@@ -185,7 +202,8 @@ def _load_model(args: argparse.Namespace):
             raise CliError(f"no tokenizer in {tok_dir} ({type(e).__name__}): pass "
                            f"--tokenizer DIR") from None
         return model, tok
-    model, tok = load_pretrained(args.model)
+    else:
+        model, tok = load_pretrained(args.model)
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)
     if tok is None:
@@ -216,11 +234,40 @@ def run_evaluate(args: argparse.Namespace) -> int:
                      max_eval_samples=args.max_samples)
     rows = load_raw_splits(cfg, splits=(args.split,))[args.split]
     gen_kwargs = _gen_kwargs(args)
+    template, max_source = None, args.max_source_length
+    if causal and task == "seq2seq":  # decoder-only seq2seq: prompt as in training
+        template, max_source, max_target = _prompt_settings(args)
+        if args.max_length is None and max_target is not None:
+            gen_kwargs["max_length"] = max_target  # new tokens
+        print(f"prompt template {template!r}")
     print(f"evaluating {args.model} on {len(rows)} rows; metrics {metrics}; "
           f"generation {json.dumps(gen_kwargs)}; device {device}")
     with staged_output(args.output_dir, overwrite=args.overwrite) as tmp:
         evaluate(model, tok, rows, metrics=metrics, gen_kwargs=gen_kwargs,
                  batch_size=args.batch_size, device=device, output_dir=tmp,
                  task="causal-lm" if causal else "seq2seq",
-                 max_source_length=args.max_source_length, progress=not args.no_progress)
+                 max_source_length=max_source, progress=not args.no_progress,
+                 prompt_template=template)
     return 0
+
+
+def _prompt_settings(args: argparse.Namespace) -> tuple[str, int | None, int | None]:
+    """(prompt template, prompt length cap, answer length) of a decoder-only model: the flags,
+    else the training run's ``train_config.json`` next to the model, else the defaults."""
+    import os
+
+    from tbt.data import DEFAULT_PROMPT_TEMPLATE
+
+    saved: dict = {}
+    path = os.path.join(args.model, "train_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f).get("data") or {}
+    if saved.get("task", "seq2seq") not in ("seq2seq", "prompt-target"):
+        saved = {}  # trained on plain text: no prompt settings to reuse
+    template = args.prompt_template or saved.get("prompt_template") or DEFAULT_PROMPT_TEMPLATE
+    if "{source}" not in template:
+        raise CliError(f"--prompt-template {template!r} has no {{source}}: write where the "
+                       "source goes, e.g. '{source}\\nSummary:'")
+    max_source = args.max_source_length or saved.get("max_source_length")
+    return template, max_source, saved.get("max_target_length")

@@ -97,9 +97,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="learning rate of the scales (row scales, activation alpha); A and B "
                          "keep --lr (default: --lr for both)")
     d = p.add_argument_group("data")
-    d.add_argument("--task", choices=("seq2seq", "causal-lm"),
+    d.add_argument("--task", choices=("seq2seq", "causal-lm", "prompt-target"),
                    help="seq2seq (source -> target rows) or causal-lm (plain text: .txt lines or "
-                        "a text column); a decoder-only model always trains as causal-lm")
+                        "a text column); a decoder-only model given seq2seq rows trains as "
+                        "prompt-target: the prompt, then the target, the loss on the target only")
+    d.add_argument("--prompt-template", metavar="T",
+                   help="decoder-only seq2seq: the prompt, {source} marking the source "
+                        "(default '{source}\\nSummary:'); 'chat:...' puts it in the "
+                        "tokenizer's chat template as the user message")
     d.add_argument("--train-file", metavar="F",
                    help="training data (.jsonl/.json/.csv/.parquet/.txt)")
     d.add_argument("--validation-file", metavar="F", help="validation data (loss is logged)")

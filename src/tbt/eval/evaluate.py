@@ -143,8 +143,14 @@ def _causal_kwargs(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _generate(model: Any, tokenizer: Any, sources: Sequence[str], gen_kwargs: dict[str, Any],
               batch_size: int, device: Any, progress: bool = True,
-              max_source_length: int | None = None) -> tuple[list[str], list[int]]:
-    """Generate for every source; return the decoded texts and their lengths in tokens."""
+              max_source_length: int | None = None, prompt_template: str | None = None
+              ) -> tuple[list[str], list[int]]:
+    """Generate for every source; return the decoded texts and their lengths in tokens.
+
+    ``prompt_template`` (decoder-only models): each source is put into the template as in
+    training (:class:`tbt.data.PromptEncoder`, the source cut to fit), the prompts are
+    left-padded, and only the tokens generated after the prompt are decoded.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -164,7 +170,13 @@ def _generate(model: Any, tokenizer: Any, sources: Sequence[str], gen_kwargs: di
     pad_id = tokenizer.pad_token_id
     if causal:
         kw.setdefault("pad_token_id", pad_id)
-    order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
+    prompts = None
+    if causal and prompt_template is not None:
+        from tbt.data import PromptEncoder
+
+        prompts = PromptEncoder(tokenizer, prompt_template).encode(sources, limit)[0]
+    order = sorted(range(len(sources)), key=lambda i: -(len(prompts[i]) if prompts is not None
+                                                       else len(sources[i])))
     texts: list[str] = [""] * len(sources)
     lengths: list[int] = [0] * len(sources)
     was_training, side = model.training, tokenizer.padding_side
@@ -175,8 +187,11 @@ def _generate(model: Any, tokenizer: Any, sources: Sequence[str], gen_kwargs: di
                                    disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                enc = tokenizer([sources[i] for i in idx], padding=True, truncation=True,
-                                max_length=limit, return_tensors="pt").to(device)
+                if prompts is not None:
+                    enc = _left_pad([prompts[i] for i in idx], pad_id, device)
+                else:
+                    enc = tokenizer([sources[i] for i in idx], padding=True, truncation=True,
+                                    max_length=limit, return_tensors="pt").to(device)
                 enc.pop("token_type_ids", None)
                 out = model.generate(**enc, **kw)
                 if causal:
@@ -190,6 +205,17 @@ def _generate(model: Any, tokenizer: Any, sources: Sequence[str], gen_kwargs: di
         model.train(was_training)
         tokenizer.padding_side = side
     return texts, lengths
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> dict[str, Any]:
+    """``input_ids``/``attention_mask`` of token lists padded on the left to the longest."""
+    import torch
+
+    width = max(len(x) for x in seqs)
+    ids = [[pad_id] * (width - len(x)) + list(x) for x in seqs]
+    mask = [[0] * (width - len(x)) + [1] * len(x) for x in seqs]
+    return {"input_ids": torch.tensor(ids, dtype=torch.long, device=device),
+            "attention_mask": torch.tensor(mask, dtype=torch.long, device=device)}
 
 
 def _ensure_pad_token(tokenizer: Any) -> None:
@@ -238,7 +264,8 @@ def format_table(metrics: dict[str, float]) -> str:
 def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], metrics: Sequence[str] = ("rouge",),
              gen_kwargs: dict[str, Any] | None = None, batch_size: int = 16,
              device: Any = "cpu", output_dir: str | None = None, task: str = "seq2seq",
-             max_source_length: int | None = None, progress: bool = True) -> dict[str, Any]:
+             max_source_length: int | None = None, progress: bool = True,
+             prompt_template: str | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on ``rows`` and (if ``output_dir``) write the results there.
 
     Args:
@@ -248,7 +275,11 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], metrics: Sequence
             ``"perplexity"``.
         gen_kwargs: ``model.generate`` keyword arguments; ``None`` → the ``"default"`` preset.
         task: ``"seq2seq"`` or ``"causal-lm"``, how rows are tokenized for perplexity.
-        max_source_length: truncate sources to this many tokens (default: the model's limit).
+        max_source_length: truncate sources to this many tokens (default: the model's limit;
+            with ``prompt_template``, the whole prompt).
+        prompt_template: decoder-only models: the prompt each source is put into, as in
+            training (``DataConfig.prompt_template``; ``tbt evaluate`` passes the one the model
+            was trained with). ``None``: the source itself is the prompt.
 
     Returns:
         The metrics (floats ×100 for ROUGE/BLEU/chrF), plus ``gen_len`` (mean generated tokens)
@@ -273,7 +304,8 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], metrics: Sequence
                              f"{sorted(rows[0])}")
         kw = dict(gen_kwargs) if gen_kwargs is not None else resolve_preset("default")
         predictions, lengths = _generate(model, tokenizer, [r["source"] for r in rows], kw,
-                                         batch_size, device, progress, max_source_length)
+                                         batch_size, device, progress, max_source_length,
+                                         prompt_template)
         references = [r["target"] for r in rows]
         if "rouge" in metrics:
             result.update(M.rouge(predictions, references))

@@ -127,29 +127,41 @@ def _fp_attention(cfg: TrainConfig) -> str:
     return register_attention()
 
 
+def data_task(cfg: TrainConfig, model) -> str:
+    """The task the data is tokenized as: ``cfg.data.task``, except that (source, target)
+    rows for a decoder-only model become ``prompt-target`` (prompt, then the target; the loss
+    on the target only). ``prompt-target`` for an encoder-decoder model is an error."""
+    task = cfg.data.task
+    if model.config.is_encoder_decoder:
+        if task != "seq2seq":
+            raise ValueError(f"--model is a seq2seq model but the data task is {task}: "
+                             "pass --task seq2seq")
+        return task
+    return "prompt-target" if task == "seq2seq" else task
+
+
 def load_data(cfg: TrainConfig, tokenizer, model, raw: dict[str, list[dict]] | None = None
               ) -> tuple[dict[str, list[dict]], Any]:
     """Tokenized ``train`` (and ``validation``) rows and the collate function.
 
     ``raw``: the splits already read by ``load_raw_splits(cfg.data, ("train", "validation"))``
     (the loop reads them first, so a bad data file fails before any model is loaded).
+    A decoder-only model with (source, target) rows trains as ``prompt-target``
+    (:func:`data_task`, :func:`tbt.data.tokenize_prompt_target`); prompt and target share the
+    model's positions, so the prompt gets at most ``positions - max_target_length`` of them.
     """
     from tbt.data import load_raw_splits, make_collator, tokenize_rows
 
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
-    dc = cfg.data
-    dc = replace(dc, max_source_length=min(dc.max_source_length, limit),
-                 max_target_length=min(dc.max_target_length, limit),
-                 max_length=min(dc.max_length, limit))
-    causal = not model.config.is_encoder_decoder
-    if not causal and dc.task == "causal-lm":
-        raise ValueError("--model is a seq2seq model but the data task is causal-lm")
+    dc = replace(cfg.data, task=data_task(cfg, model))
     if raw is None:
         raw = load_raw_splits(dc, ("train", "validation"))
-    if causal:  # a decoder-only model reads "source target" as one text
-        raw = {s: [r if "text" in r else {"text": f"{r['source']}\n{r['target']}"}
-                   for r in rows] for s, rows in raw.items()}
-        dc = replace(dc, task="causal-lm")
+    src_limit = limit
+    if dc.task == "prompt-target":
+        src_limit = limit - min(dc.max_target_length, limit // 2)
+    dc = replace(dc, max_source_length=min(dc.max_source_length, src_limit),
+                 max_target_length=min(dc.max_target_length, limit),
+                 max_length=min(dc.max_length, limit))
     splits = {s: tokenize_rows(rows, tokenizer, dc) for s, rows in raw.items()}
     return splits, make_collator(tokenizer, dc)
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from tbt.train.build import build_models, load_data, load_tokenizer, save_final
+from tbt.train.build import build_models, data_task, load_data, load_tokenizer, save_final
 from tbt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from tbt.train.config import TrainConfig
 from tbt.train.objective import (NonFiniteLossError, distill_forward, first_non_finite,
@@ -95,6 +95,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg)
     teacher, student = build_models(cfg, tokenizer)
     seq2seq = bool(student.config.is_encoder_decoder)
+    target_only = data_task(cfg, student) == "prompt-target"  # decoder-only seq2seq
     splits, collate = load_data(cfg, tokenizer, student, raw)
     plan = BatchPlan(splits["train"], cfg.batch_size, cfg.seed, rank, world, collate)
     total = cfg.max_steps or math.ceil(cfg.epochs * plan.per_epoch / cfg.grad_accum)
@@ -155,7 +156,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             sync = acc.no_sync(model) if k < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync:
                 with acc.autocast():
-                    terms = _terms(model, teacher, batch, cfg, seq2seq)
+                    terms = _terms(model, teacher, batch, cfg, seq2seq, target_only)
                 loss = total_loss(terms, cfg.distill)
                 values = _reduced(acc, terms, loss)  # mean over processes: NaN anywhere -> all
                 bad = first_non_finite(values)
@@ -184,7 +185,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         record = {"step": step, "lr": lr, **sums,
                   "grad_norm": grad_norm, "elapsed_s": round(elapsed, 3)}
         if cfg.eval_every and step % cfg.eval_every == 0 or step == total:
-            val = validate(model, teacher, splits.get("validation"), collate, cfg, acc, seq2seq)
+            val = validate(model, teacher, splits.get("validation"), collate, cfg, acc, seq2seq,
+                           target_only)
             record.update({f"val_{k}": v for k, v in val.items()})
             if seq2seq:
                 use_rows = splits.get("validation") or (
@@ -317,8 +319,9 @@ def _val_history(log_path: str, step: int) -> list[float]:
     return [r["val_loss"] for r in recs if "val_loss" in r and r.get("step", 0) <= step]
 
 
-def _terms(model, teacher, batch, cfg: TrainConfig, seq2seq: bool) -> dict[str, torch.Tensor]:
-    return distill_forward(model, teacher, batch, cfg.distill, seq2seq)
+def _terms(model, teacher, batch, cfg: TrainConfig, seq2seq: bool, target_only: bool = False
+           ) -> dict[str, torch.Tensor]:
+    return distill_forward(model, teacher, batch, cfg.distill, seq2seq, target_only)
 
 
 def _reduced(acc, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> dict[str, float]:
@@ -328,8 +331,8 @@ def _reduced(acc, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> dict[st
 
 
 @torch.no_grad()
-def validate(model, teacher, rows, collate, cfg: TrainConfig, acc, seq2seq: bool
-             ) -> dict[str, float]:
+def validate(model, teacher, rows, collate, cfg: TrainConfig, acc, seq2seq: bool,
+             target_only: bool = False) -> dict[str, float]:
     """Mean loss terms over the validation rows (every process runs them all; no RNG used)."""
     if not rows:
         return {}
@@ -340,7 +343,7 @@ def validate(model, teacher, rows, collate, cfg: TrainConfig, acc, seq2seq: bool
         chunk = rows[i:i + cfg.batch_size]
         batch = {k: v.to(acc.device) for k, v in collate(chunk).items()}
         with acc.autocast():
-            terms = _terms(model, teacher, batch, cfg, seq2seq)
+            terms = _terms(model, teacher, batch, cfg, seq2seq, target_only)
         terms["loss"] = total_loss(terms, cfg.distill)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)

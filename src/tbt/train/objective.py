@@ -16,6 +16,13 @@ Masks (``mask_padding=True``): encoder positions count where ``attention_mask`` 
 positions where the label is not ``-100`` (the decoder input is the shifted label sequence, so
 position ``t`` is real iff label ``t`` is), causal-LM positions where ``attention_mask`` is 1.
 Attention terms mask both queries and keys (cross attention: decoder queries, encoder keys).
+
+Decoder-only seq2seq (``target_only=True``, the ``prompt-target`` task): the logit term counts
+only the positions that predict a target token (position ``t`` where label ``t + 1`` is not
+``-100``: the last prompt token and every target token but the eos), the positions the
+cross-entropy counts, whatever ``mask_padding`` says. Hidden states and attention keep every real
+position, prompt included: the prompt plays the encoder's part, whose states and
+self-attention the seq2seq terms distil too.
 With ``mask_padding=False`` every term is the plain mean of the released code (docs/recipe.md §2).
 """
 
@@ -52,7 +59,8 @@ def forward_kwargs(dcfg: DistillConfig, with_teacher: bool) -> dict[str, bool]:
 
 
 def distill_forward(model: Any, teacher: Any | None, batch: dict[str, Tensor],
-                    dcfg: DistillConfig, seq2seq: bool) -> dict[str, Tensor]:
+                    dcfg: DistillConfig, seq2seq: bool, target_only: bool = False
+                    ) -> dict[str, Tensor]:
     """Student forward, teacher forward under ``no_grad``, then :func:`loss_terms`."""
     kw = forward_kwargs(dcfg, teacher is not None)
     capture = teacher is not None and dcfg.needs_capture
@@ -64,7 +72,8 @@ def distill_forward(model: Any, teacher: Any | None, batch: dict[str, Tensor],
         with torch.no_grad(), (capture_attention(teacher, **want) if capture
                                else contextlib.nullcontext()) as t_cap:
             t = teacher(**batch, **kw)
-    return loss_terms(s, t, batch, dcfg, seq2seq, captures=(s_cap, t_cap) if capture else None)
+    return loss_terms(s, t, batch, dcfg, seq2seq, captures=(s_cap, t_cap) if capture else None,
+                      target_only=target_only)
 
 
 def _hidden_map(layer_map: tuple[int, ...] | None) -> list[int] | None:
@@ -82,11 +91,13 @@ def _last_encoder_twice(s: Tensor, t: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def loss_terms(s: Any, t: Any | None, batch: dict[str, Tensor], dcfg: DistillConfig,
-               seq2seq: bool, captures: tuple[AttentionCapture, AttentionCapture] | None = None
-               ) -> dict[str, Tensor]:
+               seq2seq: bool, captures: tuple[AttentionCapture, AttentionCapture] | None = None,
+               target_only: bool = False) -> dict[str, Tensor]:
     """The weighted-later loss terms of one micro-batch (0-dim float32 tensors).
 
     ``captures`` (student, teacher) are needed for ``attn_scores`` and ``relation``.
+    ``target_only`` (decoder-only seq2seq): the logit term over target predictions only
+    (:func:`target_predictions`).
     """
     terms = {"ce": s.loss.float()}
     if t is None:
@@ -95,8 +106,9 @@ def loss_terms(s: Any, t: Any | None, batch: dict[str, Tensor], dcfg: DistillCon
     src = batch["attention_mask"].bool() if pad else None  # (B, S)
     tgt = (batch["labels"] != -100) if (pad and seq2seq) else src  # (B, T)
     if dcfg.w_logits > 0:
+        lmask = target_predictions(batch["labels"]) if target_only and not seq2seq else tgt
         terms["logits"] = soft_cross_entropy(s.logits, t.logits.detach(), dcfg.temperature,
-                                             mask=tgt)
+                                             mask=lmask)
     dec_map, enc_map = _hidden_map(dcfg.layer_map), _hidden_map(dcfg.encoder_layer_map)
     if dcfg.w_hidden > 0:
         if seq2seq:
@@ -138,6 +150,15 @@ def loss_terms(s: Any, t: Any | None, batch: dict[str, Tensor], dcfg: DistillCon
                              "models: call distill_forward (or pass captures=)")
         terms.update(_captured_terms(*captures, dcfg, seq2seq, src, tgt))
     return terms
+
+
+def target_predictions(labels: Tensor) -> Tensor:
+    """``(B, T)`` bool: the positions of a decoder-only model whose output predicts a label,
+    ``mask[:, t] = labels[:, t + 1] != -100`` (the model shifts labels by one), last column
+    False."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
 
 
 def _stacks(seq2seq: bool, src: Tensor | None, tgt: Tensor | None, dcfg: DistillConfig):
