@@ -393,7 +393,29 @@ def sample_next(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generato
 
 # ---- the engine -------------------------------------------------------------------------------
 
-class Engine:
+class _Profiled:
+    """The opt-in step profile of both engines: the C side adds wall and calling-thread CPU
+    seconds per part into ``self._prof`` through ``self._model.prof``."""
+
+    PROFILE_PARTS = ("linear", "attention", "other", "head")
+    _prof: np.ndarray | None = None
+    _model: Any = None
+
+    def profile(self, on: bool = True) -> None:
+        """Start (zeroed) or stop timing the parts of each C call (:meth:`profile_result`)."""
+        self._prof = np.zeros(2 * len(self.PROFILE_PARTS), np.float64) if on else None
+        if self._model is not None:
+            self._model.prof = _ptr(self._prof) if on else None
+
+    def profile_result(self) -> dict[str, tuple[float, float]]:
+        """``{part: (wall seconds, calling-thread CPU seconds)}`` since :meth:`profile`."""
+        if self._prof is None:
+            return {}
+        return {p: (float(self._prof[2 * i]), float(self._prof[2 * i + 1]))
+                for i, p in enumerate(self.PROFILE_PARTS)}
+
+
+class Engine(_Profiled):
     """A packed decoder-only model, every layer of a step in one C call (module docstring).
 
     Build it with :meth:`from_packed_dir`. :meth:`forward` runs new tokens through the model
@@ -613,21 +635,6 @@ class Engine:
                 raise RuntimeError(f"tbt_dec_scratch_bytes failed ({n})")
             self._scratch, self._scratch_key = aligned_empty((int(n),), np.uint8), key
         return self._scratch
-
-    PROFILE_PARTS = ("linear", "attention", "other", "head")
-
-    def profile(self, on: bool = True) -> None:
-        """Start (zeroed) or stop timing the parts of each step (:meth:`profile_result`)."""
-        self._prof = np.zeros(2 * len(self.PROFILE_PARTS), np.float64) if on else None
-        if self._model is not None:
-            self._model.prof = _ptr(self._prof) if on else None
-
-    def profile_result(self) -> dict[str, tuple[float, float]]:
-        """``{part: (wall seconds, calling-thread CPU seconds)}`` since :meth:`profile`."""
-        if self._prof is None:
-            return {}
-        return {p: (float(self._prof[2 * i]), float(self._prof[2 * i + 1]))
-                for i, p in enumerate(self.PROFILE_PARTS)}
 
     def reset(self) -> None:
         """Forget the cached sequences (the next :meth:`forward` starts at position 0)."""

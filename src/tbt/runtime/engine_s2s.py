@@ -32,7 +32,7 @@ import numpy as np
 from tbt.export.format import Packing
 from tbt.runtime.engine import (_AQ, _F, _I32, _I64, _P, EngineError, SamplingConfig, _Checkpoint,
                                 _f32, _fuse, _Lin, _lib, _Linear, _linear_src, _ptr, _read_config,
-                                _attention_quantizers, sample_next)
+                                _attention_quantizers, _Profiled, sample_next)
 from tbt.runtime.kernels import native
 from tbt.runtime.kernels.ref import aligned_empty
 from tbt.runtime.linear import WEIGHTS_NAME
@@ -89,10 +89,9 @@ def _log_softmax32(x: np.ndarray) -> np.ndarray:
     return s - np.log(np.exp(s).sum(axis=-1, keepdims=True, dtype=np.float32))
 
 
-class Seq2SeqEngine:
+class Seq2SeqEngine(_Profiled):
     """A packed BART / mBART / Marian model on the native engine (module docstring)."""
 
-    PROFILE_PARTS = ("linear", "attention", "other", "head")
 
     def __init__(self, directory: str | os.PathLike, *, threads: int | None = None,
                  kernel_backend: str | None = None) -> None:
@@ -347,18 +346,6 @@ class Seq2SeqEngine:
             self._scratch, self._scratch_key = aligned_empty((n,), np.uint8), key
             self._scratch_dims = self._dims
         return self._scratch
-
-    def profile(self, on: bool = True) -> None:
-        """Start (zeroed) or stop timing the parts of each C call (:meth:`profile_result`)."""
-        self._prof = np.zeros(2 * len(self.PROFILE_PARTS), np.float64) if on else None
-        if self._model is not None:
-            self._model.prof = _ptr(self._prof) if on else None
-
-    def profile_result(self) -> dict[str, tuple[float, float]]:
-        if self._prof is None:
-            return {}
-        return {p: (float(self._prof[2 * i]), float(self._prof[2 * i + 1]))
-                for i, p in enumerate(self.PROFILE_PARTS)}
 
     # -- the two C calls -------------------------------------------------------------------------
     def encode(self, input_ids: np.ndarray | Sequence, attention_mask: np.ndarray | None = None,

@@ -25,44 +25,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine_shared.h"
 #include "tbt_engine.h"
 #include "tbt_internal.h"
 #if TBT_X86 && defined(__GNUC__)
 #include <immintrin.h>
 #endif
 
-#if defined(_POSIX_C_SOURCE)
-#include <time.h>
-static void now2(double t[2]) {
-  struct timespec a, b;
-  clock_gettime(CLOCK_MONOTONIC, &a);
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
-  t[0] = (double)a.tv_sec + 1e-9 * (double)a.tv_nsec;
-  t[1] = (double)b.tv_sec + 1e-9 * (double)b.tv_nsec;
-}
-#else
-static void now2(double t[2]) { t[0] = t[1] = 0.0; }
-#endif
-
-/* opt-in profile (m->prof): time since the last mark goes to `part` */
-typedef struct {
-  double *acc;
-  double t[2];
-} prof_t;
-static void prof_mark(prof_t *p, int part) {
-  if (!p->acc) return;
-  double t[2];
-  now2(t);
-  p->acc[2 * part] += t[0] - p->t[0];
-  p->acc[2 * part + 1] += t[1] - p->t[1];
-  p->t[0] = t[0], p->t[1] = t[1];
-}
-
-#if TBT_X86 && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)
-#define TBT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TBT_CLONES
-#endif
 
 #define MAGIC 12582912.0f /* 1.5 * 2^23: (v + MAGIC) - MAGIC = rint(v) for |v| < 2^22 */
 
@@ -227,6 +196,26 @@ static int minmax_saturated(const tbt_aq *q, float lo, float hi) {
   return q->is_signed ? (lo <= -c || hi >= c) : (lo <= -c && hi >= c);
 }
 
+/* The mean of the raw cache rows [0, n_new) of B * nkv (max_t x D) blocks, summed in torch's
+ * memory order (gathered into gbuf): (B, T, n_kv, D) on a sequence's first call, when torch's
+ * cache is the transposed projection itself, (B, n_kv, T, D) after it, when torch.cat made it
+ * contiguous. */
+static float cache_mean(const float *raw, int64_t B, int64_t nkv, int64_t max_t, int64_t D,
+                        int64_t n_new, int first_call, float *gbuf) {
+  const size_t row = (size_t)D * sizeof(float);
+  int64_t n = 0;
+  if (first_call) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < n_new; ++t)
+        for (int64_t g = 0; g < nkv; ++g, n += D)
+          memcpy(gbuf + n, raw + ((b * nkv + g) * max_t + t) * D, row);
+  } else {
+    for (int64_t g = 0; g < B * nkv; ++g, n += n_new * D)
+      memcpy(gbuf + n, raw + g * max_t * D, row * (size_t)n_new);
+  }
+  return tensor_mean(gbuf, n);
+}
+
 /* The cache of one layer after a step: the step's new rows fresh (B * n_kv blocks of T x D:
  * cache rows [n_old, n_new)) join rows [0, n_old) of each of the B * n_kv (max_t x D) blocks,
  * quantized as ONE tensor into out (tbt_kv_mode says what raw keeps). st (8 doubles): [0] rows
@@ -264,21 +253,7 @@ static int aq_cache(const tbt_aq *q, const float *fresh, float *raw, float *out,
   float lo = (float)st[1], hi = (float)st[2];
   for (int64_t g = 0; g < blocks; ++g) aq_stats(q, fresh + g * T * D, T * D, &lo, &hi);
   st[1] = lo, st[2] = hi;
-  float mean = 0.0f;
-  if (q->center) {
-    const size_t row = (size_t)D * sizeof(float);
-    int64_t n = 0;
-    if (first == 0) {
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t t = 0; t < n_new; ++t)
-          for (int64_t g = 0; g < nkv; ++g, n += D)
-            memcpy(gbuf + n, raw + ((b * nkv + g) * max_t + t) * D, row);
-    } else {
-      for (int64_t g = 0; g < blocks; ++g, n += n_new * D)
-        memcpy(gbuf + n, raw + g * max_t * D, row * (size_t)n_new);
-    }
-    mean = tensor_mean(gbuf, n);
-  }
+  const float mean = q->center ? cache_mean(raw, B, nkv, max_t, D, n_new, first == 0, gbuf) : 0.0f;
   const aq_params p = aq_from_stats(q, lo, hi, mean);
   int64_t start = 0;
   if (mode == TBT_KV_MINMAX && n_old > 0 && (float)st[4] == p.p0 && (float)st[5] == p.p1)
@@ -993,7 +968,6 @@ int tbt_dec_forward_padded(const tbt_dec_model *m, const int32_t *tokens, int64_
 
 /* ---- shared with engine_s2s.c (engine_shared.h): wrappers, the helpers above unchanged ----- */
 
-#include "engine_shared.h"
 
 float tbte_torch_sum(const float *x, int64_t n, int sq) { return torch_sum(x, n, sq); }
 
@@ -1029,21 +1003,7 @@ void tbte_aq_cache(const tbt_aq *q, const float *raw, float *out, int64_t B, int
   for (int64_t g = 0; g < blocks; ++g)
     aq_stats(q, raw + (g * max_t + n_old) * D, (n_new - n_old) * D, &lo, &hi);
   st[0] = (double)n_new, st[1] = lo, st[2] = hi;
-  float mean = 0.0f;
-  if (q->center) { /* torch's memory order: see aq_cache */
-    const size_t row = (size_t)D * sizeof(float);
-    int64_t n = 0;
-    if (first == 0) {
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t t = 0; t < n_new; ++t)
-          for (int64_t g = 0; g < nkv; ++g, n += D)
-            memcpy(gbuf + n, raw + ((b * nkv + g) * max_t + t) * D, row);
-    } else {
-      for (int64_t g = 0; g < blocks; ++g, n += n_new * D)
-        memcpy(gbuf + n, raw + g * max_t * D, row * (size_t)n_new);
-    }
-    mean = tensor_mean(gbuf, n);
-  }
+  const float mean = q->center ? cache_mean(raw, B, nkv, max_t, D, n_new, first == 0, gbuf) : 0.0f;
   const aq_params p = aq_from_stats(q, lo, hi, mean);
   int64_t start = 0;
   if ((int64_t)st[6] == n_old && n_old > 0 && (float)st[4] == p.p0 && (float)st[5] == p.p1)

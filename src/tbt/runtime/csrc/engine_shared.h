@@ -7,6 +7,44 @@
 #include <stdint.h>
 
 #include "tbt_engine.h"
+#include "tbt_internal.h"
+#if TBT_X86 && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+/* the opt-in step profile of both engines (m->prof) and their ISA clones */
+#if defined(_POSIX_C_SOURCE)
+#include <time.h>
+static inline void now2(double t[2]) {
+  struct timespec a, b;
+  clock_gettime(CLOCK_MONOTONIC, &a);
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+  t[0] = (double)a.tv_sec + 1e-9 * (double)a.tv_nsec;
+  t[1] = (double)b.tv_sec + 1e-9 * (double)b.tv_nsec;
+}
+#else
+static inline void now2(double t[2]) { t[0] = t[1] = 0.0; }
+#endif
+
+/* opt-in profile (m->prof): time since the last mark goes to `part` */
+typedef struct {
+  double *acc;
+  double t[2];
+} prof_t;
+static inline void prof_mark(prof_t *p, int part) {
+  if (!p->acc) return;
+  double t[2];
+  now2(t);
+  p->acc[2 * part] += t[0] - p->t[0];
+  p->acc[2 * part + 1] += t[1] - p->t[1];
+  p->t[0] = t[0], p->t[1] = t[1];
+}
+
+#if TBT_X86 && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)
+#define TBT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TBT_CLONES
+#endif
 
 /* torch's float32 sum of x[0..n) (sq: of the squares), one thread */
 float tbte_torch_sum(const float *x, int64_t n, int sq);
