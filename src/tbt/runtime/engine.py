@@ -192,6 +192,28 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _packed_dir(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The folder of a packed checkpoint and its config.json (a clear error when it is not one)."""
+    directory = Path(directory)
+    if not (directory / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{directory / WEIGHTS_NAME} not found: not a tbt packed "
+                                f"checkpoint (write one with tbt export or save_packed)")
+    return directory, _read_config(directory)
+
+
+def _packed_embedding(ck: _Checkpoint, emb: dict) -> tuple[int, np.ndarray, np.ndarray]:
+    """A packed token embedding for the C side: (TBT_EMB_T2 or TBT_EMB_B1, rows, scales)."""
+    if emb.get("kind") != "embedding" or "group_size" in emb or "offset" in emb:
+        raise EngineError("per-group or offset embeddings are not in the engine; use "
+                          "load_packed")
+    packing = Packing(emb["packing"])
+    if packing not in (Packing.TERNARY_2BIT, Packing.BINARY_1BIT):
+        raise EngineError(f"embedding packing {packing.value} is not in the engine")
+    kind = 1 if packing == Packing.TERNARY_2BIT else 2
+    return (kind, np.ascontiguousarray(ck.get(emb["packed"])),
+            _f32(ck.get(emb["scale"]).astype(np.float32)))
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:  # tbt.quant.surgery._matches
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p)
                for p in patterns)
@@ -428,11 +450,7 @@ class Engine(_Profiled):
         self._lib = _lib()
         if threads is not None:
             native.set_num_threads(int(threads))
-        directory = Path(directory)
-        if not (directory / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{directory / WEIGHTS_NAME} not found: not a tbt packed "
-                                    f"checkpoint (write one with tbt export or save_packed)")
-        cfg = _read_config(directory)
+        directory, cfg = _packed_dir(directory)
         mtype = cfg.get("model_type")
         if mtype in ("bart", "mbart", "marian"):
             raise EngineError(f"model type {mtype!r} runs on the encoder-decoder engine: "
@@ -488,15 +506,7 @@ class Engine(_Profiled):
         emb = ck.layers.get("model.embed_tokens")
         self._emb_f = self._emb_p = self._emb_scale = None
         if emb is not None:
-            if emb.get("kind") != "embedding" or "group_size" in emb or "offset" in emb:
-                raise EngineError("model.embed_tokens: per-group or offset embeddings are not "
-                                  "in the engine; use load_packed")
-            packing = Packing(emb["packing"])
-            if packing not in (Packing.TERNARY_2BIT, Packing.BINARY_1BIT):
-                raise EngineError(f"embedding packing {packing.value} is not in the engine")
-            self._emb_kind = 1 if packing == Packing.TERNARY_2BIT else 2
-            self._emb_p = np.ascontiguousarray(ck.get(emb["packed"]))
-            self._emb_scale = _f32(ck.get(emb["scale"]).astype(np.float32))
+            self._emb_kind, self._emb_p, self._emb_scale = _packed_embedding(ck, emb)
         else:
             self._emb_kind = 0
             self._emb_f = _f32(ck.get("model.embed_tokens.weight").astype(np.float32))

@@ -29,13 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from tbt.export.format import Packing
 from tbt.runtime.engine import (_AQ, _F, _I32, _I64, _P, EngineError, SamplingConfig, _Checkpoint,
-                                _f32, _fuse, _Lin, _lib, _Linear, _linear_src, _ptr, _read_config,
-                                _attention_quantizers, _Profiled, sample_next)
+                                _f32, _fuse, _Lin, _lib, _Linear, _linear_src, _ptr,
+                                _attention_quantizers, _packed_dir, _packed_embedding,
+                                _Profiled, sample_next)
 from tbt.runtime.kernels import native
 from tbt.runtime.kernels.ref import aligned_empty
-from tbt.runtime.linear import WEIGHTS_NAME
 
 __all__ = ["Seq2SeqEngine", "SEQ2SEQ_MODEL_TYPES"]
 
@@ -98,11 +97,7 @@ class Seq2SeqEngine(_Profiled):
         self._lib = _s2s_lib()
         if threads is not None:
             native.set_num_threads(int(threads))
-        directory = Path(directory)
-        if not (directory / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{directory / WEIGHTS_NAME} not found: not a tbt packed "
-                                    f"checkpoint (write one with tbt export or save_packed)")
-        cfg = _read_config(directory)
+        directory, cfg = _packed_dir(directory)
         mtype = cfg.get("model_type")
         if mtype not in SEQ2SEQ_MODEL_TYPES:
             raise EngineError(f"model type {mtype!r} is not in the native encoder-decoder engine "
@@ -189,15 +184,7 @@ class Seq2SeqEngine(_Profiled):
                     ck.aliases.get(emb["packed"], emb["packed"])):
                 raise EngineError("the encoder and decoder embeddings differ: not in the engine; "
                                   "use tbt.export.io.load_packed")
-            if emb.get("kind") != "embedding" or "group_size" in emb or "offset" in emb:
-                raise EngineError("per-group or offset embeddings are not in the engine; use "
-                                  "load_packed")
-            packing = Packing(emb["packing"])
-            if packing not in (Packing.TERNARY_2BIT, Packing.BINARY_1BIT):
-                raise EngineError(f"embedding packing {packing.value} is not in the engine")
-            self._emb_kind = 1 if packing == Packing.TERNARY_2BIT else 2
-            self._emb_p = np.ascontiguousarray(ck.get(emb["packed"]))
-            self._emb_scale = _f32(ck.get(emb["scale"]).astype(np.float32))
+            self._emb_kind, self._emb_p, self._emb_scale = _packed_embedding(ck, emb)
         else:
             self._emb_kind = 0
             name = next((n for n in ("model.shared.weight", "model.decoder.embed_tokens.weight")

@@ -32,33 +32,9 @@
 #include <immintrin.h>
 #endif
 
-
-#define MAGIC 12582912.0f /* 1.5 * 2^23: (v + MAGIC) - MAGIC = rint(v) for |v| < 2^22 */
-
 int tbt_engine_abi(void) { return TBT_ENGINE_ABI; }
 
-static inline float rint_s(float v) { return (v + MAGIC) - MAGIC; }
 
-/* exp(x) for float32, vectorisable (no libm call): Cody-Waite reduction x = n ln2 + r and
- * Cephes' degree-6 polynomial, about 1 ulp (torch's vectorised exp is Sleef's, 1 ulp: the two
- * may differ in the last bit). x is clamped to [-87.3, 88]: exp(88) = 1.65e38, not inf. */
-static inline float exp_f(float x) {
-  x = x < -87.33654f ? -87.33654f : x > 88.0f ? 88.0f : x;
-  const float n = rint_s(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const int32_t e = ((int32_t)n + 127) << 23;
-  float sc;
-  memcpy(&sc, &e, sizeof sc);
-  return p * sc;
-}
 static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : v > hi ? hi : v; }
 static size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
 
@@ -444,17 +420,6 @@ static int64_t att_keys(const att_job *J, int64_t b, int64_t t, int64_t *j0, int
   *uniform = i < pb;
   *j0 = *uniform ? 0 : pb;
   return *uniform ? J->Tk : i + 1;
-}
-
-TBT_CLONES static float dot(const float *a, const float *b, int64_t n) {
-  float acc[16] = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int l = 0; l < 16; ++l) acc[l] += a[i + l] * b[i + l];
-  for (; i < n; ++i) acc[0] += a[i] * b[i];
-  for (int w = 8; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  return acc[0];
 }
 
 /* Scores of R query rows q[r] (D) against the keys j of a transposed block kt (D x mt):

@@ -25,28 +25,8 @@
 #include "tbt_internal.h"
 
 
-#define MAGIC 12582912.0f
-static inline float rint_s(float v) { return (v + MAGIC) - MAGIC; }
 static size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-/* engine.c's exp_f (Cody-Waite + Cephes, ~1 ulp; the softmax and SiLU exp) */
-static inline float exp_f(float x) {
-  x = x < -87.33654f ? -87.33654f : x > 88.0f ? 88.0f : x;
-  const float n = rint_s(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const int32_t e = ((int32_t)n + 127) << 23;
-  float sc;
-  memcpy(&sc, &e, sizeof sc);
-  return p * sc;
-}
 
 /* ---- LayerNorm: torch's CPU kernel (layer_norm_kernel.cpp + moments_utils.h) -------------
  * mean and variance by RowwiseMoments: Welford over 8-float vectors in chunks of 16, the chunk
@@ -642,17 +622,6 @@ static int dec_layer(const tbt_s2s_model *m, const tbt_s2s_layer *L, int64_t R, 
     memcpy(bf->x, bf->h, (size_t)(R * d) * sizeof(float));
   }
   return mlp_block(m, L, m->ffn_dec, R, bf, pf);
-}
-
-TBT_CLONES static float dot(const float *a, const float *b, int64_t n) {
-  float acc[16] = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int l = 0; l < 16; ++l) acc[l] += a[i + l] * b[i + l];
-  for (; i < n; ++i) acc[0] += a[i] * b[i];
-  for (int w = 8; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  return acc[0];
 }
 
 typedef struct {

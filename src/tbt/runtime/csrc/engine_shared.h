@@ -12,6 +12,33 @@
 #include <immintrin.h>
 #endif
 
+#include <string.h>
+
+#define MAGIC 12582912.0f /* 1.5 * 2^23: (v + MAGIC) - MAGIC = rint(v) for |v| < 2^22 */
+
+static inline float rint_s(float v) { return (v + MAGIC) - MAGIC; }
+
+/* exp(x) for float32, vectorisable (no libm call): Cody-Waite reduction x = n ln2 + r and
+ * Cephes' degree-6 polynomial, about 1 ulp (torch's vectorised exp is Sleef's, 1 ulp: the two
+ * may differ in the last bit). x is clamped to [-87.3, 88]: exp(88) = 1.65e38, not inf. */
+static inline float exp_f(float x) {
+  x = x < -87.33654f ? -87.33654f : x > 88.0f ? 88.0f : x;
+  const float n = rint_s(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t e = ((int32_t)n + 127) << 23;
+  float sc;
+  memcpy(&sc, &e, sizeof sc);
+  return p * sc;
+}
+
 /* the opt-in step profile of both engines (m->prof) and their ISA clones */
 #if defined(_POSIX_C_SOURCE)
 #include <time.h>
@@ -45,6 +72,18 @@ static inline void prof_mark(prof_t *p, int part) {
 #else
 #define TBT_CLONES
 #endif
+
+/* a float dot product in 16 lanes, summed pairwise (the float head, cross-attention) */
+TBT_CLONES static float dot(const float *a, const float *b, int64_t n) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += a[i + l] * b[i + l];
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
 
 /* torch's float32 sum of x[0..n) (sq: of the squares), one thread */
 float tbte_torch_sum(const float *x, int64_t n, int sq);
