@@ -19,10 +19,7 @@
 #include "tbt_internal.h"
 
 #if TBT_X86
-#include <immintrin.h>
-
-#define T_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-#define INLINE static inline __attribute__((always_inline))
+#include "tbt_avx512.h"
 #if defined(__clang__)
 #define UNROLL4 _Pragma("unroll")
 #define UNROLL8 _Pragma("unroll")
@@ -33,15 +30,6 @@
 #define UNROLL4
 #define UNROLL8
 #endif
-
-INLINE T_VNNI __m512i dpbusd(__m512i c, __m512i u8, __m512i s8) {
-#if defined(TBT_DPBUSD_INTRINSIC)
-  return _mm512_dpbusd_epi32(c, u8, s8);
-#else
-  __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(u8), "vm"(s8));
-  return c;
-#endif
-}
 
 INLINE int32_t load_i32(const uint8_t *p) {
   int32_t v;
@@ -81,8 +69,8 @@ INLINE T_VNNI void unit_mr(const job_t *j, const uint8_t *w0, const uint8_t *w1,
       const __m512i p1 = _mm512_and_si512(s ? _mm512_srli_epi16(v1, 2 * s) : v1, m3);
       UNROLL8 for (int m = 0; m < MR; ++m) {
         const __m512i x = _mm512_set1_epi32(load_i32(a + m * as + 16 * b + 4 * s));
-        c0[m] = dpbusd(c0[m], p0, x);
-        c1[m] = dpbusd(c1[m], p1, x);
+        c0[m] = tbt_dpbusd(c0[m], p0, x);
+        c1[m] = tbt_dpbusd(c1[m], p1, x);
       }
     }
   }
