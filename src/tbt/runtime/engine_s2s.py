@@ -440,14 +440,8 @@ class Seq2SeqEngine(_Profiled):
             logits[:, fe if isinstance(fe, int) else list(fe)] = 0
         return logits
 
-    def generate(self, input_ids: np.ndarray | Sequence, attention_mask: np.ndarray | None = None,
-                 max_new_tokens: int = 32, *, min_new_tokens: int = 0, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, **kw) -> np.ndarray:
-        """Sources ``(B, S)`` → decoder sequences ``(B, 1 + n)`` int64 (the start token first),
-        as transformers' ``generate`` returns them: greedy or sampling (``num_beams=1``) or beam
-        search (``num_beams > 1``, ``length_penalty``, ``early_stopping``). Defaults come from
-        the checkpoint's generation_config.json."""
+    def _request(self, input_ids, max_new_tokens: int, kw: dict) -> tuple[np.ndarray, dict]:
+        """The sources as a (B, S) int64 array and the decoding options of one call."""
         o = self._options(kw)
         if kw:
             raise TypeError(f"unexpected arguments: {', '.join(sorted(kw))}")
@@ -456,6 +450,17 @@ class Seq2SeqEngine(_Profiled):
             ids = ids[None, :]
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        return ids, o
+
+    def generate(self, input_ids: np.ndarray | Sequence, attention_mask: np.ndarray | None = None,
+                 max_new_tokens: int = 32, *, min_new_tokens: int = 0, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, **kw) -> np.ndarray:
+        """Sources ``(B, S)`` → decoder sequences ``(B, 1 + n)`` int64 (the start token first),
+        as transformers' ``generate`` returns them: greedy or sampling (``num_beams=1``) or beam
+        search (``num_beams > 1``, ``length_penalty``, ``early_stopping``). Defaults come from
+        the checkpoint's generation_config.json."""
+        ids, o = self._request(input_ids, max_new_tokens, kw)
         nb = int(o["num_beams"] or 1)
         if nb > 1:
             if do_sample:
@@ -474,12 +479,7 @@ class Seq2SeqEngine(_Profiled):
         """Yield the next tokens ``(B,)`` one decoder step at a time (greedy or sampling; the
         options of :meth:`generate`, without beams). A finished row is fed ``pad_token_id``
         (as transformers does) and yields it; stops when every row has ended."""
-        o = self._options(kw)
-        if kw:
-            raise TypeError(f"unexpected arguments: {', '.join(sorted(kw))}")
-        ids = np.asarray(input_ids, dtype=np.int64)
-        if ids.ndim == 1:
-            ids = ids[None, :]
+        ids, o = self._request(input_ids, max_new_tokens, kw)
         yield from self._stream(ids, attention_mask, max_new_tokens, min_new_tokens,
                                 SamplingConfig(do_sample, temperature, top_k, top_p), seed, o)
 
