@@ -173,3 +173,25 @@ def test_fused_gemm_runs_on_the_lanes_layout(monkeypatch, spec):
     np.testing.assert_array_equal(y_lanes, y_rows)
     np.testing.assert_array_equal(y_lanes, lin.kernel.run(
         lin.weight, quantize_activation(x, spec, shift), lin.bias))
+
+
+@pytest.mark.skipif("avx512" not in ISAS, reason="the lanes GEMMs are AVX-512")
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[3], SPECS[9]], ids=_ids)
+@pytest.mark.parametrize("k", [576, 768, 100])
+def test_fused_gemv_one_row(monkeypatch, spec, k):
+    """Decoding (M = 1): the 8-bit-activation kernels run on the lanes layout (their one-row
+    lanes kernel, one accumulator per bit plane), the others on the row tiles; either way the
+    output equals the row tiles' and the reference's bit for bit."""
+    rng = np.random.default_rng(11)
+    x = _inputs(spec, 1, k, rng)
+    shift = float(x.mean(dtype=np.float32)) if spec.needs_mean else None
+    lin, *_ = _layer(spec, 70, k, "avx512", seed=5)
+    y, _ = lin.fused.run(x, shift)
+    assert bool(lin.fused._plan.w_lanes) == (native.lanes_min_m(lin.kernel.name) == 1)
+    monkeypatch.setattr(native, "LANES_MIN_M", 10**9)
+    rows, *_ = _layer(spec, 70, k, "avx512", seed=5)
+    y_rows, _ = rows.fused.run(x, shift)
+    assert not rows.fused._plan.w_lanes
+    np.testing.assert_array_equal(y, y_rows)
+    np.testing.assert_array_equal(y, lin.kernel.run(
+        lin.weight, quantize_activation(x, spec, shift), lin.bias))

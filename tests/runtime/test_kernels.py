@@ -147,12 +147,17 @@ def test_threads_and_parallel_split_agree(name, m):
         outs = []
         for t in (1, 2, 3):
             native.set_num_threads(t)
-            for _ in range(20):  # repeated calls reuse the pool
-                outs.append(kern(w, act, bias))
+            for chunks in (0, 1, 3, 8):  # chunks per thread (0: by size)
+                native.set_pool_chunks(chunks)
+                for _ in range(5):  # repeated calls reuse the pool
+                    outs.append(kern(w, act, bias))
         for y in outs[1:]:
             np.testing.assert_array_equal(y, outs[0])
+        r = K.get_kernel(wf, af, "ref")
+        np.testing.assert_array_equal(outs[0], r(r.prepare_weight(packed, 700, alpha), act, bias))
     finally:
-        native.set_parallel_threshold(1 << 20)
+        native.set_parallel_threshold(1 << 18)
+        native.set_pool_chunks(0)
         native.set_num_threads(before)
 
 
@@ -309,7 +314,7 @@ def test_minmax_codes_match_torch_over_many_scales(signed):
 
 # ---- the lanes GEMMs (output rows in the vector lanes, AVX-512) and the row tiles ---------------
 
-LANES_SHAPES = [(2, 1, 1), (2, 5, 3), (3, 17, 255), (8, 31, 256), (9, 33, 777), (13, 64, 1000),
+LANES_SHAPES = [(1, 1, 1), (1, 33, 576), (1, 70, 1000), (2, 1, 1), (2, 5, 3), (3, 17, 255), (8, 31, 256), (9, 33, 777), (13, 64, 1000),
                 (2, 36, 576), (9, 33, 700), (64, 96, 768), (5, 40, 4096)]
 
 
@@ -319,9 +324,9 @@ LANES_SHAPES = [(2, 1, 1), (2, 5, 3), (3, 17, 255), (8, 31, 256), (9, 33, 777), 
 @pytest.mark.parametrize("m,n,k", LANES_SHAPES)
 @pytest.mark.parametrize("path", ["lanes", "rows"])
 def test_lanes_and_row_tile_gemms_match_reference(monkeypatch, name, m, n, k, path):
-    """Both AVX-512 GEMM paths (the lanes layout from M = LANES_MIN_M, the 4x4 row tiles below
-    it) give the reference's exact accumulators and its float32 epilogue bit for bit."""
-    monkeypatch.setattr(native, "LANES_MIN_M", 2 if path == "lanes" else 10**9)
+    """Both AVX-512 GEMM paths (the lanes layout, one activation row included, and the 4x4
+    row tiles) give the reference's exact accumulators and its float32 epilogue bit for bit."""
+    monkeypatch.setattr(native, "LANES_MIN_M", 1 if path == "lanes" else 10**9)
     seed = m * 1000 + n * 10 + k
     wf, af, q, packed, alpha, bias, act = _case(name, m, n, k, seed)
     kern = K.get_kernel(wf, af, "avx512")

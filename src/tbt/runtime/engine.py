@@ -297,7 +297,7 @@ class _Linear:
         if fused is None:
             raise EngineError(f"layer {src.name}: the native engine needs the C kernels, "
                               f"not the {self.rt.kernel.backend!r} backend")
-        fused._attach_lanes(native.LANES_MIN_M)  # prefill / batched GEMMs on the lanes layout
+        fused._attach_lanes(native.lanes_min_m(fused.kernel.name))  # the lanes layout
         self.fused = fused
         self.n = fused.n
         self.b1 = None

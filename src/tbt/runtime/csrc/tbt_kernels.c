@@ -88,7 +88,8 @@ static const tbt_isa_table *table_for(int isa) {
 /* ---- threads ------------------------------------------------------------------------------ */
 
 static int g_num_threads = 0; /* 0: default */
-static int64_t g_par_threshold = (int64_t)1 << 20;
+static int64_t g_par_threshold = (int64_t)1 << 18; /* ~3 us on one core */
+static int g_pool_chunks = 0;                         /* chunks per thread; 0: by size */
 
 static int default_threads(void) {
   static int cached = 0; /* sysconf reads /sys on every call: once is enough */
@@ -110,6 +111,7 @@ int tbt_get_num_threads(void) {
   return n < 1 ? 1 : n > TBT_MAX_THREADS ? TBT_MAX_THREADS : n;
 }
 void tbt_set_parallel_threshold(int64_t macs) { g_par_threshold = macs < 0 ? 0 : macs; }
+void tbt_set_pool_chunks(int n) { g_pool_chunks = n < 0 ? 0 : n; }
 
 /* ---- driver ------------------------------------------------------------------------------- */
 
@@ -322,7 +324,13 @@ static void run_parallel(job_t *j, int nt) {
     run_range(j, 0, j->ntiles);
     return;
   }
-  int64_t chunk = j->ntiles / ((int64_t)nt * 8); /* ~8 chunks per thread: load balance */
+  /* chunks per thread: each claim moves the job's cache line between cores (~0.1-0.2 us), so
+   * GEMMs under 2^23 multiply-adds (decoding's 0.3-2 M) take 2 and larger jobs 8, for balance
+   * when a thread is held up (benchmarks/results/engine-pool-2026-12-05.md) */
+  const int cpt = g_pool_chunks                                         ? g_pool_chunks
+                  : j->fn || j->M * j->N * j->kpad >= ((int64_t)1 << 23) ? 8
+                                                                           : 2;
+  int64_t chunk = j->ntiles / ((int64_t)nt * cpt);
   if (chunk < 1) chunk = 1;
   const int64_t nchunks = (j->ntiles + chunk - 1) / chunk;
   pthread_mutex_lock(&g_pool.mu);

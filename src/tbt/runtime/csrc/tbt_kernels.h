@@ -45,7 +45,7 @@ extern "C" {
 #define TBT_API
 #endif
 
-#define TBT_ABI_VERSION 3
+#define TBT_ABI_VERSION 4
 #define TBT_KBLOCK 256
 #define TBT_KTAIL 64 /* Kpad granularity of t2a8 and b1a8 */
 
@@ -78,6 +78,9 @@ TBT_API void tbt_set_num_threads(int n);
 TBT_API int tbt_get_num_threads(void);
 /* minimum M*N*Kpad multiply-accumulates before a call is split across threads */
 TBT_API void tbt_set_parallel_threshold(int64_t macs);
+/* chunks each thread's share of a parallel GEMM is cut into (0: the default, 2 below 2^23
+ * multiply-adds and 8 above) */
+TBT_API void tbt_set_pool_chunks(int n);
 
 /* y (M x N, row-major float32) = epilogue(acc). w: weight rows (stride w_stride bytes), a:
  * activation rows (stride a_stride bytes), both in the kernel layout of `fmt`. wsum: int32[N];

@@ -21,7 +21,7 @@ ladders).
 
 Environment: ``TBT_KERNEL_BACKEND`` (default backend), ``TBT_NUM_THREADS`` (native threads;
 default all CPUs), ``TBT_PAR_THRESHOLD`` (calls below this many ``M·N·Kpad`` multiply-adds run
-on one thread; default 2^20), ``TBT_NATIVE_LIB`` (path of the C library to load instead of the
+on one thread; default 2^18), ``TBT_NATIVE_LIB`` (path of the C library to load instead of the
 built one).
 """
 

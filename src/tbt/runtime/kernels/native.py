@@ -41,11 +41,12 @@ from tbt.runtime.kernels.ref import (
 
 __all__ = ["KBLOCK", "ISAS", "available", "unavailable_reason", "load_library", "isa_available",
            "resolve_isa", "cpu_features", "threading_model", "set_num_threads",
-           "get_num_threads", "set_parallel_threshold", "NativeKernel", "PreparedAct",
+           "get_num_threads", "set_parallel_threshold", "set_pool_chunks", "NativeKernel",
+           "PreparedAct",
            "padded_k", "KTAIL", "aligned_empty", "repack_t2_interleaved", "repack_t2_planes",
            "repack_b1",
            "FusedLinear", "ACT_KINDS", "SHIFT_MODES", "repack_t2_lanes", "repack_b1_lanes",
-           "t2_codes_from_interleaved", "repack_t2a2_lanes", "LANES_MIN_M"]
+           "t2_codes_from_interleaved", "repack_t2a2_lanes", "LANES_MIN_M", "lanes_min_m"]
 
 KBLOCK = 256  # TBT_KBLOCK
 ISAS = {"native": 0, "scalar": 1, "avx2": 2, "avx512": 3}
@@ -53,7 +54,7 @@ _ISA_NAMES = {v: k for k, v in ISAS.items()}
 _FORMAT_IDS = {"t2a8": 0, "b1a8": 1, "t2a2": 2, "b1a1": 3}
 _FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vpopcntdq",
              "popcnt", "fma")
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _ERRORS = {-1: "invalid arguments (shapes, strides or padding)",
            -2: "instruction set not supported by this CPU or build"}
 
@@ -102,6 +103,9 @@ def load_library() -> ctypes.CDLL | None:
     threshold = os.environ.get("TBT_PAR_THRESHOLD")
     if threshold:
         lib.tbt_set_parallel_threshold(int(threshold))
+    chunks = os.environ.get("TBT_POOL_CHUNKS")
+    if chunks:
+        lib.tbt_set_pool_chunks(int(chunks))
     return _lib
 
 
@@ -116,6 +120,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         ("tbt_set_num_threads", None, [c_int]),
         ("tbt_get_num_threads", c_int, []),
         ("tbt_set_parallel_threshold", None, [_I64]),
+        ("tbt_set_pool_chunks", None, [c_int]),
         ("tbt_gemm", c_int, [c_int, c_int, _P, _I64, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64,
                              _I64, _I64, _P, _P]),
         ("tbt_prepare_a8", c_int, [_P, _I64, _I64, _I64, _P]),
@@ -182,8 +187,13 @@ def get_num_threads() -> int:
 
 
 def set_parallel_threshold(macs: int) -> None:
-    """Calls below ``M·N·Kpad`` multiply-accumulates run on one thread (default 2^20)."""
+    """Calls below ``M·N·Kpad`` multiply-accumulates run on one thread (default 2^18)."""
     _require().tbt_set_parallel_threshold(int(macs))
+
+
+def set_pool_chunks(n: int) -> None:
+    """Chunks per thread of a parallel GEMM; 0 (default): 2 below 2^23 multiply-adds, else 8."""
+    _require().tbt_set_pool_chunks(int(n))
 
 
 # ---- load-time layouts -------------------------------------------------------------------------
@@ -298,7 +308,21 @@ def _b1_bits_as_codes(bits: np.ndarray) -> np.ndarray:
     return np.unpackbits(bits, axis=1, bitorder="little")  # (N, Kpad) of 0/1
 
 
-LANES_MIN_M = int(os.environ.get("TBT_LANES_MIN_M", "2"))  # GEMMs from this M use lanes
+_env_lanes = os.environ.get("TBT_LANES_MIN_M")
+# GEMMs from this many rows use the lanes layout; None: the per-format default below
+LANES_MIN_M: int | None = int(_env_lanes) if _env_lanes else None
+# t2a8/b1a8 also at M = 1 (decoding): their lanes kernel keeps one accumulator per bit plane
+# there, ~5% faster per SmolLM2 decode step than the row tiles (benchmarks/results/
+# engine-pool-2026-12-05.md); the 64-bit-lane formats from M = 2
+_LANES_MIN_M_DEFAULT = {"t2a8": 1, "b1a8": 1, "t2a2": 2, "b1a1": 2}
+
+
+def lanes_min_m(kernel: str) -> int:
+    """The smallest M whose GEMM runs on ``kernel``'s lanes layout (``TBT_LANES_MIN_M``
+    overrides every format)."""
+    return LANES_MIN_M if LANES_MIN_M is not None else _LANES_MIN_M_DEFAULT.get(kernel, 2)
+
+
 _LANES = {"t2a8": lambda data: repack_t2_lanes(t2_codes_from_interleaved(data)),
           "b1a8": lambda data: repack_t2_lanes(_b1_bits_as_codes(data)),  # codes c = bit
           "b1a1": repack_b1_lanes, "t2a2": repack_t2a2_lanes}
@@ -421,8 +445,8 @@ class NativeKernel:
     def lanes_layout(self, w: PreparedWeight, m: int) -> np.ndarray | None:
         """The lanes layout of a weight for an ``m``-row GEMM (built on first use
         from the row layout, cached in ``w.extra``), or None where the row tiles run: ``m``
-        below :data:`LANES_MIN_M`, another format, or no AVX-512 path for this kernel's ISA."""
-        if m < LANES_MIN_M or self.name not in _LANES:
+        below :func:`lanes_min_m`, another format, or no AVX-512 path for this kernel's ISA."""
+        if m < lanes_min_m(self.name) or self.name not in _LANES:
             return None
         lanes = w.extra.get("lanes")
         if lanes is None:
@@ -548,7 +572,7 @@ class FusedLinear:
         corrects them, see ``PackedLinearNP``), else 0. The caller keeps both buffers alive.
         """
         lib = self._lib
-        if m >= LANES_MIN_M and not self._lanes_checked:
+        if not self._lanes_checked and m >= lanes_min_m(self.kernel.name):
             self._attach_lanes(m)
         work, nbytes = _WORKSPACE.get(lib.tbt_linear_workspace(self._plan_p, m))
         zeros = ctypes.c_int64(0) if self._counts_zeros else None  # per call: thread-safe
@@ -560,11 +584,12 @@ class FusedLinear:
 
     def _attach_lanes(self, m: int) -> None:
         """Give the plan the weight's lanes layout (the kernel's, shared with ``kernel.run``),
-        so GEMMs from :data:`LANES_MIN_M` rows run on it, as :meth:`NativeKernel.run` does."""
+        so GEMMs from :func:`lanes_min_m` rows run on it, as :meth:`NativeKernel.run` does."""
         self._lanes_checked = True
         lanes = self.kernel.lanes_layout(self.weight, m)
         if lanes is not None:
-            self._plan.w_lanes, self._plan.lanes_min_m = _ptr(lanes), LANES_MIN_M
+            self._plan.w_lanes = _ptr(lanes)
+            self._plan.lanes_min_m = lanes_min_m(self.kernel.name)
 
     def run(self, x: np.ndarray, shift: float | None = None,
             out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
