@@ -26,7 +26,11 @@ generate call with one new token (prefill + first step). *decode tok/s*: llama-b
 test (``-n``: ``n`` tokens decoded one by one after an empty context); for tbt and
 CTranslate2 ``(N − 1) / (t_N − t_1)``. Best of ``--repeat`` runs (llama-bench: its mean over
 ``-r`` runs). The load average (``/proc/loadavg``) is recorded before and after each row:
-on a shared machine it says how much the numbers can be trusted.
+on a shared machine it says how much the numbers can be trusted. ``--paired N`` then times
+the two headline pairs (engine vs llama.cpp TQ2_0, engine vs CTranslate2 int8) N times,
+alternating one run of each, and reports every round's ratio and the median: on a shared VM
+the speed of memory drifts by ±20% within minutes, which the rows above, minutes apart, do
+not cancel.
 
 Usage::
 
@@ -68,6 +72,7 @@ class Table:
         self.skipped: list[str] = []
         self.commands: list[str] = []
         self.profiles: dict[str, dict] = {}
+        self.paired: list[dict] = []  # --paired: {"pair", "tbt", "peer", "rounds": [(a, b)]}
 
     def add(self, shape, runtime, weights, prefill, decode, before, note="") -> None:
         row = dict(shape=shape, runtime=runtime, weights=weights, prefill=prefill,
@@ -246,13 +251,16 @@ def _torch_greedy(fp_dir: str, ids: list[int], n: int) -> list[str]:
     return [f"t{i}" if i > 3 else "<unk>" for i in out[0, 1:].tolist()]
 
 
-def run_ct2(table: Table, args, work: Path, fp_dir: str) -> None:
+def run_ct2(table: Table, args, work: Path, fp_dir: str):
+    """The CTranslate2 rows; returns a function timing one int8 decode (tok/s) for --paired,
+    or None."""
+    timer = None
     try:
         import ctranslate2
         from ctranslate2.converters import TransformersConverter
     except ImportError:
         table.skip("CTranslate2: not installed (pip install ctranslate2)")
-        return
+        return None
     src_dir = work / "bart-fp32-ct2src"
     if not src_dir.is_dir():
         shutil.copytree(fp_dir, src_dir)
@@ -276,7 +284,7 @@ def run_ct2(table: Table, args, work: Path, fp_dir: str) -> None:
         tr = ctranslate2.Translator(str(out), device="cpu", intra_threads=args.threads,
                                     inter_threads=1, compute_type=quant)
 
-        def gen(n: int):
+        def gen(n: int, tr=tr):
             return tr.translate_batch([src], beam_size=1, max_decoding_length=n,
                                       min_decoding_length=n)
 
@@ -290,7 +298,75 @@ def run_ct2(table: Table, args, work: Path, fp_dir: str) -> None:
                   (args.new_tokens - 1) / (tn - t1), before,
                   f"{len(hyp)} tokens; {same}/{len(ref)} equal to transformers fp32 greedy; "
                   f"intra_threads {args.threads}")
+        if quant == "int8":
+            def timer(gen=gen) -> float:
+                t1 = be._timed(lambda: gen(1))
+                return (args.new_tokens - 1) / (be._timed(lambda: gen(args.new_tokens)) - t1)
         del tr
+    return timer
+
+
+def _engine_decode(arch: str, d: str, args) -> float:
+    """One engine worker process, one timed run: batch-1 decode tok/s."""
+    import bench_engine
+
+    ns = argparse.Namespace(batch="1", prompt=args.src_len, new_tokens=args.new_tokens,
+                            repeat=1, threads=args.threads, profile=False)
+    full = bench_engine._run("engine" if arch == "llama" else "engine-s2s", d, ns)
+    return full["batches"]["1"]["decode_tok_s"]
+
+
+def run_paired(table: Table, args, work: Path, smol_runs: dict | None,
+               bart_runs: dict | None, ct2_timer) -> None:
+    """--paired N: the headline pairs timed N times alternately (tbt, then the peer, one run
+    each), so that the drift of a shared machine (±20% within minutes) hits both sides of
+    each round's ratio alike."""
+    import types
+
+    one = types.SimpleNamespace(**{**vars(args), "llama_reps": 1})
+    binary = args.llama_bench or os.environ.get("TBT_LLAMA_BENCH")
+    tq2 = work / "smollm2-TQ2_0.gguf"
+    pairs = []
+    if smol_runs and "2-2-8 head=packed" in smol_runs and binary and tq2.is_file():
+        d = smol_runs["2-2-8 head=packed"]["dir"]
+        pairs.append((SMOL_SHAPE, "tbt native engine, 2-2-8 head=packed",
+                      "llama.cpp, SmolLM2-135M-Instruct TQ2_0",
+                      lambda d=d: _engine_decode("llama", d, args),
+                      lambda: llama_bench(binary, str(tq2), one)[1]))
+    else:
+        table.skip("paired SmolLM2 rounds: needs the tbt packed-head checkpoint, llama-bench "
+                   "and the TQ2_0 file of this run")
+    if bart_runs and "2-2-8 head=packed" in bart_runs and ct2_timer is not None:
+        d = bart_runs["2-2-8 head=packed"]["dir"]
+        pairs.append((BART_SHAPE, "tbt native engine, 2-2-8 head=packed", "CTranslate2 int8",
+                      lambda d=d: _engine_decode("s2s", d, args), ct2_timer))
+    else:
+        table.skip("paired BART rounds: needs the tbt packed-head checkpoint and CTranslate2")
+    for shape, tbt_label, peer_label, tbt_fn, peer_fn in pairs:
+        rounds = []
+        for i in range(args.paired):
+            a, b = tbt_fn(), peer_fn()
+            rounds.append((a, b))
+            print(f"paired {shape} round {i + 1}: {a:.1f} vs {b:.1f} tok/s ({a / b:.2f}x)",
+                  file=sys.stderr, flush=True)
+        table.paired.append(dict(pair=shape, tbt=tbt_label, peer=peer_label, rounds=rounds))
+
+
+def paired_markdown(paired: list[dict]) -> list[str]:
+    import statistics
+
+    out = []
+    for p in paired:
+        ratios = [a / b for a, b in p["rounds"]]
+        out += [f"Paired rounds, {p['pair']}: {p['tbt']} vs {p['peer']}, decode tok/s, one run "
+                f"each, alternating:", "", "| round | tbt | peer | ratio |", "|---|---|---|---|"]
+        out += [f"| {i + 1} | {a:.1f} | {b:.1f} | {a / b:.2f} |"
+                for i, (a, b) in enumerate(p["rounds"])]
+        out += ["", f"Median ratio **{statistics.median(ratios):.2f}×** (range "
+                f"{min(ratios):.2f}–{max(ratios):.2f}); medians: tbt "
+                f"{statistics.median(a for a, _ in p['rounds']):.1f}, peer "
+                f"{statistics.median(b for _, b in p['rounds']):.1f} tok/s.", ""]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,8 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="keep checkpoints/GGUFs here and reuse them")
     p.add_argument("--build-only", action="store_true",
                    help="only write the tbt checkpoints into --workdir (a later run reuses them)")
+    p.add_argument("--paired", type=int, default=0, metavar="N",
+                   help="then time the headline pairs (engine vs llama.cpp TQ2_0, engine vs "
+                        "CTranslate2 int8) N times alternately and report each round's ratio "
+                        "and the median: a shared machine drifts too much between the rows")
     p.add_argument("--out", help="also write the Markdown report to this file")
     args = p.parse_args(argv)
+    if args.paired < 0:
+        p.error("--paired must be >= 0")
     skip = set(s for s in args.skip.split(",") if s)
     import tempfile
 
@@ -352,19 +434,24 @@ def main(argv: list[str] | None = None) -> int:
                     else "llama quick")
         if "llama" not in skip and "smol" not in skip:
             run_llama(table, args, work, smol_runs)
+        bart_runs = ct2_timer = None
         if not {"tbt", "ct2"} <= skip:
             bart_runs = built("bart", ("fp", "packed"))
             if "tbt" not in skip:
                 run_tbt(table, bart_runs, args, "bart", BART_SHAPE if not args.quick
                         else "BART quick")
             if "ct2" not in skip:
-                run_ct2(table, args, work, bart_runs["fp32"]["dir"])
+                ct2_timer = run_ct2(table, args, work, bart_runs["fp32"]["dir"])
+        if args.paired:
+            run_paired(table, args, work, smol_runs if "smol" not in skip else None,
+                       bart_runs, ct2_timer)
     report = ["# Peer anchors: tbt, llama.cpp, CTranslate2 (CPU)", "",
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; batch 1, "
               f"{args.src_len}-token prompt/source, {args.new_tokens} new tokens, "
               f"{args.threads} threads each; {os.cpu_count()} CPUs; run took "
               f"{time.time() - t0:.0f} s. Load average = /proc/loadavg (1 min) before → after "
               f"each row (machine load).", "", table.markdown(), ""]
+    report += paired_markdown(table.paired)
     if table.skipped:
         report += ["Skipped:", ""] + [f"* {s}" for s in table.skipped] + [""]
     for label, full in table.profiles.items():
