@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from tbt.train.loop import INPUT_USE_MARGIN, INPUT_USE_REL_MARGIN, derange, input_use_check
+from tbt.train.loop import (INPUT_USE_MARGIN, INPUT_USE_REL_MARGIN, derange, derange_prompts,
+                            input_use_check)
 
 V, S = 12, 6  # vocabulary, sequence length
 
@@ -101,6 +102,83 @@ def test_a_model_that_ignores_its_input_fails():
     use = input_use_check(Toy(False), rows, _collate, batch_size=8)
     assert use["gap"] == 0.0 and use["ok"] is False
     assert input_use_check(Toy(True), rows[:1], _collate, batch_size=8) is None
+
+
+class CausalToy(torch.nn.Module):
+    """A decoder-only stand-in: at every position the logits are ``scale`` on the sequence's
+    first token (``use_input``) or one fixed distribution; the loss shifts the labels by one,
+    as transformers' causal LMs do."""
+
+    def __init__(self, use_input: bool, scale: float = 3.0) -> None:
+        super().__init__()
+        self.use_input, self.scale = use_input, scale
+        self.bias = torch.nn.Parameter(torch.linspace(0, 1, V))
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kw):
+        b, t = input_ids.shape
+        if self.use_input:
+            logits = self.scale * torch.nn.functional.one_hot(input_ids[:, :1], V).float()
+            logits = logits.expand(b, t, V)
+        else:
+            logits = self.bias.expand(b, t, V)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+def _prompt_rows(n: int, seed: int = 1) -> list[dict]:
+    """prompt (1-4 tokens) + target (2-3 copies of the prompt's first token), labels on the
+    target only (tbt.data.tokenize_prompt_target's layout)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        p = rng.integers(0, V, int(rng.integers(1, 5))).tolist()
+        t = [p[0]] * int(rng.integers(2, 4))
+        rows.append({"input_ids": p + t, "attention_mask": [1] * (len(p) + len(t)),
+                     "labels": [-100] * len(p) + t})
+    return rows
+
+
+def _pad_collate(rows):
+    w = max(len(r["input_ids"]) for r in rows)
+    return {"input_ids": torch.tensor([r["input_ids"] + [0] * (w - len(r["input_ids"]))
+                                      for r in rows]),
+            "attention_mask": torch.tensor([r["attention_mask"] + [0] * (w - len(r["input_ids"]))
+                                           for r in rows]),
+            "labels": torch.tensor([r["labels"] + [-100] * (w - len(r["labels"])) for r in rows])}
+
+
+def test_derange_prompts_hand_example():
+    rows = [{"input_ids": [1, 2, 7, 7], "labels": [-100, -100, 7, 7]},
+            {"input_ids": [3, 8], "labels": [-100, 8]},
+            {"input_ids": [4, 5, 6, 9, 9, 9], "labels": [-100, -100, -100, 9, 9, 9]}]
+    d = derange_prompts(rows)
+    assert [r["input_ids"] for r in d] == [[4, 5, 6, 7, 7], [1, 2, 8], [3, 9, 9, 9]]
+    assert [r["labels"] for r in d] == [[-100, -100, -100, 7, 7], [-100, -100, 8],
+                                        [-100, 9, 9, 9]]
+    assert [r["attention_mask"] for r in d] == [[1] * 5, [1] * 3, [1] * 4]
+
+
+def test_decoder_only_check_against_a_float64_reference():
+    rows = _prompt_rows(19)  # batches of 8, 8, 3
+    use = input_use_check(CausalToy(True), rows, _pad_collate, batch_size=8, prompt_target=True)
+    lse = math.log(math.exp(3.0) + V - 1)
+    true = shuf = 0.0
+    n = 0
+    for i in range(0, len(rows), 8):
+        chunk = rows[i:i + 8]
+        firsts = [r["input_ids"][0] for r in chunk]
+        for j, r in enumerate(chunk):
+            for y in (v for v in r["labels"] if v != -100):
+                true += lse - 3.0 * (y == firsts[j])
+                shuf += lse - 3.0 * (y == firsts[j - 1])  # the previous example's prompt
+                n += 1
+    assert use["ce"] == pytest.approx(true / n, rel=1e-5)
+    assert use["ce_shuffled"] == pytest.approx(shuf / n, rel=1e-5)
+    assert use["ok"] is True
+    ignore = input_use_check(CausalToy(False), rows, _pad_collate, batch_size=8,
+                             prompt_target=True)
+    assert ignore["gap"] == pytest.approx(0.0, abs=1e-6) and ignore["ok"] is False
 
 
 def test_bart_with_its_cross_attention_cut_ignores_its_input():

@@ -229,6 +229,10 @@ def test_cli_train_fp_then_2_2_8_then_evaluate(llama_ws, tmp_path):
     assert saved["data"]["prompt_template"] == template
     log = [json.loads(x) for x in open(os.path.join(fp, "log.jsonl"))]
     assert log[-1]["ce"] < log[0]["ce"]  # learns the target (the first 4 source words)
+    # the input-use check runs for decoder-only seq2seq too (prompts deranged)
+    assert {"input_use_ce", "input_use_ce_shuffled", "input_use_ok"} <= set(log[-1])
+    assert log[-1]["input_use_gap"] == pytest.approx(
+        log[-1]["input_use_ce_shuffled"] - log[-1]["input_use_ce"])
     w2 = str(tmp_path / "w2")
     flat = flat_settings(ws, w2, teacher=fp, bits="2-2-8", max_steps=3,
                          max_source_length=24, max_target_length=8)

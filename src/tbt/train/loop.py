@@ -188,12 +188,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             val = validate(model, teacher, splits.get("validation"), collate, cfg, acc, seq2seq,
                            target_only)
             record.update({f"val_{k}": v for k, v in val.items()})
-            if seq2seq:
+            if seq2seq or target_only:
                 use_rows = splits.get("validation") or (
                     splits["train"][:INPUT_USE_ROWS] if step == total else None)
                 if use_rows:
                     use = input_use_check(acc.unwrap_model(model), use_rows, collate,
-                                          cfg.batch_size, acc)
+                                          cfg.batch_size, acc, prompt_target=target_only)
                     if use is not None:
                         record.update({f"input_use_{k}": v for k, v in use.items()})
             if "loss" in val:
@@ -244,12 +244,32 @@ def derange(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def derange_prompts(examples: list[dict]) -> list[dict]:
+    """Decoder-only seq2seq examples (``tokenize_prompt_target``: ``input_ids = prompt +
+    target``, ``labels`` ``-100`` on the prompt) with every example's prompt taken from the
+    one before it (cyclic, as :func:`derange`), its own target and labels kept."""
+    parts = []
+    for ex in examples:
+        labels = ex["labels"]
+        n = next((i for i, v in enumerate(labels) if v != -100), len(labels))
+        parts.append((list(ex["input_ids"][:n]), list(ex["input_ids"][n:]), list(labels[n:])))
+    out = []
+    for i, (_, target, labels) in enumerate(parts):
+        prompt = parts[i - 1][0]
+        out.append({"input_ids": prompt + target, "attention_mask": [1] * (len(prompt) +
+                                                                             len(target)),
+                    "labels": [-100] * len(prompt) + labels})
+    return out
+
+
 @torch.no_grad()
 def input_use_check(model, rows, collate, batch_size: int, acc=None,
-                    margin: float = INPUT_USE_MARGIN, rel_margin: float = INPUT_USE_REL_MARGIN
-                    ) -> dict[str, Any] | None:
+                    margin: float = INPUT_USE_MARGIN, rel_margin: float = INPUT_USE_REL_MARGIN,
+                    prompt_target: bool = False) -> dict[str, Any] | None:
     """Does a seq2seq ``model`` use its input? Its label cross-entropy on ``rows`` with the
-    true sources against the same with the sources deranged across each batch (:func:`derange`).
+    true sources against the same with the sources deranged across each batch (:func:`derange`;
+    ``prompt_target``: a decoder-only model on prompt + target rows, whose prompts are
+    deranged instead, :func:`derange_prompts`).
 
     Both are means over every target token (``-100`` labels excluded), in eval mode. Batches
     of one example are skipped (nothing to swap with); ``None`` if no batch remains.
@@ -272,7 +292,9 @@ def input_use_check(model, rows, collate, batch_size: int, acc=None,
             n = int((batch["labels"] != -100).sum())
             if n == 0:
                 continue
-            for key, b in (("ce", batch), ("ce_shuffled", derange(batch))):
+            shuffled = ({k: v.to(device) for k, v in collate(derange_prompts(chunk)).items()}
+                        if prompt_target else derange(batch))
+            for key, b in (("ce", batch), ("ce_shuffled", shuffled)):
                 with autocast():
                     sums[key] += float(model(**b).loss.detach()) * n
             n_tok += n
