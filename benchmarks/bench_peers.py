@@ -29,7 +29,8 @@ SmolLM2's size llama.cpp's tg32 is ~13% faster after an empty context: 108 vs 94
 sitting); for tbt and CTranslate2 ``(N − 1) / (t_N − t_1)``. Best of ``--repeat`` runs (llama-bench: its mean over
 ``-r`` runs). The load average (``/proc/loadavg``) is recorded before and after each row:
 on a shared machine it says how much the numbers can be trusted. ``--paired N`` then times
-the two headline pairs (engine vs llama.cpp TQ2_0, engine vs CTranslate2 int8) N times,
+the headline pairs (engine vs llama.cpp TQ2_0, engine vs llama.cpp on the same tbt model's
+GGUF export, engine vs CTranslate2 int8) N times,
 alternating one run of each, and reports every round's ratio and the median: on a shared VM
 the speed of memory drifts by ±20% within minutes, which the rows above, minutes apart, do
 not cancel.
@@ -343,6 +344,12 @@ def run_paired(table: Table, args, work: Path, smol_runs: dict | None,
                       "llama.cpp, SmolLM2-135M-Instruct TQ2_0",
                       lambda d=d: _engine_decode("llama", d, args),
                       lambda: llama_bench(binary, str(tq2), one)[1]))
+        own = work / "tbt-2-2-8-headpacked.gguf"  # the same model through llama.cpp
+        if own.is_file():
+            pairs.append((SMOL_SHAPE, "tbt native engine, 2-2-8 head=packed",
+                          "llama.cpp, the same tbt model (tbt export --format gguf)",
+                          lambda d=d: _engine_decode("llama", d, args),
+                          lambda: llama_bench(binary, str(own), one)[1]))
     else:
         table.skip("paired SmolLM2 rounds: needs the tbt packed-head checkpoint, llama-bench "
                    "and the TQ2_0 file of this run")
