@@ -70,6 +70,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training")
     p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--student-flags", default="",
+                   help="extra `tbt train` flags of every student, e.g. '--w-hidden 0 --w-off 1' "
+                        "(the OFF objective, docs/training.md)")
+    p.add_argument("--suffix", default="",
+                   help="appended to the students' run names (e.g. -off), so that runs with "
+                        "other --student-flags sit beside them in one --workdir")
+    p.add_argument("--teacher", default=None,
+                   help="an already fine-tuned teacher folder (skips the zero-shot and teacher "
+                        "steps)")
     args = p.parse_args()
     students = [s for s in args.students.split(",") if s]
     bad = [s for s in students if s not in STUDENTS]
@@ -112,14 +121,18 @@ def main() -> None:
         _save_cost(out, cost)
         return out
 
-    evaluate("zeroshot", args.model, ["--max-length", str(args.max_target_length)])
-    teacher = train("teacher", ["--model", args.model, "--bits", "fp", "--lr",
-                                str(args.teacher_lr)], args.teacher_steps)
-    evaluate("teacher", teacher, [])
+    if args.teacher:
+        teacher = args.teacher
+    else:
+        evaluate("zeroshot", args.model, ["--max-length", str(args.max_target_length)])
+        teacher = train("teacher", ["--model", args.model, "--bits", "fp", "--lr",
+                                    str(args.teacher_lr)], args.teacher_steps)
+        evaluate("teacher", teacher, [])
     for s in students:
-        out = train(s, ["--teacher", teacher, "--bits", STUDENTS[s], "--lr",
-                        str(args.student_lr)], args.student_steps)
-        evaluate(s, out, [])
+        out = train(s + args.suffix, ["--teacher", teacher, "--bits", STUDENTS[s], "--lr",
+                                      str(args.student_lr), *shlex.split(args.student_flags)],
+                    args.student_steps)
+        evaluate(s + args.suffix, out, [])
     report = _report(args, rows, commands)
     path = args.report or os.path.join(args.workdir, "report" + ".md")
     with open(path, "w", encoding="utf-8") as f:
