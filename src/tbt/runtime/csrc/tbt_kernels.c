@@ -327,9 +327,10 @@ static void run_parallel(job_t *j, int nt) {
   /* chunks per thread: each claim moves the job's cache line between cores (~0.1-0.2 us), so
    * GEMMs under 2^23 multiply-adds (decoding's 0.3-2 M) take 2 and larger jobs 8, for balance
    * when a thread is held up (benchmarks/results/engine-pool-2026-12-05.md) */
-  const int cpt = g_pool_chunks                                         ? g_pool_chunks
-                  : j->fn || j->M * j->N * j->kpad >= ((int64_t)1 << 23) ? 8
-                                                                           : 2;
+  const int cpt = j->fn                                          ? 8 /* tbt_parallel_for */
+                  : g_pool_chunks                                  ? g_pool_chunks
+                  : j->M * j->N * j->kpad >= ((int64_t)1 << 23)    ? 8
+                                                                   : 2;
   int64_t chunk = j->ntiles / ((int64_t)nt * cpt);
   if (chunk < 1) chunk = 1;
   const int64_t nchunks = (j->ntiles + chunk - 1) / chunk;
