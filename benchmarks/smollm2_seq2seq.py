@@ -71,10 +71,11 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training")
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--student-flags", default="",
-                   help="extra `tbt train` flags of every student, e.g. '--w-hidden 0 --w-off 1' "
-                        "(the OFF objective, docs/training.md)")
+                   help="extra `tbt train` flags of every student, e.g. "
+                        "--student-flags='--w-hidden 0 --w-off 1' (the OFF objective, "
+                        "docs/training.md; the = form, since the value starts with --)")
     p.add_argument("--suffix", default="",
-                   help="appended to the students' run names (e.g. -off), so that runs with "
+                   help="appended to the students' run names (e.g. --suffix=-off), so that runs with "
                         "other --student-flags sit beside them in one --workdir")
     p.add_argument("--teacher", default=None,
                    help="an already fine-tuned teacher folder (skips the zero-shot and teacher "
