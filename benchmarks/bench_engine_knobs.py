@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---:|---:|---:|---:|---:|")
     for s in settings:
         r = rates[s]
-        ratio = statistics.median(a / b for a, b in zip(r, base))
+        ratio = statistics.median(a / b for a, b in zip(r, base, strict=True))
         print(f"| {s[0]} | {s[1] or 'auto'} | {s[2]} | {statistics.median(r):.1f} | "
               f"{max(r):.1f} | {ratio:.3f} |")
     return 0

@@ -26,14 +26,13 @@ is a whole generate call with one new token (prefill + first step). *decode tok/
 llama-bench's ``tg`` test (``-n``: ``n`` tokens decoded one by one) after a context of
 ``--src-len`` tokens (``-d``), as tbt and CTranslate2 decode after their prompt/source (at
 SmolLM2's size llama.cpp's tg32 is ~13% faster after an empty context: 108 vs 94 tok/s in one
-sitting); for tbt and CTranslate2 ``(N − 1) / (t_N − t_1)``. Best of ``--repeat`` runs (llama-bench: its mean over
-``-r`` runs). The load average (``/proc/loadavg``) is recorded before and after each row:
-on a shared machine it says how much the numbers can be trusted. ``--paired N`` then times
-the headline pairs (engine vs llama.cpp TQ2_0, engine vs llama.cpp on the same tbt model's
-GGUF export, engine vs CTranslate2 int8) N times,
-alternating one run of each, and reports every round's ratio and the median: on a shared VM
-the speed of memory drifts by ±20% within minutes, which the rows above, minutes apart, do
-not cancel.
+sitting); for tbt and CTranslate2 ``(N − 1) / (t_N − t_1)``. Best of ``--repeat`` runs
+(llama-bench: its mean over ``-r`` runs). The load average (``/proc/loadavg``) is recorded
+before and after each row: on a shared machine it says how much the numbers can be trusted.
+``--paired N`` then times the headline pairs (engine vs llama.cpp TQ2_0, engine vs llama.cpp on
+the same tbt model's GGUF export, engine vs CTranslate2 int8) N times, alternating one run of
+each, and reports every round's ratio and the median: on a shared VM the speed of memory
+drifts by ±20% within minutes, which the rows above, minutes apart, do not cancel.
 
 Usage::
 

@@ -75,8 +75,8 @@ def main() -> None:
                         "--student-flags='--w-hidden 0 --w-off 1' (the OFF objective, "
                         "docs/training.md; the = form, since the value starts with --)")
     p.add_argument("--suffix", default="",
-                   help="appended to the students' run names (e.g. --suffix=-off), so that runs with "
-                        "other --student-flags sit beside them in one --workdir")
+                   help="appended to the students' run names (e.g. --suffix=-off), so that "
+                        "runs with other --student-flags sit beside them in one --workdir")
     p.add_argument("--teacher", default=None,
                    help="an already fine-tuned teacher folder (skips the zero-shot and teacher "
                         "steps)")

@@ -314,8 +314,9 @@ def test_minmax_codes_match_torch_over_many_scales(signed):
 
 # ---- the lanes GEMMs (output rows in the vector lanes, AVX-512) and the row tiles ---------------
 
-LANES_SHAPES = [(1, 1, 1), (1, 33, 576), (1, 70, 1000), (2, 1, 1), (2, 5, 3), (3, 17, 255), (8, 31, 256), (9, 33, 777), (13, 64, 1000),
-                (2, 36, 576), (9, 33, 700), (64, 96, 768), (5, 40, 4096)]
+LANES_SHAPES = [(1, 1, 1), (1, 33, 576), (1, 70, 1000), (2, 1, 1), (2, 5, 3), (3, 17, 255),
+                (8, 31, 256), (9, 33, 777), (13, 64, 1000), (2, 36, 576), (9, 33, 700),
+                (64, 96, 768), (5, 40, 4096)]
 
 
 @pytest.mark.skipif(not native.available() or not native.isa_available("avx512"),
