@@ -115,14 +115,8 @@ def run_tbt(table: Table, runs: dict, args, arch: str, shape: str) -> None:
         table.add(shape, label, weights, args.src_len / res["t_first_s"], res["decode_tok_s"],
                   before, f"checkpoint {info['bytes'] / 1e6:.0f} MB")
         if name != "fp32":  # the native engine on the same checkpoint
-            import bench_engine
-
-            ens = argparse.Namespace(batch="1", prompt=args.src_len, new_tokens=args.new_tokens,
-                                     repeat=args.repeat, threads=args.threads,
-                                     profile=args.profile)
             before = loadavg()
-            full = bench_engine._run("engine" if arch == "llama" else "engine-s2s", info["dir"],
-                                     ens)
+            full = _engine_run(arch, info["dir"], args, args.repeat, args.profile)
             r = full["batches"]["1"]
             if "profile_us_per_step" in full:
                 table.profiles[f"{shape} {name}"] = full
@@ -316,14 +310,19 @@ def run_ct2(table: Table, args, work: Path, fp_dir: str):
     return timer
 
 
-def _engine_decode(arch: str, d: str, args) -> float:
-    """One engine worker process, one timed run: batch-1 decode tok/s."""
+def _engine_run(arch: str, d: str, args, repeat: int, profile: bool) -> dict:
+    """The native engine on checkpoint ``d`` in a ``bench_engine.py`` worker process, batch 1
+    (the decoder-only engine for ``arch == "llama"``, else the encoder-decoder one)."""
     import bench_engine
 
     ns = argparse.Namespace(batch="1", prompt=args.src_len, new_tokens=args.new_tokens,
-                            repeat=1, threads=args.threads, profile=False)
-    full = bench_engine._run("engine" if arch == "llama" else "engine-s2s", d, ns)
-    return full["batches"]["1"]["decode_tok_s"]
+                            repeat=repeat, threads=args.threads, profile=profile)
+    return bench_engine._run("engine" if arch == "llama" else "engine-s2s", d, ns)
+
+
+def _engine_decode(arch: str, d: str, args) -> float:
+    """One engine worker process, one timed run: batch-1 decode tok/s."""
+    return _engine_run(arch, d, args, 1, False)["batches"]["1"]["decode_tok_s"]
 
 
 def run_paired(table: Table, args, work: Path, smol_runs: dict | None,

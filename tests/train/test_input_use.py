@@ -104,15 +104,10 @@ def test_a_model_that_ignores_its_input_fails():
     assert input_use_check(Toy(True), rows[:1], _collate, batch_size=8) is None
 
 
-class CausalToy(torch.nn.Module):
+class CausalToy(Toy):
     """A decoder-only stand-in: at every position the logits are ``scale`` on the sequence's
     first token (``use_input``) or one fixed distribution; the loss shifts the labels by one,
     as transformers' causal LMs do."""
-
-    def __init__(self, use_input: bool, scale: float = 3.0) -> None:
-        super().__init__()
-        self.use_input, self.scale = use_input, scale
-        self.bias = torch.nn.Parameter(torch.linspace(0, 1, V))
 
     def forward(self, input_ids, attention_mask=None, labels=None, **kw):
         b, t = input_ids.shape
